@@ -1,0 +1,61 @@
+"""Reference run: ViT-Ti/16 from the ImageNet-21k AugReg .npz, fine-tuned on CIFAR-10 at 224 px.
+
+    python -m soupjax.finetune \\
+        --config configs/cifar10_vit_ti16.py:init=/path/Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz
+
+fine-tunes six ingredients (seeds 0-5), SGD with momentum, learning rate 0.003, as the reference
+(best ingredient 96.83, greedy soup 96.90 on CIFAR-10 test). Then
+``python -m soupjax.soup --recipe all`` cooks them. See experiments/reference_runs.md for the
+expected wall time per ingredient on the hardware named there.
+
+Options: init=PATH (the AugReg .npz; required outside testing), data_dir=DIR (TFDS data),
+testing (a tiny model on 32 px images, a few steps: for tests under tfds.testing.mock_data),
+seeds=N (number of ingredients, default 6).
+"""
+from soupjax.config_base import base_config, check_options, parse_options
+
+
+def get_config(arg: str | None = None):
+    opts = parse_options(arg)
+    check_options(opts, {"init", "data_dir", "testing", "seeds"}, "cifar10_vit_ti16")
+    c = base_config()
+    c.data.name = "cifar10"
+    c.data.data_dir = opts.get("data_dir")
+    c.data.image_size = 224
+    c.data.channels = 3
+    c.data.normalize = "inception"
+    c.data.train_crop = "random_resized"
+    c.data.heldout = 5000
+    c.data.eval_crop_pct = 1.0
+    c.model = {"name": "vit-ti/16"}
+    c.init_from.path = opts.get("init", "")
+    c.init_from.dont_load = ["head/.*"]
+
+    c.optimizer = "sgd"
+    c.learning_rate = 0.003
+    c.momentum = 0.9
+    c.weight_decay = 0.0
+    c.total_steps = 2000
+    c.warmup_steps = 100
+    c.batch_size = 512
+    c.eval_batch_size = 512
+    c.grad_clip_norm = 1.0
+    c.checkpoint_every_steps = 500
+
+    # Seeds 0-5: the same hyperparameters, different data order and augmentation (seed = index).
+    c.sweep.count = int(opts.get("seeds", 6))
+    c.sweep.seed = 0
+    c.sweep.space = {}
+
+    if opts.get("testing"):
+        c.data.image_size = 32
+        c.data.heldout = 8
+        c.model = {"name": "vit-testing", "patch_size": 8}
+        c.total_steps = 2
+        c.warmup_steps = 1
+        c.batch_size = 8
+        c.eval_batch_size = 8
+        c.log_every_steps = 1
+        c.checkpoint_every_steps = 1
+        c.sweep.count = int(opts.get("seeds", 2))
+    return c

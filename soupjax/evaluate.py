@@ -1,0 +1,122 @@
+"""Jitted, data-parallel evaluation: accuracy and loss of a model on a split, and its logits if asked.
+
+Batches are split over the ``("data",)`` mesh, the variables are replicated, and padded examples
+(``mask == 0``) count for nothing. Keeping the logits lets the logit ensemble be computed from K
+evaluations without ever holding two models at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from soupjax import sharding
+
+ApplyFn = Callable[[Any, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """Metrics of one model on one split; ``logits``/``labels`` only when asked for (real examples only)."""
+    accuracy: float
+    loss: float
+    num_examples: int
+    logits: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    correct: np.ndarray | None = None  # per-example 0/1, for paired tests between models
+
+    def metrics(self) -> dict[str, float]:
+        return {"accuracy": self.accuracy, "loss": self.loss, "num_examples": self.num_examples}
+
+
+def metrics_from_logits(logits: np.ndarray, labels: np.ndarray) -> EvalResult:
+    """Accuracy and mean cross-entropy of given logits (used for the logit ensemble)."""
+    logits = np.asarray(logits, np.float32)
+    log_probs = logits - _logsumexp(logits)
+    loss = -np.take_along_axis(log_probs, labels[:, None].astype(np.int64), axis=1)[:, 0]
+    correct = (logits.argmax(-1) == labels).astype(np.int8)
+    return EvalResult(float(correct.mean()), float(loss.mean()), int(labels.shape[0]),
+                      logits=logits, labels=labels, correct=correct)
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    m = x.max(-1, keepdims=True)
+    return m + np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+class Evaluator:
+    """Evaluates any variables of one model architecture; compiles once per input shape.
+
+    ``apply_fn(variables, images) -> logits`` must be a pure function (e.g. ``model.apply`` with
+    ``train=False``). ``projection`` selects a subset of logit columns (ImageNet-R/-A's 200 classes).
+    """
+
+    def __init__(self, apply_fn: ApplyFn, mesh: Mesh | None = None):
+        self.mesh = mesh or sharding.data_mesh()
+        self._apply_fn = apply_fn
+        replicated = sharding.replicated(self.mesh)
+        split = sharding.batch_sharded(self.mesh)
+        self._step = jax.jit(self._eval_step, static_argnums=(2,),
+                             in_shardings=(replicated, split),
+                             out_shardings=split)
+
+    def _eval_step(self, variables: Any, batch: Mapping[str, jax.Array], projection: tuple[int, ...] | None):
+        logits = self._apply_fn(variables, batch["image"]).astype(jnp.float32)
+        if projection is not None:
+            logits = logits[:, jnp.asarray(projection)]
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+        return {"loss": loss, "correct": correct, "logits": logits}
+
+    def __call__(self, variables: Any, batches: Iterable[Mapping[str, np.ndarray]], *,
+                 projection: np.ndarray | None = None, keep_logits: bool = False,
+                 progress: Callable[[int], None] | None = None) -> EvalResult:
+        """Evaluate ``variables`` on every real example of ``batches`` (padded with ``mask``)."""
+        variables = sharding.replicate(variables, self.mesh)
+        proj = None if projection is None else tuple(int(i) for i in projection)
+        losses, corrects, logits_all, labels_all = [], [], [], []
+        for batch in batches:
+            mask = np.asarray(batch.get("mask", np.ones(len(batch["label"]), np.float32))) > 0
+            device_batch = sharding.shard_batch({"image": batch["image"], "label": batch["label"]}, self.mesh)
+            out = self._step(variables, device_batch, proj)
+            # Each process keeps the rows it fed in: its addressable shards, in order.
+            out = {k: _local_rows(v) for k, v in out.items()}
+            losses.append(out["loss"][mask])
+            corrects.append(out["correct"][mask])
+            labels_all.append(np.asarray(batch["label"])[mask])
+            if keep_logits:
+                logits_all.append(out["logits"][mask])
+            if progress is not None:
+                progress(int(mask.sum()))
+        if not losses:
+            raise ValueError("evaluation got no batches: the split is empty")
+        loss = np.concatenate(losses)
+        correct = np.concatenate(corrects)
+        labels = np.concatenate(labels_all)
+        n_local = np.array([correct.sum(), loss.sum(), correct.size], np.float64)
+        n_total = _sum_over_processes(n_local)
+        return EvalResult(
+            accuracy=float(n_total[0] / n_total[2]), loss=float(n_total[1] / n_total[2]),
+            num_examples=int(n_total[2]),
+            logits=np.concatenate(logits_all) if keep_logits else None,
+            labels=labels, correct=correct.astype(np.int8))
+
+
+def _local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in device order."""
+    if jax.process_count() == 1:
+        return np.asarray(array)
+    shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+def _sum_over_processes(values: np.ndarray) -> np.ndarray:
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(values)).sum(0)

@@ -1,0 +1,63 @@
+"""Fine-tune ingredients from the command line.
+
+    python -m soupjax.finetune --config configs/fashion_mnist_vit.py [--workdir DIR]
+    python -m soupjax.finetune --config configs/fashion_mnist_vit.py:sweep=8 --config.learning_rate=0.01
+
+Each ingredient lands in ``WORKDIR/ingredients/NAME/`` (training state in ``WORKDIR/train/NAME/``).
+Rerunning the same command resumes the unfinished ingredient and skips finished ones. Without
+``--workdir`` the default below is used, the same one ``python -m soupjax.soup`` looks in.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from soupjax import checkpoints, sharding, sweep
+from soupjax.workdirs import default_workdir, quiet_logs
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/fashion_mnist_vit.py[:options].",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Work directory (default: $SOUPJAX_WORKDIR or ./runs/soupjax).")
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.config is None:
+        raise app.UsageError("--config is required, e.g. --config configs/fashion_mnist_vit.py")
+    sharding.initialize_multihost()
+    from soupjax import train  # after multi-host start: it imports jax-using modules
+
+    workdir = os.path.abspath(FLAGS.workdir or default_workdir())
+    print(f"soupjax.finetune: work directory {workdir}", flush=True)
+    runs = sweep.ingredient_configs(FLAGS.config)
+    start = time.time()
+    for i, (name, config, hparams) in enumerate(runs, 1):
+        ingredient_dir = os.path.join(workdir, "ingredients", name)
+        if checkpoints.is_ingredient(ingredient_dir):
+            print(f"[{i}/{len(runs)}] {name}: finished earlier, skipped", flush=True)
+            continue
+        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hparams.items())
+        print(f"[{i}/{len(runs)}] {name}: {shown or 'config as given'}", flush=True)
+        meta = train.train_and_evaluate(config, os.path.join(workdir, "train", name), ingredient_dir,
+                                        extra_meta={"hparams": hparams})
+        m = meta["metrics"]
+        elapsed = time.time() - start
+        print(f"[{i}/{len(runs)}] {name}: held-out {m['heldout']['accuracy']:.4f}  test {m['test']['accuracy']:.4f}  "
+              f"({meta['train_seconds']:.0f}s, {meta['train_images_per_second']:.0f} img/s; "
+              f"{elapsed:.0f}s elapsed) -> {ingredient_dir}", flush=True)
+    return 0
+
+
+def run() -> None:
+    quiet_logs()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,78 @@
+"""A look inside a set of ingredients before (or instead of) cooking them.
+
+* the angle between every pair of fine-tuning displacements, theta_i - theta_0 and theta_j - theta_0,
+  where theta_0 is the shared init (rebuilt from the config and checked against the fingerprint);
+  the paper finds soups help most when these angles are large but the models stay in one basin;
+* L2 distances between ingredients;
+* held-out accuracy along the straight line between pairs of the best ingredients (linear mode
+  connectivity: a dip in the middle means the pair would not soup well).
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+
+def _flat_f32(variables: dict[str, Any]) -> np.ndarray:
+    """The parameters (not BatchNorm statistics) as one float32 vector, in a fixed leaf order."""
+    leaves = jax.tree_util.tree_leaves(variables["params"])
+    return np.concatenate([np.asarray(x, np.float32).ravel() for x in leaves])
+
+
+def displacement_geometry(deltas: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(angles in degrees between rows of ``deltas``, L2 distances between rows of ``vectors``)."""
+    gram = deltas @ deltas.T
+    norms = np.sqrt(np.clip(np.diag(gram), 1e-30, None))
+    cos = np.clip(gram / np.outer(norms, norms), -1.0, 1.0)
+    angles = np.degrees(np.arccos(cos))
+    np.fill_diagonal(angles, 0.0)
+    sq = (vectors ** 2).sum(1)
+    l2 = np.sqrt(np.clip(sq[:, None] + sq[None, :] - 2 * vectors @ vectors.T, 0.0, None))
+    np.fill_diagonal(l2, 0.0)
+    return angles, l2
+
+
+def inspect(ingredients_dir: Path, out: Path, *, config: ConfigDict | None = None, allow_mixed_init: bool = False,
+            pairs: int = 3, points: int = 11, eval_batch_size: int = 0) -> dict[str, Any]:
+    """Compute the angles, distances and interpolation curves; write inspect.md/.json and plots."""
+    from soupjax import pretrained, preflight, recipes, report, train
+    from soupjax.soup import Kitchen
+
+    ingredients = preflight.gather(ingredients_dir, allow_mixed_init=allow_mixed_init)
+    config = config or ConfigDict(ingredients[0].meta["config"])
+    init = train.init_variables(config)
+    fingerprint = pretrained.fingerprint(init["params"])
+    expected = ingredients[0].meta.get("init_fingerprint")
+    if expected and fingerprint != expected:
+        raise preflight.PreflightError(
+            f"the init rebuilt from the config has fingerprint {fingerprint}, the ingredients were fine-tuned "
+            f"from {expected}: is init_from ({config.init_from.path or 'none'}) still the same file?")
+    theta0 = _flat_f32(init)
+    # K vectors of P float32 parameters: fine for the models this is meant for; a streamed Gram matrix
+    # would be needed for K x ViT-L.
+    vectors = np.stack([_flat_f32(ing.load()) for ing in ingredients])
+    angles, l2 = displacement_geometry(vectors - theta0, vectors)
+
+    kitchen = Kitchen(config, out, shifts=[], eval_batch_size=eval_batch_size)
+    heldout = [ing.heldout_accuracy or 0.0 for ing in ingredients]
+    ranked = list(np.argsort(heldout)[::-1])
+    chosen = list(itertools.combinations(ranked[: max(2, int(np.ceil((1 + np.sqrt(1 + 8 * pairs)) / 2)))], 2))[:pairs]
+    alphas = np.linspace(0.0, 1.0, points)
+    lines = []
+    for i, j in chosen:
+        a, b = ingredients[i].load(), ingredients[j].load()
+        accs = [kitchen.heldout_accuracy(recipes.interpolate(a, b, float(alpha))) for alpha in alphas]
+        lines.append({"a": ingredients[i].name, "b": ingredients[j].name, "alphas": alphas.tolist(), "heldout": accs})
+        print(f"interpolation {ingredients[i].name} -> {ingredients[j].name}: "
+              + " ".join(f"{x:.3f}" for x in accs), flush=True)
+    result = {"names": [ing.name for ing in ingredients], "angles_deg": angles.tolist(), "l2": l2.tolist(),
+              "interpolation": lines}
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_inspect(result, out)
+    print(report.inspect_table(result), flush=True)
+    return result

@@ -1,0 +1,531 @@
+"""Importers for pretrained weights: vision_transformer / big_vision `.npz` and timm state dicts.
+
+Everything ends in the parameter tree of `soupjax.models` (vision_transformer names for ViT, see
+models/vit.py; the ResNet names are listed in models/resnet.py) and goes through one strict merge,
+`merge_params`, which names every missing, extra or misshaped parameter in a single error, so a
+wrong file fails loudly instead of fine-tuning from a half-random init.
+
+    variables = model.init(rng, images)            # or jax.eval_shape(model.init, rng, images)
+    variables = load_pretrained('ViT-B_16.npz', variables)        # head re-initialised if needed
+
+Our own Orbax checkpoints are read by soupjax.checkpoints, not here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Tree = dict[str, Any]
+
+_TIMM_EXTENSIONS = ('.safetensors', '.pth', '.pt', '.bin')
+_POSEMB = 'Transformer/posembed_input/pos_embedding'
+
+
+class PretrainedMismatchError(ValueError):
+    """A checkpoint does not fit the model; `problems` holds one line per offending parameter."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(
+            f'checkpoint {source} does not match the model ({len(problems)} problems):\n  '
+            + '\n  '.join(problems)
+            + "\n(parameters that should keep their init value, such as a new head, go in "
+              "dont_load, e.g. dont_load=('head/.*',))")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tree helpers: everything is compared by '/'-joined path.
+
+def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+    """Nested mapping -> {'a/b/c': leaf}. Works for dicts and Flax FrozenDicts."""
+    flat = {}
+    for key, value in tree.items():
+        path = f'{prefix}{key}'
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, path + '/'))
+        else:
+            flat[path] = value
+    return flat
+
+
+def unflatten(flat: Mapping[str, Any]) -> Tree:
+    """{'a/b/c': leaf} -> nested dicts (the inverse of `flatten`)."""
+    tree: Tree = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split('/')
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def _matches(path: str, patterns: Iterable[str]) -> bool:
+    # fullmatch, as big_vision: 'head/.*' must not catch 'pre_logits_head/...'.
+    return any(re.fullmatch(p, path) for p in patterns)
+
+
+# ---------------------------------------------------------------------------------------------
+# vision_transformer / big_vision .npz
+
+def load_npz(path: str | Path) -> Tree:
+    """Reads a vision_transformer or big_vision `.npz` into a nested params tree.
+
+    Keys are '/'-joined paths. big_vision files may prefix them with 'params/' (and hold other
+    state, dropped here). big_vision's own ViT names are renamed to vision_transformer's: its
+    top-level `pos_embedding` (added before the class token, so one row short) becomes
+    `Transformer/posembed_input/pos_embedding` with a zero row for the class token, its
+    `MultiHeadDotProductAttention_0`, `LayerNorm_1` and `MlpBlock_0` become `_1`, `_2`, `_3`, and
+    a scanned `Transformer/encoderblock` (layers stacked on axis 0) is split into
+    `encoderblock_{i}`.
+    """
+    with np.load(path, allow_pickle=False) as f:
+        flat = {key: f[key] for key in f.files}
+    if any(k.startswith('params/') for k in flat):
+        flat = {k[len('params/'):]: v for k, v in flat.items() if k.startswith('params/')}
+    return unflatten(_big_vision_to_vit_names(flat))
+
+
+def _big_vision_to_vit_names(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Renames big_vision's ViT parameters to vision_transformer's; a no-op for the latter."""
+    out: dict[str, np.ndarray] = {}
+    scanned = 'Transformer/encoderblock/'
+    for path, value in flat.items():
+        if path.startswith(scanned):
+            # nn.scan stacks the layers on a leading axis.
+            for i, layer in enumerate(value):
+                out[f'Transformer/encoderblock_{i}/{path[len(scanned):]}'] = layer
+        else:
+            out[path] = value
+
+    renames = {'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAttention_1',
+               'LayerNorm_1': 'LayerNorm_2', 'MlpBlock_0': 'MlpBlock_3'}
+    if any('/MlpBlock_0/' in p for p in out if p.startswith('Transformer/encoderblock_')):
+        renamed = {}
+        for path, value in out.items():
+            parts = path.split('/')
+            in_block = parts[0] == 'Transformer' and parts[1].startswith('encoderblock_')
+            if len(parts) > 2 and in_block:
+                parts[2] = renames.get(parts[2], parts[2])
+            renamed['/'.join(parts)] = value
+        out = renamed
+
+    for old in ('pos_embedding', 'Transformer/pos_embedding'):
+        if old in out:
+            posemb = out.pop(old)
+            if 'cls' in out:
+                posemb = np.concatenate([np.zeros_like(posemb[:, :1]), posemb], axis=1)
+            out[_POSEMB] = posemb
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# timm state dicts
+
+def load_timm_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """Reads a timm/PyTorch state dict from .safetensors, .pth, .pt or .bin into numpy arrays.
+
+    .safetensors needs no torch (safetensors.numpy). The pickle formats are read with
+    torch.load(weights_only=True), which refuses arbitrary code; torch is imported only then.
+    Training checkpoints that wrap the weights in 'state_dict' / 'model' / 'state_dict_ema', and
+    DistributedDataParallel's 'module.' prefix, are unwrapped.
+    """
+    path = Path(path)
+    if path.suffix == '.safetensors':
+        from safetensors.numpy import load_file
+        return dict(load_file(str(path)))
+    if path.suffix not in _TIMM_EXTENSIONS:
+        raise ValueError(f'{path}: not a timm checkpoint (expected one of {_TIMM_EXTENSIONS})')
+    import torch  # a test extra; only needed for the pickle formats
+
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+    for wrapper in ('state_dict_ema', 'state_dict', 'model'):
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+            break
+    out = {}
+    for key, tensor in obj.items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        key = key[len('module.'):] if key.startswith('module.') else key
+        # numpy has no bfloat16: such weights come back as float32.
+        if tensor.dtype in (torch.bfloat16, torch.float16):
+            tensor = tensor.float()
+        out[key] = tensor.detach().cpu().numpy()
+    return out
+
+
+def _linear(w: np.ndarray) -> np.ndarray:
+    """PyTorch Linear weight [out, in] -> Flax Dense kernel [in, out]."""
+    return w.T
+
+
+def _conv(w: np.ndarray) -> np.ndarray:
+    """PyTorch conv weight OIHW -> Flax HWIO."""
+    return w.transpose(2, 3, 1, 0)
+
+
+def _unconverted(sd: Mapping[str, np.ndarray], used: set[str], what: str) -> None:
+    rest = sorted(k for k in sd if k not in used and not k.endswith('num_batches_tracked'))
+    if rest:
+        raise ValueError(f'{what}: no soupjax equivalent for timm keys {rest}')
+
+
+# Heads of the standard ViT widths, used when the caller does not say.
+_HEADS_BY_WIDTH = {192: 3, 384: 6, 512: 8, 768: 12, 1024: 16, 1280: 16}
+
+
+def convert_timm_vit(state_dict: Mapping[str, np.ndarray], *,
+                     num_heads: int | None = None) -> Tree:
+    """Converts a timm `vit_*_patch*_*` state dict to {'params': vision_transformer-named tree}.
+
+    The fused qkv Linear [3D, D] is split into query/key/value DenseGeneral kernels [D, heads,
+    head_dim]; proj becomes `out` [heads, head_dim, D]. num_heads cannot be read off the weights:
+    by default it is the standard one for the width (Ti 3, S 6, B 12, L/H 16); load_pretrained
+    takes it from the model. timm models with a class token but no position embedding for it
+    (no_embed_class, e.g. DeiT-III) get a zero row, which is the same function. Unsupported
+    features (fc_norm after average pooling, LayerScale, register tokens, qk-norm) raise.
+    """
+    sd = state_dict
+    if 'fc_norm.weight' in sd:
+        raise ValueError('convert_timm_vit: this timm ViT applies a LayerNorm (fc_norm) after '
+                         "average pooling; soupjax's 'gap' pools after the encoder's LayerNorm, "
+                         'as vision_transformer, so it cannot hold these weights')
+    width = sd['patch_embed.proj.weight'].shape[0]
+    heads = num_heads or _HEADS_BY_WIDTH.get(width)
+    if heads is None:
+        raise ValueError(f'timm ViT of width {width}: pass num_heads')
+    head_dim = width // heads
+    used: set[str] = set()
+
+    def take(key: str) -> np.ndarray:
+        if key not in sd:
+            raise ValueError(f'convert_timm_vit: timm key {key!r} is missing')
+        used.add(key)
+        return np.asarray(sd[key])
+
+    flat: dict[str, np.ndarray] = {
+        'embedding/kernel': _conv(take('patch_embed.proj.weight')),
+        'embedding/bias': take('patch_embed.proj.bias'),
+    }
+    has_cls = 'cls_token' in sd
+    if has_cls:
+        flat['cls'] = take('cls_token')
+    posemb = take('pos_embed')
+    if has_cls and math.isqrt(posemb.shape[1]) ** 2 == posemb.shape[1]:
+        posemb = np.concatenate([np.zeros_like(posemb[:, :1]), posemb], axis=1)
+    flat[_POSEMB] = posemb
+
+    depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
+    for i in range(depth):
+        src, dst = f'blocks.{i}.', f'Transformer/encoderblock_{i}/'
+        for norm, name in (('norm1', 'LayerNorm_0'), ('norm2', 'LayerNorm_2')):
+            flat[f'{dst}{name}/scale'] = take(f'{src}{norm}.weight')
+            flat[f'{dst}{name}/bias'] = take(f'{src}{norm}.bias')
+        attn = f'{dst}MultiHeadDotProductAttention_1/'
+        qkv_w = _linear(take(f'{src}attn.qkv.weight')).reshape(width, 3, heads, head_dim)
+        qkv_b = take(f'{src}attn.qkv.bias').reshape(3, heads, head_dim)
+        for j, name in enumerate(('query', 'key', 'value')):
+            flat[f'{attn}{name}/kernel'] = qkv_w[:, j]
+            flat[f'{attn}{name}/bias'] = qkv_b[j]
+        flat[f'{attn}out/kernel'] = _linear(take(f'{src}attn.proj.weight')).reshape(
+            heads, head_dim, width)
+        flat[f'{attn}out/bias'] = take(f'{src}attn.proj.bias')
+        for fc, name in (('fc1', 'Dense_0'), ('fc2', 'Dense_1')):
+            flat[f'{dst}MlpBlock_3/{name}/kernel'] = _linear(take(f'{src}mlp.{fc}.weight'))
+            flat[f'{dst}MlpBlock_3/{name}/bias'] = take(f'{src}mlp.{fc}.bias')
+    flat['Transformer/encoder_norm/scale'] = take('norm.weight')
+    flat['Transformer/encoder_norm/bias'] = take('norm.bias')
+
+    if 'pre_logits.fc.weight' in sd:  # old timm ports of the i21k checkpoints
+        flat['pre_logits/kernel'] = _linear(take('pre_logits.fc.weight'))
+        flat['pre_logits/bias'] = take('pre_logits.fc.bias')
+    if 'head.weight' in sd:  # absent when the timm model was made with num_classes=0
+        flat['head/kernel'] = _linear(take('head.weight'))
+        flat['head/bias'] = take('head.bias')
+    _unconverted(sd, used, 'convert_timm_vit')
+    return {'params': unflatten(flat)}
+
+
+def convert_timm_resnet(state_dict: Mapping[str, np.ndarray]) -> Tree:
+    """Converts a timm resnet18/34/50/50d-style state dict to {'params', 'batch_stats'}.
+
+    Names map as listed in models/resnet.py. BatchNorm weight/bias -> params scale/bias,
+    running_mean/var -> batch_stats mean/var; num_batches_tracked is dropped. The shortcut's
+    Sequential holds (conv, bn) or, with average-pool downsampling, (pool, conv, bn): its members
+    are told apart by rank, not by index.
+    """
+    params: dict[str, np.ndarray] = {}
+    stats: dict[str, np.ndarray] = {}
+    used: set[str] = set()
+
+    def conv(src: str, dst: str) -> None:
+        used.add(f'{src}.weight')
+        params[f'{dst}/kernel'] = _conv(np.asarray(state_dict[f'{src}.weight']))
+
+    def bn(src: str, dst: str) -> None:
+        for t, (collection, name) in {'weight': (params, 'scale'), 'bias': (params, 'bias'),
+                                      'running_mean': (stats, 'mean'),
+                                      'running_var': (stats, 'var')}.items():
+            used.add(f'{src}.{t}')
+            collection[f'{dst}/{name}'] = np.asarray(state_dict[f'{src}.{t}'])
+
+    if 'conv1.0.weight' in state_dict:  # deep stem: conv1 = Sequential(conv, bn, act) x2 + conv
+        for i, idx in enumerate((0, 3, 6)):
+            conv(f'conv1.{idx}', f'stem_conv_{i}')
+        bn('conv1.1', 'stem_bn_0')
+        bn('conv1.4', 'stem_bn_1')
+        bn('bn1', 'stem_bn_2')
+    else:
+        conv('conv1', 'stem_conv')
+        bn('bn1', 'stem_bn')
+
+    block_re = re.compile(r'layer(\d+)\.(\d+)\.')
+    blocks = sorted({m.group(0) for k in state_dict if (m := block_re.match(k))})
+    for prefix in blocks:
+        stage, block = block_re.match(prefix).groups()
+        dst = f'stage{stage}_block{block}/'
+        for k in (1, 2, 3):
+            if f'{prefix}conv{k}.weight' in state_dict:
+                conv(f'{prefix}conv{k}', f'{dst}conv{k}')
+                bn(f'{prefix}bn{k}', f'{dst}bn{k}')
+        for idx in range(3):
+            w = state_dict.get(f'{prefix}downsample.{idx}.weight')
+            if w is None:
+                continue
+            if np.ndim(w) == 4:
+                conv(f'{prefix}downsample.{idx}', f'{dst}downsample_conv')
+            else:
+                bn(f'{prefix}downsample.{idx}', f'{dst}downsample_bn')
+
+    if 'fc.weight' in state_dict:
+        used.update(('fc.weight', 'fc.bias'))
+        params['head/kernel'] = _linear(np.asarray(state_dict['fc.weight']))
+        params['head/bias'] = np.asarray(state_dict['fc.bias'])
+    _unconverted(state_dict, used, 'convert_timm_resnet')
+    return {'params': unflatten(params), 'batch_stats': unflatten(stats)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Position embeddings
+
+def resample_posemb(posemb: np.ndarray, new_shape: tuple[int, ...], num_prefix_tokens: int, *,
+                    method: str = 'bilinear',
+                    old_grid: tuple[int, int] | None = None,
+                    new_grid: tuple[int, int] | None = None) -> np.ndarray:
+    """Resamples the grid part of a position embedding [1, prefix + h*w, D] to `new_shape`.
+
+    new_shape is the target parameter shape (1, prefix + h'*w', D). The first num_prefix_tokens
+    rows (the class token's) are kept; the rest are viewed as an h x w grid (square unless
+    old_grid / new_grid say otherwise) and resized with jax.image.resize, 'bilinear' (the
+    interpolation of vision_transformer's high-resolution fine-tuning, though with half-pixel
+    centres where its scipy.ndimage.zoom aligns corners) or 'bicubic' (as timm).
+    """
+    posemb = np.asarray(posemb)
+    if tuple(posemb.shape) == tuple(new_shape):
+        return posemb
+    prefix, grid = posemb[:, :num_prefix_tokens], posemb[0, num_prefix_tokens:]
+    old_grid = old_grid or _square(grid.shape[0], 'checkpoint')
+    new_grid = new_grid or _square(new_shape[1] - num_prefix_tokens, 'model')
+    grid = grid.reshape(*old_grid, -1)
+    grid = jax.image.resize(jnp.asarray(grid, jnp.float32), (*new_grid, grid.shape[-1]),
+                            method=method)
+    grid = np.asarray(grid, posemb.dtype).reshape(1, new_grid[0] * new_grid[1], -1)
+    return np.concatenate([prefix, grid], axis=1)
+
+
+def _square(n: int, what: str) -> tuple[int, int]:
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f'the {what} position embedding has {n} grid tokens, not a square: '
+                         'pass old_grid/new_grid')
+    return side, side
+
+
+# ---------------------------------------------------------------------------------------------
+# The strict merge
+
+def _diff(loaded: Mapping[str, Any], init: Mapping[str, Any], dont_load: Iterable[str],
+          label: str = '') -> tuple[dict[str, Any], list[str]]:
+    """Merges one collection; returns the flat result and the problems (paths shown with label)."""
+    dont_load = tuple(dont_load)
+    flat_loaded, flat_init = flatten(loaded), flatten(init)
+    merged: dict[str, Any] = {}
+    problems: list[str] = []
+    for path, ref in flat_init.items():
+        if _matches(path, dont_load):
+            if isinstance(ref, jax.ShapeDtypeStruct):
+                problems.append(f'{label}{path}: kept from init by dont_load, but the init '
+                                'variables are abstract (jax.eval_shape); pass a real init')
+            merged[path] = ref
+        elif path not in flat_loaded:
+            problems.append(f'{label}{path}: missing in checkpoint (model {tuple(ref.shape)})')
+        elif tuple(np.shape(flat_loaded[path])) != tuple(ref.shape):
+            problems.append(f'{label}{path}: shape mismatch: checkpoint '
+                            f'{tuple(np.shape(flat_loaded[path]))} vs model {tuple(ref.shape)}')
+        else:
+            merged[path] = jnp.asarray(flat_loaded[path], dtype=ref.dtype)
+    for path, value in flat_loaded.items():
+        if path not in flat_init and not _matches(path, dont_load):
+            problems.append(f'{label}{path}: unexpected in checkpoint (checkpoint '
+                            f'{tuple(np.shape(value))}, not in the model)')
+    return merged, problems
+
+
+def merge_params(loaded: Mapping[str, Any], init: Mapping[str, Any], *,
+                 dont_load: Iterable[str] = (), source: str = '<file>') -> Tree:
+    """Takes every parameter of `init` from `loaded`, strictly.
+
+    Trees are compared by '/'-joined paths. A path that fully matches a `dont_load` regex keeps
+    its init value (and may be missing from, or extra in, `loaded`). Every other missing, extra
+    or misshaped parameter is reported, all together, in one PretrainedMismatchError naming
+    `source`. Loaded values are cast to the init dtype. `init` may be abstract
+    (jax.ShapeDtypeStruct leaves, from jax.eval_shape) unless a dont_load path keeps a leaf.
+    """
+    merged, problems = _diff(loaded, init, dont_load)
+    if problems:
+        raise PretrainedMismatchError(source, problems)
+    return unflatten(merged)
+
+
+def _detect_kind(loaded_keys: Iterable[str]) -> str:
+    keys = set(loaded_keys)
+    if 'patch_embed.proj.weight' in keys:
+        return 'vit'
+    if 'layer1.0.conv1.weight' in keys:
+        return 'resnet'
+    raise ValueError('cannot tell the model family of this timm checkpoint (neither '
+                     "'patch_embed.proj.weight' nor 'layer1.0.conv1.weight'); pass model_kind")
+
+
+def load_pretrained(path: str | Path, init_variables: Mapping[str, Any], *,
+                    dont_load: Iterable[str] = ('head/.*',), model_kind: str | None = None,
+                    reinit: Iterable[str] = (), posemb_method: str = 'bilinear',
+                    posemb_grid: tuple[int, int] | None = None) -> Tree:
+    """Loads a pretrained checkpoint into the variables of a soupjax model.
+
+    Args:
+      path: a vision_transformer/big_vision `.npz` (ViT), or a timm `.safetensors`, `.pth`,
+        `.pt`, `.bin` (ViT or ResNet, told apart by their keys unless model_kind says).
+      init_variables: the model's variables from `model.init` (or `jax.eval_shape(model.init,
+        ...)` when nothing is kept from init); they fix every shape.
+      dont_load: regexes (full match on '/'-joined paths within a collection) of parameters the
+        checkpoint may fail to provide: when such a parameter is missing from the checkpoint, has
+        another shape (a head for another number of classes) or is extra (e.g. a `pre_logits`
+        the model lacks), the init value is kept. When it fits, it IS loaded, so that an
+        ImageNet-fine-tuned checkpoint evaluated on ImageNet keeps its head by default.
+      model_kind: 'vit' or 'resnet' to skip detection.
+      reinit: regexes of parameters that always keep the init value, even when they fit.
+      posemb_method: 'bilinear' or 'bicubic' resampling of the position embedding when the
+        checkpoint's grid differs from the model's (a model made for another resolution).
+      posemb_grid: the model's grid (h, w) when it is not square.
+
+    Returns:
+      variables with the collections of init_variables ('params', and 'batch_stats' for ResNet).
+
+    Raises:
+      FileNotFoundError: no file at path.
+      PretrainedMismatchError: the checkpoint does not fit; the message lists every problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'pretrained checkpoint not found: {path}')
+    source = str(path)
+
+    if path.suffix == '.npz':
+        if model_kind not in (None, 'vit'):
+            raise ValueError(f'{path}: .npz files hold vision_transformer ViTs, not {model_kind}')
+        kind, loaded = 'vit', {'params': load_npz(path)}
+    elif path.suffix in _TIMM_EXTENSIONS:
+        state_dict = load_timm_state_dict(path)
+        kind = model_kind or _detect_kind(state_dict)
+        if kind == 'vit':
+            query = flatten(init_variables['params']).get(
+                'Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel')
+            heads = query.shape[1] if query is not None else None
+            loaded = convert_timm_vit(state_dict, num_heads=heads)
+        elif kind == 'resnet':
+            loaded = convert_timm_resnet(state_dict)
+        else:
+            raise ValueError(f"model_kind must be 'vit' or 'resnet', got {kind!r}")
+    else:
+        raise ValueError(f'{path}: unknown checkpoint format {path.suffix!r} '
+                         f"(expected .npz or one of {_TIMM_EXTENSIONS})")
+
+    model_is_vit = 'embedding' in init_variables.get('params', {})
+    if model_is_vit != (kind == 'vit'):
+        raise PretrainedMismatchError(source, [
+            f"the checkpoint is a {kind} but the model is {'a ViT' if model_is_vit else 'not'}"])
+
+    if kind == 'vit':
+        _resample_posemb_to_model(loaded['params'], init_variables['params'], posemb_method,
+                                  posemb_grid)
+
+    merged, problems = {}, []
+    for collection, init_tree in init_variables.items():
+        label = '' if collection == 'params' else f'{collection}/'
+        loaded_tree = loaded.get(collection, {})
+        keep = list(reinit) + _unfit(loaded_tree, init_tree, dont_load)
+        merged[collection], found = _diff(loaded_tree, init_tree, keep, label)
+        problems += found
+    for collection in loaded:
+        if collection not in init_variables and flatten(loaded[collection]):
+            problems.append(f'{collection}: collection in the checkpoint but not in the model')
+    if problems:
+        raise PretrainedMismatchError(source, problems)
+    return {collection: unflatten(flat) for collection, flat in merged.items()}
+
+
+def _unfit(loaded: Mapping[str, Any], init: Mapping[str, Any], dont_load: Iterable[str]
+           ) -> list[str]:
+    """Exact-path regexes for the dont_load parameters that the checkpoint cannot provide."""
+    dont_load = tuple(dont_load)
+    flat_loaded, flat_init = flatten(loaded), flatten(init)
+    unfit = [p for p, ref in flat_init.items() if _matches(p, dont_load)
+             and (p not in flat_loaded or tuple(np.shape(flat_loaded[p])) != tuple(ref.shape))]
+    unfit += [p for p in flat_loaded if p not in flat_init and _matches(p, dont_load)]
+    # A head is one unit: if its kernel does not fit, its bias is not loaded either.
+    groups = {p.rsplit('/', 1)[0] for p in unfit}
+    unfit += [p for p in flat_init if p.rsplit('/', 1)[0] in groups and _matches(p, dont_load)]
+    return [re.escape(p) for p in sorted(set(unfit))]
+
+
+def _resample_posemb_to_model(loaded: Tree, init: Mapping[str, Any], method: str,
+                              grid: tuple[int, int] | None) -> None:
+    """In place: resizes the checkpoint's position embedding to the model's grid if it differs."""
+    flat_loaded, flat_init = flatten(loaded), flatten(init)
+    if _POSEMB not in flat_loaded or _POSEMB not in flat_init:
+        return
+    old, new = flat_loaded[_POSEMB], flat_init[_POSEMB]
+    prefix = int('cls' in flat_init)
+    if (tuple(old.shape) == tuple(new.shape) or prefix != int('cls' in flat_loaded)
+            or old.shape[2] != new.shape[2]):
+        return  # same grid, or a mismatch that merge_params reports by name
+    loaded['Transformer']['posembed_input']['pos_embedding'] = resample_posemb(
+        old, tuple(new.shape), prefix, method=method, new_grid=grid)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def fingerprint(variables: Mapping[str, Any]) -> str:
+    """A short stable hash of a variables/params tree: names, shapes, dtypes and values.
+
+    sha256 over the leaves in sorted '/'-path order, first 16 hex digits. Two ingredients
+    fine-tuned from the same init share the fingerprint of that init; a soup checks it.
+    """
+    digest = hashlib.sha256()
+    for path, leaf in sorted(flatten(variables).items()):
+        array = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+        digest.update(f'{path}|{array.shape}|{array.dtype.name}|'.encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]

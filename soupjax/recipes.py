@@ -1,0 +1,517 @@
+"""Soup recipes: pure functions over variable pytrees.
+
+A *soup* is a weighted average of the weights of K fine-tuned models (the *ingredients*) that share one
+pretrained initialisation (Wortsman et al., "Model soups", ICML 2022, arXiv 2203.05482). This module
+knows nothing about files, models or data sets; it is given callables:
+
+* ``Loader = Callable[[], Variables]`` loads one ingredient lazily (e.g. from disk). Recipes call a
+  loader when they need that ingredient and drop the tree right after, so memory stays flat in K.
+* ``HeldoutEval = Callable[[Variables], float]`` returns the held-out accuracy of a candidate soup. It is
+  the only accuracy the greedy and pruned recipes see; the test split never reaches this module.
+
+``Variables`` is any mapping pytree, e.g. ``{'params': ..., 'batch_stats': ...}``. Arithmetic applies to
+the whole tree, so BatchNorm statistics are averaged exactly like parameters.
+
+All arithmetic is float32 (a float32 running sum, whatever the stored dtype), and every result is cast
+back to the dtype each leaf was stored in, so a bfloat16 checkpoint gives a bfloat16 soup without the
+rounding error of summing K bfloat16 tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Variables = Mapping[str, Any]
+Loader = Callable[[], Variables]
+HeldoutEval = Callable[[Variables], float]
+
+__all__ = [
+    "Variables",
+    "Loader",
+    "HeldoutEval",
+    "RunningMean",
+    "SoupResult",
+    "uniform",
+    "weighted",
+    "greedy",
+    "pruned",
+    "interpolate",
+    "path_str",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Tree plumbing: flatten with '/'-joined paths so every error names the parameter it is about.
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """Returns a jax key path as a '/'-joined name, e.g. ``params/Dense_0/kernel``."""
+    parts = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            parts.append(str(key.name))
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(key.key))
+        else:  # an unknown key type: its own string form is still informative.
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """The structure every ingredient must share: treedef, leaf paths, shapes and stored dtypes."""
+
+    treedef: Any
+    paths: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[Any, ...]
+
+    @classmethod
+    def of(cls, tree: Variables) -> tuple["_Layout", list[Any]]:
+        with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        paths = tuple(path_str(p) for p, _ in with_path)
+        leaves = [leaf for _, leaf in with_path]
+        layout = cls(
+            treedef=treedef,
+            paths=paths,
+            shapes=tuple(tuple(np.shape(x)) for x in leaves),
+            dtypes=tuple(_dtype_of(x) for x in leaves),
+        )
+        return layout, leaves
+
+    def leaves(self, tree: Variables, what: str = "tree") -> list[Any]:
+        """Flattens ``tree``, raising a ValueError naming the first path whose structure/shape differs."""
+        other, leaves = _Layout.of(tree)
+        if other.paths != self.paths:
+            mine, theirs = set(self.paths), set(other.paths)
+            missing = [p for p in self.paths if p not in theirs]
+            extra = [p for p in other.paths if p not in mine]
+            raise ValueError(
+                f"{what} does not have the soup's tree structure: missing {missing[:10]}"
+                f"{' ...' if len(missing) > 10 else ''}, extra {extra[:10]}"
+                f"{' ...' if len(extra) > 10 else ''}"
+            )
+        for path, want, got in zip(self.paths, self.shapes, other.shapes):
+            if want != got:
+                raise ValueError(
+                    f"{what}: parameter {path!r} has shape {got}, but the soup has shape {want}"
+                )
+        return leaves
+
+    def unflatten(self, leaves: Sequence[Any]) -> Variables:
+        return jax.tree_util.tree_unflatten(self.treedef, list(leaves))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one ingredient as stored."""
+        return int(sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in zip(self.shapes, self.dtypes)))
+
+
+def _dtype_of(x: Any) -> np.dtype:
+    dtype = getattr(x, "dtype", None)
+    # Not `dtype or ...`: a plain np.dtype has len() 0 and so is falsy.
+    return np.dtype(dtype) if dtype is not None else np.asarray(x).dtype
+
+
+def _cast(x: jax.Array, dtype: Any) -> jax.Array:
+    """Casts a float32 result back to a stored dtype; integer leaves are rounded, not truncated."""
+    dtype = np.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        x = jnp.round(x)
+    return x.astype(dtype)
+
+
+# The jitted kernels take and return *lists* of leaves; jit caches one executable per layout. The
+# running sum is donated, so an add or remove updates it in place instead of holding two sums.
+
+
+@jax.jit
+def _scaled_f32(leaves, w):
+    return [w * jnp.asarray(x).astype(jnp.float32) for x in leaves]
+
+
+def _accumulate(acc, leaves, w):
+    return [a + w * jnp.asarray(x).astype(jnp.float32) for a, x in zip(acc, leaves)]
+
+
+_accumulate_donated = jax.jit(_accumulate, donate_argnums=0)
+
+
+def _finish(dtypes):
+    """A jitted ``(sum, extra, w, denom) -> cast((sum + w * extra) / denom)`` for one dtype layout."""
+
+    @jax.jit
+    def finish(acc, extra, w, denom):
+        out = []
+        for i, (a, d) in enumerate(zip(acc, dtypes)):
+            if extra is not None:
+                a = a + w * jnp.asarray(extra[i]).astype(jnp.float32)
+            out.append(_cast(a / denom, d))
+        return out
+
+    return finish
+
+
+_FINISH_CACHE: dict[tuple[Any, ...], Callable[..., Any]] = {}
+
+
+def _finisher(dtypes: tuple[Any, ...]) -> Callable[..., Any]:
+    key = tuple(np.dtype(d).name for d in dtypes)
+    if key not in _FINISH_CACHE:
+        _FINISH_CACHE[key] = _finish(tuple(np.dtype(d) for d in dtypes))
+    return _FINISH_CACHE[key]
+
+
+# --------------------------------------------------------------------------------------------------
+# The running mean: the one object every streaming recipe is built on.
+
+
+class RunningMean:
+    """A streaming float32 weighted sum of variable trees.
+
+    Holds exactly one float32 sum (never the K ingredients): ``add`` and ``remove`` update it in place
+    (the old buffer is donated to XLA), so a uniform soup of K models needs memory for the sum plus the
+    one ingredient being added. ``remove`` is algebraic (``sum -= w * tree``), which is what makes the
+    pruned soup cheap: dropping an ingredient never re-reads the others. Removal is exact up to float32
+    rounding of the sum.
+
+    ``mean()`` and ``total()`` cast each leaf back to the dtype it was stored in.
+    """
+
+    def __init__(self) -> None:
+        self._layout: _Layout | None = None
+        self._sum: list[jax.Array] | None = None
+        self._count = 0.0
+        self._n = 0
+
+    @property
+    def count(self) -> float:
+        """The total weight added so far (the number of trees for unit weights)."""
+        return self._count
+
+    @property
+    def num_trees(self) -> int:
+        """How many trees are in the sum (adds minus removes), whatever their weights."""
+        return self._n
+
+    @property
+    def layout(self) -> _Layout | None:
+        return self._layout
+
+    def add(self, tree: Variables, weight: float = 1.0) -> None:
+        """Adds ``weight * tree`` to the sum. Raises ValueError if its structure or shapes differ."""
+        if self._layout is None:
+            self._layout, leaves = _Layout.of(tree)
+            self._sum = _scaled_f32(leaves, jnp.float32(weight))
+        else:
+            leaves = self._layout.leaves(tree, "ingredient")
+            self._sum = _accumulate_donated(self._sum, leaves, jnp.float32(weight))
+        # Wait for the add: with asynchronous dispatch the caller could otherwise load the next
+        # ingredients while this one is still referenced by a queued computation, and memory would
+        # grow with how far loading runs ahead.
+        jax.block_until_ready(self._sum)
+        self._count += float(weight)
+        self._n += 1
+
+    def remove(self, tree: Variables, weight: float = 1.0) -> None:
+        """Subtracts ``weight * tree`` from the sum: the inverse of ``add(tree, weight)``."""
+        if self._layout is None or self._n == 0:
+            raise ValueError("cannot remove from an empty RunningMean")
+        leaves = self._layout.leaves(tree, "ingredient")
+        self._sum = _accumulate_donated(self._sum, leaves, jnp.float32(-weight))
+        jax.block_until_ready(self._sum)
+        self._count -= float(weight)
+        self._n -= 1
+
+    def mean(self) -> Variables:
+        """The sum divided by ``count``, each leaf cast back to its stored dtype."""
+        return self._finish(None, 0.0, self._count)
+
+    def total(self) -> Variables:
+        """The (unnormalised) weighted sum, each leaf cast back to its stored dtype."""
+        return self._finish(None, 0.0, 1.0, check=False)
+
+    def mean_with(self, tree: Variables, weight: float = 1.0) -> Variables:
+        """The mean as if ``tree`` were added with ``weight``, without changing the running sum.
+
+        A greedy soup's candidate: memory for one more tree (the result), no second float32 sum.
+        A negative weight gives the mean without ``tree`` (see ``mean_without``).
+        """
+        if self._layout is None:
+            raise ValueError("RunningMean is empty")
+        leaves = self._layout.leaves(tree, "ingredient")
+        return self._finish(leaves, weight, self._count + weight)
+
+    def mean_without(self, tree: Variables, weight: float = 1.0) -> Variables:
+        """The mean as if ``tree`` were removed, without changing the running sum (pruned soup)."""
+        return self.mean_with(tree, -weight)
+
+    def _finish(self, extra, weight: float, denom: float, check: bool = True) -> Variables:
+        if self._layout is None:
+            raise ValueError("RunningMean is empty")
+        if check and abs(denom) < 1e-12:
+            raise ValueError(f"the total weight is {denom}; the mean is undefined")
+        out = _finisher(self._layout.dtypes)(self._sum, extra, jnp.float32(weight), jnp.float32(denom))
+        return self._layout.unflatten(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipes.
+
+
+@dataclasses.dataclass
+class SoupResult:
+    """What a selecting recipe (greedy, pruned) returns.
+
+    Attributes:
+      variables: the soup.
+      used: indices (into the loaders) of the ingredients in the soup, in the order they were added
+        (greedy) or in index order (pruned).
+      weights: one weight per ingredient (all K), 1/len(used) for used ones and 0 for the others.
+      heldout: held-out accuracy of the final soup.
+      progression: one dict per evaluated step, for the report ("held-out accuracy with N ingredients"):
+        ``step`` (0 is the starting soup), ``ingredient`` (index, None for the start of a pruned soup),
+        ``action`` ('add' | 'skip' for greedy; 'start' | 'remove' | 'keep' for pruned), ``heldout`` (the
+        held-out accuracy of the candidate evaluated at that step), ``n_ingredients`` (ingredients in the
+        soup after the decision) and ``soup_heldout`` (held-out accuracy of the soup after the decision).
+    """
+
+    variables: Variables
+    used: list[int]
+    weights: list[float]
+    heldout: float
+    progression: list[dict[str, Any]]
+
+
+def uniform(loaders: Sequence[Loader]) -> Variables:
+    """The uniform soup: the mean of all ingredients, streamed (one float32 sum, one ingredient)."""
+    return weighted(loaders, [1.0] * len(loaders), normalize=True)
+
+
+def weighted(
+    loaders: Sequence[Loader], weights: Sequence[float], normalize: bool = True
+) -> Variables:
+    """``sum_i w_i * theta_i`` (divided by ``sum_i w_i`` when ``normalize``), streamed.
+
+    Ingredients with weight 0 are not loaded. With ``normalize=False`` this is the raw linear
+    combination (task-arithmetic style), so the weights need not sum to 1.
+    """
+    if len(loaders) != len(weights):
+        raise ValueError(f"{len(loaders)} loaders but {len(weights)} weights")
+    if not loaders:
+        raise ValueError("a soup needs at least one ingredient")
+    acc = RunningMean()
+    for i, (load, w) in enumerate(zip(loaders, weights)):
+        if w == 0:
+            continue
+        acc.add(_load(load, i), float(w))
+    if acc.layout is None:
+        raise ValueError("all weights are 0")
+    return acc.mean() if normalize else acc.total()
+
+
+def _load(load: Loader, index: int) -> Variables:
+    tree = load()
+    if not isinstance(tree, Mapping):
+        raise TypeError(f"loader {index} returned {type(tree).__name__}, expected a mapping of variables")
+    return tree
+
+
+def _step(step, ingredient, action, heldout, n, soup_heldout) -> dict[str, Any]:
+    return dict(
+        step=step,
+        ingredient=ingredient,
+        action=action,
+        heldout=float(heldout),
+        n_ingredients=n,
+        soup_heldout=float(soup_heldout),
+    )
+
+
+def greedy(
+    loaders: Sequence[Loader],
+    heldout_scores: Sequence[float] | None,
+    evaluate: HeldoutEval,
+    *,
+    strict: bool = False,
+    order: str = "sorted",
+    seed: int = 0,
+) -> SoupResult:
+    """The greedy soup (Wortsman et al. 2022, Recipe 1).
+
+    Ingredients are visited best first by their individual held-out accuracy ``heldout_scores``
+    (``order='sorted'``; ties keep index order) or in a seeded random order (``order='random'``, the
+    paper's "greedy soup, random order" ablation). The soup starts as the first ingredient; each next
+    one is added if the held-out accuracy of the soup with it does not fall: ``>=`` as in the paper's
+    Recipe 1 (so equally good ingredients join and the soup gets flatter), ``>`` with ``strict=True``
+    (what the official mlfoundations/model-soups ``main.py`` does).
+
+    The first ingredient's accuracy is taken from ``heldout_scores`` (as the official code does), so
+    ``evaluate`` runs K-1 times; pass ``heldout_scores=None`` with ``order='random'`` to evaluate it.
+
+    Memory: one float32 running sum, the ingredient being tried and the candidate soup. ``evaluate``
+    sees only candidate soups; it must measure held-out (never test) accuracy.
+    """
+    k = len(loaders)
+    if k == 0:
+        raise ValueError("a soup needs at least one ingredient")
+    if heldout_scores is not None and len(heldout_scores) != k:
+        raise ValueError(f"{k} loaders but {len(heldout_scores)} held-out scores")
+    if order == "sorted":
+        if heldout_scores is None:
+            raise ValueError("order='sorted' needs heldout_scores")
+        # Stable sort on the negated scores: best first, ties in index order.
+        visit = [int(i) for i in np.argsort(-np.asarray(heldout_scores, np.float64), kind="stable")]
+    elif order == "random":
+        visit = [int(i) for i in np.random.default_rng(seed).permutation(k)]
+    else:
+        raise ValueError(f"order must be 'sorted' or 'random', got {order!r}")
+
+    acc = RunningMean()
+    first = visit[0]
+    tree = _load(loaders[first], first)
+    acc.add(tree)
+    best = float(heldout_scores[first]) if heldout_scores is not None else float(evaluate(acc.mean()))
+    del tree
+    used = [first]
+    progression = [_step(0, first, "add", best, 1, best)]
+
+    for step, i in enumerate(visit[1:], start=1):
+        # On the device once: the candidate and (if kept) the running sum both read this copy.
+        tree = jax.device_put(_load(loaders[i], i))
+        candidate = acc.mean_with(tree)
+        score = float(evaluate(candidate))
+        del candidate  # free before the next load: at most sum + ingredient + candidate are alive.
+        if score > best or (not strict and score == best):
+            acc.add(tree)
+            used.append(i)
+            best = score
+            progression.append(_step(step, i, "add", score, len(used), best))
+        else:
+            progression.append(_step(step, i, "skip", score, len(used), best))
+        del tree
+
+    weights = [0.0] * k
+    for i in used:
+        weights[i] = 1.0 / len(used)
+    return SoupResult(acc.mean(), used, weights, best, progression)
+
+
+def pruned(
+    loaders: Sequence[Loader],
+    evaluate: HeldoutEval,
+    *,
+    passes: int = 1,
+    heldout_scores: Sequence[float] | None = None,
+    ranking: Sequence[int] | None = None,
+    strict: bool = False,
+) -> SoupResult:
+    """The pruned soup: start from the uniform soup of all K and remove ingredients that do not help.
+
+    Following the "pruned soup" of Menes et al. / Sobral et al., "Model soups to increase inference
+    without increasing compute time" (arXiv 2301.10092): for ``passes`` passes, visit the ingredients
+    still in the soup and remove one if the held-out accuracy of the soup without it does not fall
+    (``>=``; ``>`` with ``strict=True``). The last ingredient is never removed. A pass that removes
+    nothing ends the search early, since (for a deterministic ``evaluate``) every later pass would
+    repeat it.
+
+    Visiting order: ``ranking`` if given (a permutation of ``range(K)``), else worst first by
+    ``heldout_scores`` (ties in index order), else index order. Worst first is the mirror image of the
+    greedy soup's best first: the weakest ingredients are the likeliest to drag the soup down, so they
+    are offered for removal before a good one is dropped for a noise-level gain.
+
+    Removal is algebraic on the float32 running sum (one load of the removed ingredient, no re-reading
+    the rest). Memory: one running sum, one ingredient and one candidate. ``evaluate`` runs
+    1 + (ingredients visited) times and sees only candidate soups (held-out accuracy only).
+    """
+    k = len(loaders)
+    if k == 0:
+        raise ValueError("a soup needs at least one ingredient")
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
+    if ranking is not None:
+        visit = [int(i) for i in ranking]
+        if sorted(visit) != list(range(k)):
+            raise ValueError(f"ranking must be a permutation of range({k}), got {list(ranking)}")
+    elif heldout_scores is not None:
+        if len(heldout_scores) != k:
+            raise ValueError(f"{k} loaders but {len(heldout_scores)} held-out scores")
+        visit = [int(i) for i in np.argsort(np.asarray(heldout_scores, np.float64), kind="stable")]
+    else:
+        visit = list(range(k))
+
+    acc = RunningMean()
+    for i, load in enumerate(loaders):
+        acc.add(_load(load, i))
+    in_soup = set(range(k))
+    current = float(evaluate(acc.mean()))
+    progression = [_step(0, None, "start", current, k, current)]
+
+    step = 0
+    for _ in range(passes):
+        removed_this_pass = False
+        for i in visit:
+            if i not in in_soup or len(in_soup) == 1:
+                continue  # already removed, or the last one left: a soup needs an ingredient.
+            step += 1
+            tree = jax.device_put(_load(loaders[i], i))
+            candidate = acc.mean_without(tree)
+            score = float(evaluate(candidate))
+            del candidate
+            if score > current or (not strict and score == current):
+                acc.remove(tree)
+                in_soup.discard(i)
+                current = score
+                removed_this_pass = True
+                progression.append(_step(step, i, "remove", score, len(in_soup), current))
+            else:
+                progression.append(_step(step, i, "keep", score, len(in_soup), current))
+            del tree
+        if not removed_this_pass:
+            break
+
+    used = sorted(in_soup)
+    weights = [1.0 / len(used) if i in in_soup else 0.0 for i in range(k)]
+    return SoupResult(acc.mean(), used, weights, current, progression)
+
+
+@jax.jit
+def _lerp(a_leaves, b_leaves, alpha):
+    return [
+        (1.0 - alpha) * jnp.asarray(a).astype(jnp.float32) + alpha * jnp.asarray(b).astype(jnp.float32)
+        for a, b in zip(a_leaves, b_leaves)
+    ]
+
+
+def interpolate(a: Variables, b: Variables, alpha: float) -> Variables:
+    """``(1 - alpha) * a + alpha * b`` in float32, cast back to ``a``'s stored dtypes.
+
+    ``alpha=0`` returns ``a`` and ``alpha=1`` returns ``b`` bit for bit (the endpoints are returned,
+    not computed, so signed zeros, infinities and NaNs survive too). Used for WiSE-FT-style curves
+    between two ingredients or between the initialisation and a soup.
+    """
+    layout, a_leaves = _Layout.of(a)
+    b_leaves = layout.leaves(b, "interpolation endpoint b")
+    alpha = float(alpha)
+    if alpha == 0.0:
+        return layout.unflatten([_as_stored(x, d) for x, d in zip(a_leaves, layout.dtypes)])
+    if alpha == 1.0:
+        return layout.unflatten([_as_stored(x, d) for x, d in zip(b_leaves, layout.dtypes)])
+    mixed = _lerp(a_leaves, b_leaves, jnp.float32(alpha))
+    return layout.unflatten([_cast(x, d) for x, d in zip(mixed, layout.dtypes)])
+
+
+def _as_stored(x: Any, dtype: Any) -> jax.Array:
+    """The endpoint itself as a jax array (a copy only when its dtype differs from ``a``'s)."""
+    x = jnp.asarray(x)
+    return x if x.dtype == dtype else x.astype(dtype)

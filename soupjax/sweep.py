@@ -1,0 +1,87 @@
+"""Random hyperparameter sweeps, as in the paper: each ingredient gets its own draw from a search space.
+
+A draw depends only on (sweep seed, ingredient index), so adding ingredients later or rerunning an
+interrupted sweep reproduces the hyperparameters of the ones already made.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping
+
+import ml_collections
+import numpy as np
+
+
+def flatten_space(space: Mapping[str, Any], prefix: str = "") -> dict[str, list]:
+    """``{'data': {'mixup_alpha': spec}}`` -> ``{'data.mixup_alpha': spec}``.
+
+    The space mirrors the config's nesting because ConfigDict keys may not contain dots.
+    """
+    flat: dict[str, list] = {}
+    for key, value in space.items():
+        if isinstance(value, Mapping) or hasattr(value, "items"):
+            flat.update(flatten_space(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value)
+    return flat
+
+
+def draw(space: Mapping[str, Any], seed: int, index: int) -> dict[str, Any]:
+    """Hyperparameters for ingredient ``index``: ``{config path: value}`` drawn from ``space``."""
+    rng = np.random.default_rng([int(seed), int(index)])
+    values: dict[str, Any] = {}
+    space = flatten_space(space)
+    for key in sorted(space):
+        spec = list(space[key])
+        kind = spec[0]
+        if kind == "log_uniform":
+            lo, hi = float(spec[1]), float(spec[2])
+            values[key] = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        elif kind == "uniform":
+            values[key] = float(rng.uniform(float(spec[1]), float(spec[2])))
+        elif kind == "choice":
+            options = list(spec[1])
+            value = options[int(rng.integers(len(options)))]
+            values[key] = value.item() if isinstance(value, np.generic) else value
+        else:
+            raise ValueError(f"sweep.space[{key!r}]: unknown distribution {kind!r}; "
+                             "use 'log_uniform', 'uniform' or 'choice'")
+    return values
+
+
+def apply(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with each dotted path in ``values`` set (the path must already exist)."""
+    config = copy.deepcopy(config)
+    for path, value in values.items():
+        node = config
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f"sweep sets {path!r}, which is not a config field")
+        current = node[leaf]
+        if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        elif isinstance(current, float) and isinstance(value, int):
+            value = float(value)
+        node[leaf] = value
+    return config
+
+
+def ingredient_configs(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.ConfigDict, dict[str, Any]]]:
+    """``[(name, config, hparams)]``: one entry (``config.name``) without a sweep, ``count`` with one.
+
+    Every ingredient of a sweep keeps ``init_seed`` (they must share the init to be souped) and gets
+    its own data-order seed.
+    """
+    count = int(config.sweep.count)
+    if count <= 0:
+        return [(config.name, config, {})]
+    space = config.sweep.space.to_dict()
+    runs = []
+    for i in range(count):
+        hparams = draw(space, config.sweep.seed, i)
+        hparams.setdefault("seed", int(config.sweep.seed) * 1000 + i)
+        run = apply(config, hparams)
+        runs.append((f"sweep{int(config.sweep.seed)}_{i:03d}", run, hparams))
+    return runs

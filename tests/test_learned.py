@@ -1,0 +1,233 @@
+"""Tests for soupjax.learned: the streamed gradient is the true gradient, and learning finds the best mix."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from soupjax import learned as learned_lib
+
+
+class MLP(nn.Module):
+    """A tiny MLP with a BatchNorm, so the mix covers 'params' and 'batch_stats'."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(8)(x)
+        x = nn.BatchNorm(use_running_average=True)(x)
+        x = nn.relu(x)
+        return nn.Dense(3)(x)
+
+
+MODEL = MLP()
+
+
+def apply_mlp(variables, images):
+    return MODEL.apply(variables, images)
+
+
+def _ingredients(k=3, seed=0):
+    """K variable trees for MLP, written with numpy (no eager flax init: it compiles every primitive)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(k):
+        def normal(*shape):
+            return rng.normal(size=shape).astype(np.float32)
+
+        def positive(n):
+            return rng.uniform(0.5, 1.5, n).astype(np.float32)
+
+        out.append({
+            "params": {
+                "Dense_0": {"kernel": normal(5, 8), "bias": normal(8)},
+                "BatchNorm_0": {"scale": positive(8), "bias": normal(8)},
+                "Dense_1": {"kernel": normal(8, 3), "bias": normal(3)},
+            },
+            "batch_stats": {"BatchNorm_0": {"mean": normal(8), "var": positive(8)}},
+        })
+    # The trees must be what flax itself builds for MLP.
+    want = jax.eval_shape(MODEL.init, jax.random.key(0), jnp.zeros((1, 5)))
+    assert jax.tree.structure(want) == jax.tree.structure(out[0])
+    return out
+
+
+def _batch(seed=0, n=16):
+    rng = np.random.default_rng(seed)
+    mask = np.ones(n, np.float32)
+    mask[-3:] = 0.0  # padding must not count
+    return {"image": rng.normal(size=(n, 5)).astype(np.float32), "label": rng.integers(0, 3, n), "mask": mask}
+
+
+def _reference_loss(trees, mode):
+    """The loss as a function of (logits, temperature) with all K ingredients held and differentiated
+    through; the mixing weights are written out independently of learned.py."""
+    leaves_k = [jax.tree_util.tree_flatten_with_path(t)[0] for t in trees]
+    treedef = jax.tree_util.tree_structure(trees[0])
+    names = ["/".join(str(getattr(k, "key", k)) for k in p) for p, _ in leaves_k[0]]
+    param_names = [n for n in names if n.startswith("params/")]
+
+    def weights_for(name, alpha):
+        if mode == "global":
+            return alpha
+        if name.startswith("params/"):
+            return alpha[param_names.index(name)]
+        # batch_stats/BatchNorm_0/mean -> the mean weights of params/BatchNorm_0/{scale,bias}.
+        module = name.split("/")[1]
+        rows = [r for r, n in enumerate(param_names) if n.split("/")[1] == module]
+        return jnp.mean(alpha[jnp.asarray(rows)], axis=0)
+
+    def loss(logits, temperature, batch):
+        alpha = jax.nn.softmax(logits, axis=-1)
+        mixed = []
+        for j, name in enumerate(names):
+            w = weights_for(name, alpha)
+            leaf = sum(w[i] * jnp.asarray(leaves_k[i][j][1], jnp.float32) for i in range(len(trees)))
+            if not name.startswith("params/"):
+                leaf = jax.lax.stop_gradient(leaf)  # statistics are mixed, not differentiated
+            mixed.append(leaf)
+        out = apply_mlp(jax.tree_util.tree_unflatten(treedef, mixed), batch["image"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(temperature * out, batch["label"])
+        return jnp.sum(ce * batch["mask"]) / jnp.sum(batch["mask"])
+
+    return loss, len(param_names)
+
+
+@pytest.mark.parametrize("mode", ["global", "layer"])
+def test_streamed_gradient_equals_jax_grad_through_the_mix(mode):
+    trees = _ingredients()
+    problem = learned_lib.MixingProblem(learned_lib.Ingredients([lambda t=t: t for t in trees]), apply_mlp, mode)
+    ref_loss, n_params = _reference_loss(trees, mode)
+    shape = (3,) if mode == "global" else (n_params, 3)
+    logits = jax.random.normal(jax.random.key(7), shape)  # away from uniform, so the test is not symmetric
+    temperature = jnp.float32(1.7)
+    batch = _batch()
+
+    loss, g_logits, g_t, (n, _) = problem.loss_and_grad(logits, temperature, batch)
+    want_loss, (want_g_logits, want_g_t) = jax.jit(jax.value_and_grad(ref_loss, argnums=(0, 1)))(
+        logits, temperature, batch
+    )
+
+    assert float(n) == 13.0
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g_logits, want_g_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g_t, want_g_t, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(g_logits)).max() > 1e-3  # a real gradient, not zeros on both sides
+
+
+# -- a toy task with one clearly best ingredient ----------------------------------------------------
+
+N_CLASSES, DIM = 4, 8
+
+
+def apply_linear(variables, images):
+    p = variables["params"]
+    return images @ p["kernel"] + p["bias"]
+
+
+def _toy(seed=0):
+    rng = np.random.default_rng(seed)
+    means = 3.0 * np.eye(N_CLASSES, DIM, dtype=np.float32)
+    labels = rng.integers(0, N_CLASSES, 256)
+    images = (means[labels] + 0.5 * rng.normal(size=(256, DIM))).astype(np.float32)
+    batches = [
+        {"image": images[i : i + 64], "label": labels[i : i + 64], "mask": np.ones(64, np.float32)}
+        for i in range(0, 256, 64)
+    ]
+    best = {"params": {"kernel": means.T.copy(), "bias": np.zeros(N_CLASSES, np.float32)}}
+    noisy = [
+        {
+            "params": {
+                "kernel": (means.T + 4.0 * rng.normal(size=means.T.shape)).astype(np.float32),
+                "bias": rng.normal(size=N_CLASSES).astype(np.float32),
+            }
+        }
+        for _ in range(3)
+    ]
+    ingredients = noisy[:2] + [best] + noisy[2:]  # the best one is not first
+    return ingredients, (lambda: iter(batches)), images, labels
+
+
+def _accuracy(tree, images, labels):
+    p = jax.tree.map(np.asarray, tree)["params"]  # numpy: no eager jax ops to compile
+    return float(np.mean(np.argmax(images @ p["kernel"] + p["bias"], -1) == labels))
+
+
+def test_learned_soup_weights_the_best_ingredient_most():
+    ingredients, batches, images, labels = _toy()
+    accs = [_accuracy(t, images, labels) for t in ingredients]
+    best = int(np.argmax(accs))
+    assert best == 2 and accs[best] > max(accs[:2] + accs[3:]) + 0.1
+
+    seen = []
+    loaders = [lambda t=t: t for t in ingredients]
+    result = learned_lib.learned(loaders, apply_linear, batches, epochs=8, learning_rate=0.1, on_epoch=seen.append)
+    assert int(np.argmax(result.weights)) == best
+    np.testing.assert_allclose(np.sum(result.weights), 1.0, rtol=1e-6)
+    assert result.heldout >= accs[best]
+    assert _accuracy(result.variables, images, labels) == result.heldout
+    assert [h["epoch"] for h in result.history] == list(range(9)) and seen == result.history
+    assert result.history[-1]["loss"] < result.history[0]["loss"]  # learning beats the uniform soup
+    assert result.temperature != 1.0
+
+    layer = learned_lib.learned(loaders, apply_linear, batches, mode="layer", epochs=8, learning_rate=0.1)
+    assert set(layer.weights) == {"params/kernel", "params/bias"}
+    assert int(np.argmax(layer.weights["params/kernel"])) == best
+    assert layer.heldout >= accs[best]
+
+
+def test_streaming_from_loaders_matches_in_memory():
+    ingredients, batches, _, _ = _toy()
+    calls = [0]
+
+    def make_loader(t):
+        def load():
+            calls[0] += 1
+            return jax.tree.map(np.copy, t)  # a fresh tree, as a read from disk would give
+
+        return load
+
+    loaders = [make_loader(t) for t in ingredients]
+    kwargs = dict(epochs=2, learning_rate=0.1, mode="layer")
+    host = learned_lib.learned(loaders, apply_linear, batches, **kwargs)
+    assert calls[0] == len(ingredients)  # loaded once, kept on the host
+    calls[0] = 0
+    streamed = learned_lib.learned(loaders, apply_linear, batches, memory_budget_bytes=1, **kwargs)
+    assert calls[0] > 10 * len(ingredients)  # re-read every pass
+
+    np.testing.assert_allclose(streamed.logits, host.logits, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(streamed.temperature, host.temperature, rtol=1e-6)
+    assert [h["heldout_accuracy"] for h in streamed.history] == [h["heldout_accuracy"] for h in host.history]
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), streamed.variables, host.variables
+    )
+
+
+def test_ingredients_budget_decides_host_or_streaming():
+    trees = _ingredients(k=2)
+    size = sum(x.nbytes for x in jax.tree.leaves(trees[0]))
+    loaders = [lambda t=t: t for t in trees]
+    assert learned_lib.Ingredients(loaders, None).on_host
+    assert learned_lib.Ingredients(loaders, 2 * size).on_host
+    assert not learned_lib.Ingredients(loaders, 2 * size - 1).on_host
+
+
+def test_zero_epochs_is_the_uniform_soup_and_init_weights():
+    from soupjax import recipes
+
+    trees = _ingredients(k=3)
+    loaders = [lambda t=t: t for t in trees]
+    result = learned_lib.learned(loaders, apply_mlp, lambda: [_batch()], epochs=0)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), result.variables, recipes.uniform(loaders)
+    )
+    np.testing.assert_allclose(result.weights, [1 / 3] * 3, rtol=1e-6)
+    assert len(result.history) == 1 and result.temperature == 1.0
+
+    problem = learned_lib.MixingProblem(learned_lib.Ingredients(loaders), apply_mlp, "layer")
+    weights = problem.weights(problem.init_logits([1.0, 2.0, 1.0]))
+    assert set(weights) == {"params/Dense_0/kernel", "params/Dense_0/bias", "params/BatchNorm_0/scale",
+                            "params/BatchNorm_0/bias", "params/Dense_1/kernel", "params/Dense_1/bias"}
+    for w in weights.values():
+        np.testing.assert_allclose(w, [0.25, 0.5, 0.25], rtol=1e-6)

@@ -1,0 +1,253 @@
+"""Tests for soupjax.models: names, shapes, parameter names, BatchNorm and dropout behaviour.
+
+Big models are only traced (jax.eval_shape), never run. Init keys use the 'rbg' PRNG: with the
+default partitionable threefry, XLA on CPU spends seconds compiling each random initialiser.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from soupjax.models import MODEL_NAMES, get_model, list_models
+from soupjax.pretrained import flatten
+
+KEY = jax.random.key(0, impl='rbg')
+
+
+def _images(size: int, batch: int = 2, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, size, size, 3), np.float32)
+
+
+def _jit_apply(model, **kwargs):
+    """model.apply under jit: one compile instead of one per op, which is slower on CPU."""
+    return jax.jit(lambda variables, images, rngs=None: model.apply(
+        variables, images, rngs=rngs, **kwargs))
+
+
+def _num_params(variables) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(variables['params']))
+
+
+@pytest.fixture(scope='module')
+def vit_testing():
+    model = get_model('vit-testing', 10)
+    logits, variables = jax.jit(model.init_with_output)(KEY, _images(16))
+    return model, variables, logits
+
+
+@pytest.fixture(scope='module')
+def resnet_testing():
+    model = get_model('resnet-testing', 10)
+    return model, jax.jit(model.init)(KEY, _images(16))
+
+
+# The parameter counts of the published models (timm / torchvision, 1000 classes) check that
+# every named variant has the real architecture, without building it.
+@pytest.mark.parametrize('name,size,count', [
+    ('vit-ti/16', 224, 5_717_416),
+    ('vit-s/16', 224, 22_050_664),
+    ('ViT-B/32', 224, 88_224_232),
+    ('vit-l/16', 224, 304_326_632),
+    ('resnet18', 224, 11_689_512),
+    ('resnet34', 224, 21_797_672),
+    ('resnet50', 224, 25_557_032),
+    ('resnet50d', 224, 25_576_264),
+])
+def test_named_variants_shapes_and_sizes(name, size, count):
+    model = get_model(name, 1000)
+    images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+    # One trace gives both the logits' and the variables' shapes; nothing is computed.
+    logits, variables = jax.eval_shape(model.init_with_output, KEY, images)
+    assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
+    assert _num_params(variables) == count
+    assert ('batch_stats' in variables) == name.startswith('resnet')
+
+
+def test_every_listed_name_builds():
+    assert list_models() == list(MODEL_NAMES)
+    for name in MODEL_NAMES:
+        cfg = (dict(hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32, patch_size=8)
+               if name == 'vit' else {})
+        model = get_model(name.upper(), 3, **cfg)  # names are case-insensitive
+        assert model.num_classes == 3
+    assert get_model('vit-h/14', 3).patch_size == 14
+    assert get_model('resnet152', 3).stage_sizes == (3, 8, 36, 3)
+
+
+def test_vit_patch_size_and_cfg_overrides():
+    model = get_model('vit-b/8', 5, num_layers=1)
+    assert (model.patch_size, model.hidden_size, model.num_layers) == (8, 768, 1)
+    model = get_model('vit', 5, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32, patch_size=8)
+    assert model.hidden_size == 16
+
+
+def test_bad_names_and_cfg():
+    with pytest.raises(ValueError, match='unknown model'):
+        get_model('vit-xl/16', 10)
+    with pytest.raises(TypeError, match='unknown config keys'):
+        get_model('resnet18', 10, hidden_size=3)
+    with pytest.raises(ValueError, match='needs'):
+        get_model('vit', 10, hidden_size=16)
+
+
+VIT_BLOCK_PARAMS = [
+    'LayerNorm_0/bias', 'LayerNorm_0/scale', 'LayerNorm_2/bias', 'LayerNorm_2/scale',
+    'MlpBlock_3/Dense_0/bias', 'MlpBlock_3/Dense_0/kernel',
+    'MlpBlock_3/Dense_1/bias', 'MlpBlock_3/Dense_1/kernel',
+    *[f'MultiHeadDotProductAttention_1/{p}/{k}'
+      for p in ('key', 'out', 'query', 'value') for k in ('bias', 'kernel')],
+]
+
+
+def test_vit_parameter_names_are_vision_transformers(vit_testing):
+    _, variables, _ = vit_testing
+    expected = {'cls', 'embedding/bias', 'embedding/kernel', 'head/bias', 'head/kernel',
+                'Transformer/posembed_input/pos_embedding',
+                'Transformer/encoder_norm/bias', 'Transformer/encoder_norm/scale',
+                *[f'Transformer/encoderblock_{i}/{p}' for i in range(2) for p in VIT_BLOCK_PARAMS]}
+    flat = flatten(variables['params'])
+    assert set(variables) == {'params'}
+    assert set(flat) == expected
+    attn = 'Transformer/encoderblock_0/MultiHeadDotProductAttention_1/'
+    assert flat['embedding/kernel'].shape == (4, 4, 3, 32)
+    assert flat[attn + 'query/kernel'].shape == (32, 2, 16)
+    assert flat[attn + 'out/kernel'].shape == (2, 16, 32)
+    assert flat['cls'].shape == (1, 1, 32)
+    assert flat['Transformer/posembed_input/pos_embedding'].shape == (1, 1 + 16, 32)
+
+
+def test_vit_head_zero_init_gives_zero_logits(vit_testing):
+    _, _, logits = vit_testing
+    assert logits.shape == (2, 10) and logits.dtype == jnp.float32
+    np.testing.assert_array_equal(logits, 0.0)  # zero head kernel and bias
+
+
+def test_vit_token_vs_gap_and_representation():
+    images = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
+    gap = jax.eval_shape(get_model('vit-testing', 7, pooling='gap').init, KEY, images)['params']
+    assert 'cls' not in gap
+    assert gap['Transformer']['posembed_input']['pos_embedding'].shape == (1, 16, 32)
+    rep = jax.eval_shape(get_model('vit-testing', 7, representation_size=24).init, KEY, images)
+    assert rep['params']['pre_logits']['kernel'].shape == (32, 24)
+    assert rep['params']['head']['kernel'].shape == (24, 7)
+    with pytest.raises(ValueError, match='pooling'):
+        jax.eval_shape(get_model('vit-testing', 7, pooling='map').init, KEY, images)
+
+
+def test_vit_gap_runs_and_differs_from_token(vit_testing):
+    # A gap model has the token model's parameters minus the class token and its position.
+    _, variables, _ = vit_testing
+    head = {'kernel': np.random.default_rng(0).standard_normal((32, 4), np.float32),
+            'bias': np.zeros(4, np.float32)}
+    token_params = {**variables['params'], 'head': head}
+    gap_params = {k: v for k, v in token_params.items() if k != 'cls'}
+    posemb = token_params['Transformer']['posembed_input']['pos_embedding']
+    gap_params['Transformer'] = {**token_params['Transformer'],
+                                 'posembed_input': {'pos_embedding': posemb[:, 1:]}}
+    images = _images(16, seed=1)
+    gap = _jit_apply(get_model('vit-testing', 4, pooling='gap'))({'params': gap_params}, images)
+    token = _jit_apply(get_model('vit-testing', 4))({'params': token_params}, images)
+    assert gap.shape == token.shape == (2, 4)
+    assert np.all(np.isfinite(gap)) and not np.allclose(gap, token)
+
+
+def test_vit_resolution_fixed_at_init():
+    model = get_model('vit-testing', 3)
+    variables = jax.eval_shape(model.init, KEY, jax.ShapeDtypeStruct((1, 32, 24, 3), jnp.float32))
+    assert variables['params']['Transformer']['posembed_input']['pos_embedding'].shape == (
+        1, 1 + 8 * 6, 32)
+    with pytest.raises(ValueError, match='not a multiple of patch size'):
+        jax.eval_shape(model.init, KEY, jax.ShapeDtypeStruct((1, 30, 32, 3), jnp.float32))
+
+
+def test_vit_dropout_needs_rng_in_train_only(vit_testing):
+    _, variables, _ = vit_testing
+    model = get_model('vit-testing', 10, dropout_rate=0.5, attention_dropout_rate=0.5,
+                      head_zero_init=False)
+    variables = {'params': {**variables['params'],
+                            'head': {'kernel': jnp.ones((32, 10)), 'bias': jnp.zeros(10)}}}
+    images = _images(16, seed=2)
+    eval_logits = _jit_apply(model, train=False)(variables, images)  # no rng needed
+    with pytest.raises(Exception, match='dropout'):
+        jax.eval_shape(lambda v, x: model.apply(v, x, train=True), variables, images)
+    train = _jit_apply(model, train=True)
+    train_a = train(variables, images, {'dropout': jax.random.key(1, impl='rbg')})
+    train_b = train(variables, images, {'dropout': jax.random.key(2, impl='rbg')})
+    assert not np.allclose(train_a, eval_logits) and not np.allclose(train_a, train_b)
+
+
+def test_bfloat16_compute_returns_float32_logits():
+    for name in ('vit-testing', 'resnet-testing'):
+        model = get_model(name, 3, dtype=jnp.bfloat16)
+        images = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
+        variables = jax.eval_shape(model.init, KEY, images)
+        assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables))
+        assert jax.eval_shape(model.apply, variables, images).dtype == jnp.float32
+
+
+def test_resnet_names_and_stems():
+    images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    params = flatten(jax.eval_shape(get_model('resnet50d', 10).init, KEY, images)['params'])
+    assert params['stem_conv_0/kernel'].shape == (3, 3, 3, 32)
+    assert params['stem_conv_2/kernel'].shape == (3, 3, 32, 64)
+    assert params['stage1_block0/conv3/kernel'].shape == (1, 1, 64, 256)
+    assert params['stage2_block0/conv2/kernel'].shape == (3, 3, 128, 128)
+    assert params['stage2_block0/downsample_conv/kernel'].shape == (1, 1, 256, 512)
+    assert params['head/kernel'].shape == (2048, 10)
+    params = flatten(jax.eval_shape(get_model('resnet18', 10).init, KEY, images)['params'])
+    assert params['stem_conv/kernel'].shape == (7, 7, 3, 64)
+    assert 'stage1_block0/downsample_conv/kernel' not in params  # 64 -> 64, stride 1
+    assert params['stage4_block1/bn2/scale'].shape == (512,)
+    cifar = get_model('resnet18', 10, stem='cifar', width=16)
+    variables = jax.eval_shape(cifar.init, KEY, images)
+    assert variables['params']['stem_conv']['kernel'].shape == (3, 3, 3, 16)
+    feats = jax.eval_shape(lambda v, x: cifar.apply(v, x), variables, images)
+    assert feats.shape == (1, 10)
+
+
+def test_resnet_zero_init_last_bn(resnet_testing):
+    _, variables = resnet_testing
+    np.testing.assert_array_equal(variables['params']['stage1_block0']['bn2']['scale'], 0.0)
+    np.testing.assert_array_equal(variables['params']['stage1_block0']['bn1']['scale'], 1.0)
+    model = get_model('resnet-testing', 10, zero_init_last_bn=False)
+    params = jax.eval_shape(model.init, KEY, jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32))
+    assert params['params']['stage1_block0']['bn2']['scale'].shape == (8,)
+
+
+def test_resnet_batch_stats_update_in_train_and_are_used_in_eval(resnet_testing):
+    model, variables = resnet_testing
+    images = _images(16, batch=4, seed=3) * 3.0 + 1.0
+    train = _jit_apply(model, train=True, mutable=['batch_stats'])
+    evaluate = _jit_apply(model, train=False)
+    logits, updates = train(variables, images)
+    assert logits.shape == (4, 10)
+    old, new = flatten(variables['batch_stats']), flatten(updates['batch_stats'])
+    assert set(old) == set(new)
+    assert all(not np.allclose(old[k], new[k]) for k in old), 'every BN must update its stats'
+    # momentum 0.9 (PyTorch's 0.1): running = 0.9 * running + 0.1 * batch. A second step on the
+    # same batch sees the same batch statistics, so from mean 0 it goes m, then 0.9 m + m.
+    _, twice = train({'params': variables['params'], **updates}, images)
+    twice = flatten(twice['batch_stats'])
+    for k in old:
+        if k.endswith('/mean'):
+            np.testing.assert_allclose(twice[k], 1.9 * new[k], rtol=1e-4, atol=1e-6)
+
+    # Eval uses the running statistics: changing them changes the logits, and an example's
+    # logits do not depend on the rest of the batch (they do in train mode).
+    head = {'kernel': np.random.default_rng(0).standard_normal((64, 10), np.float32),
+            'bias': np.zeros(10, np.float32)}
+    params = {**variables['params'], 'head': head}
+    eval_vars = {'params': params, 'batch_stats': updates['batch_stats']}
+    full = evaluate(eval_vars, images)
+    # The same 4 images with the first alone in another batch: [first, first, first, first].
+    alone = evaluate(eval_vars, np.repeat(images[:1], 4, axis=0))
+    np.testing.assert_allclose(full[:1], alone[:1], atol=1e-5)
+    train_full = train(eval_vars, images)[0]
+    train_alone = train(eval_vars, np.repeat(images[:1], 4, axis=0))[0]
+    assert not np.allclose(train_full[:1], train_alone[:1], atol=1e-5)
+    shifted = jax.tree_util.tree_map(lambda x: x + 0.5, updates['batch_stats'])
+    other = evaluate({'params': params, 'batch_stats': shifted}, images)
+    assert not np.allclose(full, other)

@@ -1,0 +1,180 @@
+"""Fine-tuning: a real train step and a resume for every config, data parallelism, the CLI end to end."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from soupjax import checkpoints, data, sweep, train
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ["fashion_mnist_vit", "cifar10_vit_ti16", "cifar10_resnet50d", "imagenet_vit_b32"]
+
+
+def load_config(name: str, arg: str = "testing"):
+    spec = importlib.util.spec_from_file_location(f"configs.{name}", ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+class Preempted(Exception):
+    pass
+
+
+def _interrupt_after(n: int, monkeypatch):
+    """Make the input pipeline die after ``n`` batches, as a preempted VM would."""
+    real = data.train_batches
+
+    def dying(*args, **kwargs):
+        for i, batch in enumerate(real(*args, **kwargs)):
+            if i == n:
+                raise Preempted
+            yield batch
+
+    monkeypatch.setattr(data, "train_batches", dying)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_train_step_and_resume_under_mock_data(name, tmp_path, monkeypatch):
+    config = load_config(name)
+    config.total_steps = 4
+    config.checkpoint_every_steps = 1
+    config.head_init = "default"  # the linear probe has its own test; keep this one about resuming
+    with tfds.testing.mock_data(num_examples=64):
+        straight = train.train_and_evaluate(config, tmp_path / "straight", tmp_path / "ing_straight")
+        with monkeypatch.context() as m:
+            _interrupt_after(2, m)
+            with pytest.raises(Preempted):
+                train.train_and_evaluate(config, tmp_path / "resumed", tmp_path / "ing_resumed")
+        assert not checkpoints.is_ingredient(tmp_path / "ing_resumed"), "a preempted run must not leave an ingredient"
+        resumed = train.train_and_evaluate(config, tmp_path / "resumed", tmp_path / "ing_resumed")
+    assert straight["resumed_from_step"] == 0
+    assert resumed["resumed_from_step"] == 2
+    assert resumed["steps"] == straight["steps"] == 4
+    a = checkpoints.load_variables(tmp_path / "ing_straight")
+    b = checkpoints.load_variables(tmp_path / "ing_resumed")
+    init = train.init_variables(config)
+    moved = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda x, y: np.abs(x - y).max(), a["params"], init["params"]))
+    assert max(moved) > 0, "training did not change the parameters"
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+    for split in ("heldout", "test"):
+        assert 0.0 <= resumed["metrics"][split]["accuracy"] <= 1.0
+        assert np.isfinite(resumed["metrics"][split]["loss"])
+    if name == "cifar10_resnet50d":
+        assert "batch_stats" in a
+        before = jax.tree_util.tree_leaves(init["batch_stats"])
+        after = jax.tree_util.tree_leaves(a["batch_stats"])
+        assert any(not np.allclose(x, y) for x, y in zip(before, after)), "batch_stats were not updated"
+
+
+def test_sweep_draws_are_reproducible_and_share_the_init():
+    config = load_config("fashion_mnist_vit", "testing,sweep=4")
+    runs = sweep.ingredient_configs(config)
+    again = sweep.ingredient_configs(config)
+    assert [r[2] for r in runs] == [r[2] for r in again]
+    assert len({r[0] for r in runs}) == 4
+    assert len({r[2]["learning_rate"] for r in runs}) == 4
+    assert {r[1].init_seed for r in runs} == {config.init_seed}
+    assert len({r[1].seed for r in runs}) == 4
+    for _, run, hparams in runs:
+        assert run.learning_rate == hparams["learning_rate"]
+        assert run.data.aug_strength == hparams["data.aug_strength"]
+
+
+def test_sweep_rejects_unknown_fields():
+    config = load_config("fashion_mnist_vit", "testing")
+    with pytest.raises(KeyError, match="not_a_field"):
+        sweep.apply(config, {"not_a_field": 1.0})
+    with pytest.raises(ValueError, match="unknown distribution"):
+        sweep.draw({"learning_rate": ["gaussian", 0, 1]}, 0, 0)
+
+
+def test_unknown_config_option_is_named():
+    with pytest.raises(ValueError, match="sweeps"):
+        load_config("fashion_mnist_vit", "testing,sweeps=3")
+
+
+_LOSS_SCRIPT = r"""
+import json, sys
+import importlib.util
+import jax, numpy as np, tensorflow_datasets as tfds
+from soupjax import data, sharding, train
+spec = importlib.util.spec_from_file_location("cfg", sys.argv[1]); m = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(m); config = m.get_config("testing")
+config.batch_size = 16
+mesh = sharding.data_mesh()
+model = train.build_model(config)
+with tfds.testing.mock_data(num_examples=64):
+    init = train.init_variables(config, model)
+    tx, schedule = train.make_optimizer(config, 3)
+    state = sharding.replicate({"step": np.zeros((), np.int32), "params": init["params"],
+                                "opt_state": tx.init(init["params"])}, mesh)
+    step = train.make_train_step(model, tx, schedule, 0.1, mesh)
+    batches = data.train_batches(config.data, config.batch_size, seed=0)
+    losses = []
+    for _ in range(3):
+        state, metrics = step(state, sharding.shard_batch(next(batches), mesh), jax.random.PRNGKey(0))
+        losses.append(float(metrics["loss"]))
+print(json.dumps({"devices": jax.device_count(), "losses": losses}))
+"""
+
+
+def _losses_on(devices: int) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", _LOSS_SCRIPT, str(ROOT / "configs" / "fashion_mnist_vit.py")],
+                         env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_four_devices_give_the_same_losses_as_one():
+    one, four = _losses_on(1), _losses_on(4)
+    assert one["devices"] == 1 and four["devices"] == 4
+    np.testing.assert_allclose(four["losses"], one["losses"], rtol=2e-5, atol=2e-5)
+    assert one["losses"][0] != one["losses"][-1]
+
+
+def test_finetune_cli_writes_ingredients_that_load_back(tmp_path, fashion_mnist_data_dir):
+    cmd = [sys.executable, "-m", "soupjax.finetune", "--config", "configs/fashion_mnist_vit.py:testing,sweep=2",
+           f"--config.data.data_dir={fashion_mnist_data_dir}"]
+    env = dict(os.environ, SOUPJAX_WORKDIR=str(tmp_path / "work"), JAX_PLATFORMS="cpu")
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert str(tmp_path / "work") in out.stdout
+    found = checkpoints.list_ingredients(tmp_path / "work" / "ingredients")
+    assert [p.name for p in found] == ["sweep0_000", "sweep0_001"]
+    metas = [checkpoints.load_meta(p) for p in found]
+    assert metas[0]["init_fingerprint"] == metas[1]["init_fingerprint"]
+    assert metas[0]["hparams"]["learning_rate"] != metas[1]["hparams"]["learning_rate"]
+    for p, meta in zip(found, metas):
+        variables = checkpoints.load_variables(p)
+        config = load_config("fashion_mnist_vit", "testing")
+        expected = jax.eval_shape(lambda: train.init_variables(config))
+        assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(expected)
+        assert 0.0 <= meta["metrics"]["test"]["accuracy"] <= 1.0
+        assert meta["metrics"]["test"]["num_examples"] == 10000
+        assert "learning_rate" in meta["config"]
+    # A rerun skips the finished ingredients.
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("finished earlier, skipped") == 2
+
+
+def test_finetune_cli_names_a_missing_pretrained_file(tmp_path, fashion_mnist_data_dir):
+    cmd = [sys.executable, "-m", "soupjax.finetune", "--config",
+           f"configs/fashion_mnist_vit.py:testing,init={tmp_path}/nope.npz",
+           f"--config.data.data_dir={fashion_mnist_data_dir}", f"--workdir={tmp_path}/w"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode != 0
+    assert "nope.npz" in out.stderr
+    assert not (tmp_path / "w" / "ingredients" / "ingredient").exists()
