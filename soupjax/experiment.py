@@ -15,6 +15,11 @@
    best ingredient (chosen on held-out data) on the test images and on the shifted test images.
 
 Rerunning the command skips every finished step.
+
+The reference-scale studies (CIFAR-10 ViT-Ti/16 and resnet50d, ImageNet ViT-B/32) are a sweep and
+every recipe, nothing more; ``--sweep_config`` runs that for any config (see experiments/):
+
+    python -m soupjax.experiment --sweep_config configs/cifar10_vit_ti16.py:init=/path/Ti_16.npz
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from soupjax.workdirs import quiet_logs
+from soupjax.workdirs import enable_compilation_cache, quiet_logs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "configs/fashion_mnist_vit.py", "Config file with stage=upstream/downstream options.")
@@ -35,6 +40,10 @@ flags.DEFINE_bool("quick", False, "A shrunk study (about 3 minutes on 2 cores) t
 flags.DEFINE_integer("seed", 0, "Sweep seed: hyperparameter draws and data orders of the ingredients.")
 flags.DEFINE_integer("ingredients", 8, "Number of ingredients in the sweep.")
 flags.DEFINE_string("data_dir", None, "TFDS data directory (default: TFDS's own).")
+flags.DEFINE_string("sweep_config", None, "Instead of the default study: fine-tune the sweep of this config "
+                    "(FILE[:options]) and cook every recipe from it.")
+flags.DEFINE_integer("recalibrate_bn", 0, "With --sweep_config: also cook every soup with BatchNorm statistics "
+                     "recomputed on this many training batches (into soups-recalibrated/).")
 
 
 def load_config_module(path: str):
@@ -47,10 +56,46 @@ def load_config_module(path: str):
     return module
 
 
+def load_config(spec: str):
+    """``FILE[:options]`` -> the ConfigDict its ``get_config(options)`` returns."""
+    path, _, arg = spec.partition(":")
+    return load_config_module(path).get_config(arg or None)
+
+
+def finetune_all(runs, workdir: Path, ingredients_dir: Path, label: str = "ingredient") -> None:
+    """Fine-tune every ``(name, config, hparams)`` of a sweep that is not finished yet."""
+    from soupjax import checkpoints, train
+    for i, (name, config, hparams) in enumerate(runs, 1):
+        target = ingredients_dir / name
+        if checkpoints.is_ingredient(target):
+            continue
+        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hparams.items())
+        print(f"[{label} {i}/{len(runs)}] {name}: {shown or 'config as given'}", flush=True)
+        meta = train.train_and_evaluate(config, workdir / "train" / name, target, extra_meta={"hparams": hparams})
+        print(f"[{label} {i}/{len(runs)}] {name}: held-out {meta['metrics']['heldout']['accuracy']:.4f} "
+              f"test {meta['metrics']['test']['accuracy']:.4f} ({meta['train_seconds']:.0f}s, "
+              f"{meta['train_images_per_second']:.0f} img/s)", flush=True)
+
+
+def run_sweep_study(config, workdir: Path, *, recalibrate_bn: int = 0, learned_epochs: int = 5) -> dict:
+    """A reference-scale study: the config's sweep, then every recipe (and, for BatchNorm models,
+    every recipe again with recalibrated statistics)."""
+    from soupjax import kitchen, sweep
+    ingredients_dir = workdir / "ingredients"
+    finetune_all(sweep.ingredient_configs(config), workdir, ingredients_dir)
+    results = {"plain": kitchen.cook("all", ingredients_dir, workdir / "soups", learned_epochs=learned_epochs,
+                                     command=" ".join(sys.argv))}
+    if recalibrate_bn:
+        results["recalibrated"] = kitchen.cook("all", ingredients_dir, workdir / "soups-recalibrated",
+                                               recalibrate_bn=recalibrate_bn, learned_epochs=learned_epochs,
+                                               command=" ".join(sys.argv))
+    return results
+
+
 def run_study(config_path: str, workdir: Path, *, quick: bool, seed: int, count: int,
               data_dir: str | None = None) -> dict:
     """Upstream run, sweep, every recipe; returns the soup results (also written as a report)."""
-    from soupjax import checkpoints, soup, sweep, train
+    from soupjax import checkpoints, kitchen, sweep, train
 
     module = load_config_module(config_path)
     extra = ",quick" if quick else ""
@@ -71,22 +116,12 @@ def run_study(config_path: str, workdir: Path, *, quick: bool, seed: int, count:
     downstream = module.get_config(f"stage=downstream,sweep={count},seed={seed},init={upstream_dir}{extra}")
     if data_dir:
         downstream.data.data_dir = data_dir
-    runs = sweep.ingredient_configs(downstream)
     ingredients_dir = workdir / f"ingredients-seed{seed}"
-    for i, (name, config, hparams) in enumerate(runs, 1):
-        target = ingredients_dir / name
-        if checkpoints.is_ingredient(target):
-            continue
-        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hparams.items())
-        print(f"[2/3] ingredient {i}/{len(runs)} {name}: {shown}", flush=True)
-        meta = train.train_and_evaluate(config, workdir / "train" / name, target, extra_meta={"hparams": hparams})
-        print(f"[2/3] ingredient {i}/{len(runs)} {name}: held-out {meta['metrics']['heldout']['accuracy']:.4f} "
-              f"({meta['train_seconds']:.0f}s)", flush=True)
+    finetune_all(sweep.ingredient_configs(downstream), workdir, ingredients_dir, label="2/3 ingredient")
 
     print(f"[3/3] cooking every recipe ({time.time() - start:.0f}s so far)", flush=True)
-    results = soup.cook("all", ingredients_dir, workdir / f"soups-seed{seed}", config=None,
-                        learned_epochs=downstream.get("soup_learned_epochs", 5),
-                        command=" ".join(sys.argv))
+    results = kitchen.cook("all", ingredients_dir, workdir / f"soups-seed{seed}",
+                           learned_epochs=2 if quick else 5, command=" ".join(sys.argv))
     print(f"study finished in {time.time() - start:.0f}s; report in {workdir / f'soups-seed{seed}'}", flush=True)
     return results
 
@@ -97,8 +132,15 @@ def main(argv) -> int:
     from soupjax.workdirs import default_workdir
     workdir = Path(FLAGS.workdir or os.path.join(default_workdir(), "study")).absolute()
     print(f"soupjax.experiment: work directory {workdir}", flush=True)
-    run_study(FLAGS.config, workdir, quick=FLAGS.quick, seed=FLAGS.seed, count=FLAGS.ingredients,
-              data_dir=FLAGS.data_dir)
+    enable_compilation_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(workdir / ".jax_cache"))
+    if FLAGS.sweep_config:
+        config = load_config(FLAGS.sweep_config)
+        if FLAGS.data_dir:
+            config.data.data_dir = FLAGS.data_dir
+        run_sweep_study(config, workdir, recalibrate_bn=FLAGS.recalibrate_bn)
+    else:
+        run_study(FLAGS.config, workdir, quick=FLAGS.quick, seed=FLAGS.seed, count=FLAGS.ingredients,
+                  data_dir=FLAGS.data_dir)
     return 0
 
 

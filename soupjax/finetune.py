@@ -10,14 +10,13 @@ Rerunning the same command resumes the unfinished ingredient and skips finished 
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from soupjax import checkpoints, sharding, sweep
-from soupjax.workdirs import default_workdir, quiet_logs
+from soupjax.workdirs import default_workdir, enable_compilation_cache, quiet_logs
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/fashion_mnist_vit.py[:options].",
@@ -35,6 +34,7 @@ def main(argv) -> int:
 
     workdir = os.path.abspath(FLAGS.workdir or default_workdir())
     print(f"soupjax.finetune: work directory {workdir}", flush=True)
+    enable_compilation_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(workdir, ".jax_cache"))
     runs = sweep.ingredient_configs(FLAGS.config)
     start = time.time()
     for i, (name, config, hparams) in enumerate(runs, 1):

@@ -37,14 +37,15 @@ def displacement_geometry(deltas: np.ndarray, vectors: np.ndarray) -> tuple[np.n
     return angles, l2
 
 
-def inspect(ingredients_dir: Path, out: Path, *, config: ConfigDict | None = None, allow_mixed_init: bool = False,
+def inspect(ingredients_dir: Path, out: Path, *, config: ConfigDict | None = None, data_dir: str | None = None,
+            allow_mixed_init: bool = False,
             pairs: int = 3, points: int = 11, eval_batch_size: int = 0) -> dict[str, Any]:
     """Compute the angles, distances and interpolation curves; write inspect.md/.json and plots."""
     from soupjax import pretrained, preflight, recipes, report, train
-    from soupjax.soup import Kitchen
+    from soupjax.kitchen import Kitchen, load_config
 
     ingredients = preflight.gather(ingredients_dir, allow_mixed_init=allow_mixed_init)
-    config = config or ConfigDict(ingredients[0].meta["config"])
+    config = load_config(ingredients, config, data_dir)
     init = train.init_variables(config)
     fingerprint = pretrained.fingerprint(init["params"])
     expected = ingredients[0].meta.get("init_fingerprint")

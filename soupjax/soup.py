@@ -10,24 +10,19 @@ meta.json; ``--config FILE`` replaces them. Greedy, pruned and learned soups see
 split; the test split and the shift sets are evaluated for the report only.
 
 Every evaluation of an ingredient and every cooked soup is kept under ``OUT`` (``cache/`` and one
-directory per soup), so an interrupted run resumes where it stopped.
+directory per soup), so an interrupted run resumes where it stopped. The work is done by
+``soupjax.kitchen.cook``; this file only reads the flags.
 """
 from __future__ import annotations
 
-import dataclasses
-import datetime
-import json
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
 
-import numpy as np
 from absl import app, flags
-from ml_collections import ConfigDict, config_flags
+from ml_collections import config_flags
 
-from soupjax.workdirs import default_workdir, quiet_logs
+from soupjax.workdirs import default_workdir, enable_compilation_cache, quiet_logs
 
 RECIPES = ("uniform", "greedy", "pruned", "learned", "ensemble", "all", "inspect")
 FLAGS = flags.FLAGS
@@ -36,6 +31,7 @@ flags.DEFINE_string("workdir", None, "Work directory (default: $SOUPJAX_WORKDIR 
 flags.DEFINE_string("ingredients", None, "Directory of ingredients (default: WORKDIR/ingredients).")
 flags.DEFINE_string("out", None, "Output directory for soups and the report (default: WORKDIR/soups).")
 config_flags.DEFINE_config_file("config", None, "Optional config file whose data/model replace the ingredients'.")
+flags.DEFINE_string("data_dir", None, "TFDS data directory, replacing the one in the ingredients' config.")
 flags.DEFINE_bool("allow_mixed_init", False, "Cook ingredients fine-tuned from different inits anyway.")
 flags.DEFINE_bool("greedy_strict", False, "Greedy/pruned: require held-out accuracy to rise (>) instead of not fall (>=).")
 flags.DEFINE_enum("greedy_order", "sorted", ["sorted", "random"], "Greedy: rank by held-out accuracy, or a random order.")
@@ -53,289 +49,6 @@ flags.DEFINE_integer("inspect_pairs", 3, "Inspect: interpolate between this many
 flags.DEFINE_integer("inspect_points", 11, "Inspect: points along each interpolation line.")
 
 
-@dataclasses.dataclass
-class ModelEval:
-    """A model's results on every split: accuracy/loss, and per-example logits for pairing/ensembles."""
-    metrics: dict[str, dict[str, float]]
-    logits: dict[str, np.ndarray]
-    labels: dict[str, np.ndarray]
-
-    def accuracy(self, split: str) -> float:
-        return self.metrics[split]["accuracy"]
-
-    def correct(self, split: str) -> np.ndarray:
-        return (self.logits[split].argmax(-1) == self.labels[split]).astype(np.int8)
-
-
-class Kitchen:
-    """Everything a recipe needs: the model, the data, the evaluator and a cache of evaluations."""
-
-    def __init__(self, config: ConfigDict, out: Path, *, shifts: Sequence[str] | None, eval_batch_size: int,
-                 recalibrate_batches: int = 0):
-        from soupjax import data, evaluate, sharding, train
-        self.config = config
-        self.out = out
-        self.cache = out / "cache"
-        self.cache.mkdir(parents=True, exist_ok=True)
-        self.model = train.build_model(config)
-        self.apply_fn = train.apply_for_eval(self.model)
-        self.evaluator = evaluate.Evaluator(self.apply_fn, sharding.data_mesh())
-        self.batch_size = eval_batch_size or config.eval_batch_size
-        self.shifts = list(shifts) if shifts is not None else list(data.shift_splits(config.data))
-        self.report_splits = ["test", *self.shifts]
-        self.recalibrate_batches = recalibrate_batches
-        self._data = data
-
-    def batches(self, split: str):
-        return self._data.eval_batches(self.config.data, split, self.batch_size)
-
-    def prepare(self, variables: dict[str, Any]) -> dict[str, Any]:
-        """What a candidate soup goes through before it is evaluated (BatchNorm recalibration)."""
-        if self.recalibrate_batches and "batch_stats" in variables:
-            from soupjax.batchnorm import recalibrate
-            return recalibrate(self.model, variables, self.batches("train"), self.recalibrate_batches)
-        return variables
-
-    def heldout_accuracy(self, variables: dict[str, Any]) -> float:
-        """The only accuracy greedy, pruned and learned soups may look at."""
-        return self.evaluator(self.prepare(variables), self.batches("heldout")).accuracy
-
-    def evaluate(self, name: str, variables: dict[str, Any] | None, loader: Callable[[], dict] | None = None,
-                 splits: Sequence[str] | None = None) -> ModelEval:
-        """Evaluate on held-out, test and shift splits, with the results cached under ``name``."""
-        from soupjax.evaluate import metrics_from_logits
-        from soupjax.progress import Progress
-        splits = list(splits or ["heldout", *self.report_splits])
-        path = self.cache / f"{name}.npz"
-        stored: dict[str, np.ndarray] = {}
-        if path.exists():
-            with np.load(path) as f:
-                stored = {k: f[k] for k in f.files}
-        missing = [s for s in splits if f"{s}/logits" not in stored]
-        if missing:
-            variables = self.prepare(variables if variables is not None else loader())
-            for split in missing:
-                total = self._data.num_examples(self.config.data, split)
-                progress = Progress(total, f"eval {name} {split}", every=15.0)
-                result = self.evaluator(variables, self.batches(split), keep_logits=True,
-                                        projection=self._data.logit_projection(self.config.data, split),
-                                        progress=progress)
-                stored[f"{split}/logits"] = result.logits
-                stored[f"{split}/labels"] = result.labels
-            _save_npz_atomic(path, stored)
-        logits = {s: stored[f"{s}/logits"] for s in splits}
-        labels = {s: stored[f"{s}/labels"] for s in splits}
-        metrics = {s: metrics_from_logits(logits[s], labels[s]).metrics() for s in splits}
-        return ModelEval(metrics, logits, labels)
-
-
-def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
-def _row(name: str, kind: str, ev: ModelEval, kitchen: Kitchen, *, n: int, passes: int, seconds: float,
-         path: str | None, weights: Sequence[float] | None) -> dict[str, Any]:
-    shifts = {s: ev.accuracy(s) for s in kitchen.shifts}
-    return {
-        "name": name, "kind": kind, "n_ingredients": int(n), "forward_passes": int(passes),
-        "heldout": ev.accuracy("heldout"),
-        "test": {"accuracy": ev.accuracy("test"), "loss": ev.metrics["test"]["loss"]},
-        "shifts": shifts, "shift_mean": float(np.mean(list(shifts.values()))) if shifts else None,
-        "seconds": float(seconds), "path": path,
-        "weights": None if weights is None else [float(w) for w in weights],
-    }
-
-
-def _vs_best(ev: ModelEval, best: ModelEval, shifts: Sequence[str]) -> dict[str, Any]:
-    """Paired McNemar tests against the best ingredient on the test set and on all shift images."""
-    from soupjax.stats import mcnemar
-
-    def as_dict(r):
-        return {"diff": float(r.diff), "p": float(r.p), "n": int(r.n)}
-
-    out = {"test": as_dict(mcnemar(best.correct("test"), ev.correct("test"))), "shift": None}
-    if shifts:
-        a = np.concatenate([best.correct(s) for s in shifts])
-        b = np.concatenate([ev.correct(s) for s in shifts])
-        out["shift"] = as_dict(mcnemar(a, b))
-    return out
-
-
-def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | None = None,
-         allow_mixed_init: bool = False, greedy_strict: bool = False, greedy_order: str = "sorted",
-         seed: int = 0, pruned_passes: int = 1, learned_mode: str = "both", learned_epochs: int = 5,
-         learned_lr: float = 0.05, memory_budget_mb: float = 0, recalibrate_bn: int = 0,
-         shifts: Sequence[str] | None = None, eval_batch_size: int = 0, command: str = "") -> dict[str, Any]:
-    """Run ``recipe`` on the ingredients in ``ingredients_dir``; write soups and the report to ``out``.
-
-    Returns the results dict that the report is made from.
-    """
-    from soupjax import checkpoints, learned, preflight, recipes, report
-
-    ingredients = preflight.gather(ingredients_dir, allow_mixed_init=allow_mixed_init)
-    config = config or ConfigDict(ingredients[0].meta["config"])
-    out.mkdir(parents=True, exist_ok=True)
-    kitchen = Kitchen(config, out, shifts=shifts, eval_batch_size=eval_batch_size, recalibrate_batches=recalibrate_bn)
-    names = [ing.name for ing in ingredients]
-    loaders = [ing.load for ing in ingredients]
-    print(f"soupjax.soup: {len(ingredients)} ingredients from {ingredients_dir}; model {config.model.name}, "
-          f"data {config.data.name}; report splits: {', '.join(kitchen.report_splits)}", flush=True)
-
-    # 1. Every ingredient on every split, one at a time (cached). Recalibration applies to soups only.
-    kitchen_recal, kitchen.recalibrate_batches = kitchen.recalibrate_batches, 0
-    evals = [kitchen.evaluate(f"ingredient-{ing.name}", None, ing.load) for ing in ingredients]
-    kitchen.recalibrate_batches = kitchen_recal
-    heldout = [ev.accuracy("heldout") for ev in evals]
-    best = int(np.argmax(heldout))  # chosen on held-out data, never on test
-    rows: list[dict[str, Any]] = []
-    ingredient_rows = []
-    for ing, ev in zip(ingredients, evals):
-        r = _row(ing.name, "individual", ev, kitchen, n=1, passes=1, seconds=0.0, path=str(ing.path), weights=None)
-        ingredient_rows.append({k: r[k] for k in ("name", "path", "heldout", "test", "shifts", "shift_mean")}
-                               | {"hparams": ing.meta.get("hparams", {})})
-    one_hot = [1.0 if i == best else 0.0 for i in range(len(names))]
-    rows.append(_row("best_ingredient", "individual", evals[best], kitchen, n=1, passes=1, seconds=0.0,
-                     path=str(ingredients[best].path), weights=one_hot) | {"ingredient": names[best]})
-    progressions: dict[str, list] = {}
-    histories: dict[str, list] = {}
-    fingerprint = ingredients[0].meta.get("init_fingerprint")
-
-    def finish(name: str, variables: dict[str, Any], weights: Sequence[float], seconds: float, extra: dict):
-        """Evaluate a cooked soup, save it as an ingredient-format checkpoint, add its report row."""
-        variables = kitchen.prepare(variables)
-        soup_dir = out / name
-        ev = kitchen.evaluate(f"soup-{name}", variables)
-        used = [n for n, w in zip(names, weights) if w > 0]
-        meta = {"name": name, "recipe": name, "config": config.to_dict(), "init_fingerprint": fingerprint,
-                "ingredients": names, "used": used, "weights": [float(w) for w in weights],
-                "metrics": ev.metrics, "seconds": seconds, "recalibrated_bn_batches": recalibrate_bn, **extra}
-        checkpoints.save_ingredient(soup_dir, variables, meta)
-        rows.append(_row(name, "soup", ev, kitchen, n=len(used), passes=1, seconds=seconds, path=str(soup_dir),
-                         weights=weights))
-
-    def already(name: str) -> bool:
-        """A soup cooked earlier from the same ingredients is reused (resume)."""
-        soup_dir = out / name
-        if not checkpoints.is_ingredient(soup_dir):
-            return False
-        meta = checkpoints.load_meta(soup_dir)
-        if meta.get("ingredients") != names or meta.get("recalibrated_bn_batches") != recalibrate_bn:
-            return False
-        ev = kitchen.evaluate(f"soup-{name}", None, lambda: checkpoints.load_variables(soup_dir))
-        rows.append(_row(name, "soup", ev, kitchen, n=len(meta["used"]), passes=1, seconds=meta["seconds"],
-                         path=str(soup_dir), weights=meta["weights"]))
-        if meta.get("progression"):
-            progressions[name] = meta["progression"]
-        if meta.get("history"):
-            histories[name] = meta["history"]
-        print(f"{name}: cooked earlier, reused ({soup_dir})", flush=True)
-        return True
-
-    wanted = {"uniform", "greedy", "pruned", "learned", "ensemble"} if recipe == "all" else {recipe}
-    if "uniform" in wanted and not already("uniform"):
-        t = time.time()
-        soup = recipes.uniform(loaders)
-        finish("uniform", soup, [1.0 / len(names)] * len(names), time.time() - t, {})
-    if "greedy" in wanted and not already("greedy"):
-        t = time.time()
-        res = recipes.greedy(loaders, heldout, kitchen.heldout_accuracy, strict=greedy_strict,
-                             order=greedy_order, seed=seed)
-        steps = _named_steps(res.progression, names)
-        progressions["greedy"] = steps
-        finish("greedy", res.variables, res.weights, time.time() - t, {"progression": steps, "order": greedy_order})
-    if "pruned" in wanted and not already("pruned"):
-        t = time.time()
-        res = recipes.pruned(loaders, kitchen.heldout_accuracy, passes=pruned_passes, heldout_scores=heldout,
-                             strict=greedy_strict)
-        steps = _named_steps(res.progression, names)
-        progressions["pruned"] = steps
-        finish("pruned", res.variables, res.weights, time.time() - t, {"progression": steps, "passes": pruned_passes})
-    if "learned" in wanted:
-        modes = ["global", "layer"] if learned_mode == "both" else [learned_mode]
-        budget = int(memory_budget_mb * 2**20) if memory_budget_mb > 0 else None
-        for mode in modes:
-            name = f"learned_{mode}"
-            if already(name):
-                continue
-            t = time.time()
-            res = learned.learned(loaders, kitchen.apply_fn, lambda: kitchen.batches("heldout"), mode=mode,
-                                  epochs=learned_epochs, learning_rate=learned_lr, memory_budget_bytes=budget,
-                                  seed=seed, on_epoch=_print_epoch(name))
-            histories[name] = res.history
-            weights = _global_weights(res.weights)
-            finish(name, res.variables, weights, time.time() - t,
-                   {"history": res.history, "temperature": float(res.temperature),
-                    "layer_weights": _jsonable(res.weights) if mode == "layer" else None})
-    if "ensemble" in wanted:
-        from soupjax.evaluate import metrics_from_logits
-        t = time.time()
-        splits = ["heldout", *kitchen.report_splits]
-        logits = {s: np.mean([ev.logits[s] for ev in evals], axis=0) for s in splits}
-        labels = {s: evals[0].labels[s] for s in splits}
-        ens = ModelEval({s: metrics_from_logits(logits[s], labels[s]).metrics() for s in splits}, logits, labels)
-        rows.append(_row("ensemble", "ensemble", ens, kitchen, n=len(names), passes=len(names),
-                         seconds=time.time() - t, path=None, weights=[1.0 / len(names)] * len(names)))
-
-    by_name = {"best_ingredient": evals[best]}
-    for row in rows:
-        if row["name"] != "best_ingredient":
-            by_name[row["name"]] = _eval_for(row, kitchen, evals)
-        row["vs_best"] = None if row["name"] == "best_ingredient" else _vs_best(by_name[row["name"]], evals[best], kitchen.shifts)
-
-    results = {
-        "meta": {"ingredients_dir": str(ingredients_dir), "recipes": sorted(wanted), "dataset": config.data.name,
-                 "model": config.model.name, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                 "command": command, "best_ingredient": names[best],
-                 "splits": {"heldout": int(evals[0].labels["heldout"].size), "test": int(evals[0].labels["test"].size),
-                            "shifts": kitchen.shifts}},
-        "ingredients": ingredient_rows, "soups": rows, "progressions": progressions, "learned_history": histories,
-    }
-    paths = report.write_report(results, out)
-    print(report.markdown_table(results), flush=True)
-    print(f"report: {paths.get('markdown', out / 'report.md')}", flush=True)
-    return results
-
-
-def _eval_for(row: dict[str, Any], kitchen: Kitchen, evals: list[ModelEval]) -> ModelEval:
-    if row["name"] == "ensemble":
-        splits = ["heldout", *kitchen.report_splits]
-        logits = {s: np.mean([ev.logits[s] for ev in evals], axis=0) for s in splits}
-        labels = {s: evals[0].labels[s] for s in splits}
-        from soupjax.evaluate import metrics_from_logits
-        return ModelEval({s: metrics_from_logits(logits[s], labels[s]).metrics() for s in splits}, logits, labels)
-    return kitchen.evaluate(f"soup-{row['name']}", None, lambda: None)
-
-
-def _named_steps(progression: Sequence[dict[str, Any]], names: Sequence[str]) -> list[dict[str, Any]]:
-    out = []
-    for step in progression:
-        step = dict(step)
-        if isinstance(step.get("ingredient"), (int, np.integer)):
-            step["ingredient"] = names[int(step["ingredient"])]
-        out.append(_jsonable(step))
-    return out
-
-
-def _global_weights(weights: Any) -> list[float]:
-    """Per-ingredient weights; for a per-layer soup, each ingredient's mean weight over layers."""
-    if isinstance(weights, dict):
-        return [float(w) for w in np.mean(np.stack([np.asarray(v) for v in weights.values()]), axis=0)]
-    return [float(w) for w in np.asarray(weights)]
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
-
-
-def _print_epoch(name: str):
-    def show(record: dict[str, Any]) -> None:
-        print(f"{name}: epoch {record['epoch']} loss {record['loss']:.4f} held-out {record['heldout_accuracy']:.4f}",
-              flush=True)
-    return show
-
-
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -343,18 +56,21 @@ def main(argv) -> int:
     ingredients_dir = Path(FLAGS.ingredients).absolute() if FLAGS.ingredients else workdir / "ingredients"
     out = Path(FLAGS.out).absolute() if FLAGS.out else workdir / "soups"
     print(f"soupjax.soup: work directory {workdir}", flush=True)
+    enable_compilation_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(workdir / ".jax_cache"))
     from soupjax.preflight import PreflightError
     try:
         if FLAGS.recipe == "inspect":
             from soupjax.inspect_soup import inspect
-            inspect(ingredients_dir, out, config=FLAGS.config, allow_mixed_init=FLAGS.allow_mixed_init,
+            inspect(ingredients_dir, out, config=FLAGS.config, data_dir=FLAGS.data_dir,
+                    allow_mixed_init=FLAGS.allow_mixed_init,
                     pairs=FLAGS.inspect_pairs, points=FLAGS.inspect_points, eval_batch_size=FLAGS.eval_batch_size)
             return 0
+        from soupjax.kitchen import cook
         cook(FLAGS.recipe, ingredients_dir, out, config=FLAGS.config, allow_mixed_init=FLAGS.allow_mixed_init,
              greedy_strict=FLAGS.greedy_strict, greedy_order=FLAGS.greedy_order, seed=FLAGS.seed,
              pruned_passes=FLAGS.pruned_passes, learned_mode=FLAGS.learned_mode, learned_epochs=FLAGS.learned_epochs,
              learned_lr=FLAGS.learned_lr, memory_budget_mb=FLAGS.memory_budget_mb, recalibrate_bn=FLAGS.recalibrate_bn,
-             shifts=FLAGS.shifts, eval_batch_size=FLAGS.eval_batch_size, command=" ".join(sys.argv))
+             shifts=FLAGS.shifts, eval_batch_size=FLAGS.eval_batch_size, data_dir=FLAGS.data_dir, command=" ".join(sys.argv))
     except PreflightError as e:
         print(f"soupjax.soup: error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -17,3 +17,20 @@ def fashion_mnist_data_dir(tmp_path_factory) -> str:
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     fashion_mnist_local.prepare(data_dir=data_dir)
     return data_dir
+
+
+@pytest.fixture(scope="session")
+def finetuned_workdir(tmp_path_factory, fashion_mnist_data_dir, compilation_cache):
+    """``python -m soupjax.finetune --config configs/fashion_mnist_vit.py:testing,sweep=2`` run once,
+    as a user would run it (no --workdir: $SOUPJAX_WORKDIR), on the real Fashion-MNIST."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    workdir = tmp_path_factory.mktemp("finetuned") / "work"
+    env = dict(os.environ, SOUPJAX_WORKDIR=str(workdir), JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "soupjax.finetune", "--config", "configs/fashion_mnist_vit.py:testing,sweep=2",
+           f"--config.data.data_dir={fashion_mnist_data_dir}"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {"workdir": workdir, "cmd": cmd, "env": env, "stdout": out.stdout}

@@ -143,28 +143,28 @@ def test_four_devices_give_the_same_losses_as_one():
     assert one["losses"][0] != one["losses"][-1]
 
 
-def test_finetune_cli_writes_ingredients_that_load_back(tmp_path, fashion_mnist_data_dir):
-    cmd = [sys.executable, "-m", "soupjax.finetune", "--config", "configs/fashion_mnist_vit.py:testing,sweep=2",
-           f"--config.data.data_dir={fashion_mnist_data_dir}"]
-    env = dict(os.environ, SOUPJAX_WORKDIR=str(tmp_path / "work"), JAX_PLATFORMS="cpu")
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert str(tmp_path / "work") in out.stdout
-    found = checkpoints.list_ingredients(tmp_path / "work" / "ingredients")
+def test_finetune_cli_writes_ingredients_that_load_back(finetuned_workdir):
+    work = finetuned_workdir["workdir"]
+    assert str(work) in finetuned_workdir["stdout"], "the default work directory is printed at start"
+    found = checkpoints.list_ingredients(work / "ingredients")
     assert [p.name for p in found] == ["sweep0_000", "sweep0_001"]
     metas = [checkpoints.load_meta(p) for p in found]
     assert metas[0]["init_fingerprint"] == metas[1]["init_fingerprint"]
     assert metas[0]["hparams"]["learning_rate"] != metas[1]["hparams"]["learning_rate"]
+    config = load_config("fashion_mnist_vit", "testing")
+    expected = jax.eval_shape(lambda: train.init_variables(config))
     for p, meta in zip(found, metas):
         variables = checkpoints.load_variables(p)
-        config = load_config("fashion_mnist_vit", "testing")
-        expected = jax.eval_shape(lambda: train.init_variables(config))
         assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(expected)
+        jax.tree_util.tree_map(lambda a, e: (a.shape, a.dtype) == (e.shape, e.dtype) or pytest.fail(str(a.shape)),
+                               variables, expected)
         assert 0.0 <= meta["metrics"]["test"]["accuracy"] <= 1.0
         assert meta["metrics"]["test"]["num_examples"] == 10000
-        assert "learning_rate" in meta["config"]
-    # A rerun skips the finished ingredients.
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert meta["metrics"]["heldout"]["num_examples"] == 16
+        assert meta["config"]["learning_rate"] == meta["hparams"]["learning_rate"]
+    # A rerun of the same command skips the finished ingredients.
+    again = subprocess.run(finetuned_workdir["cmd"], env=finetuned_workdir["env"], capture_output=True, text=True,
+                           cwd=ROOT, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("finished earlier, skipped") == 2
 

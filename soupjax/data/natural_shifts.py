@@ -20,10 +20,10 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """Where a natural shift split lives in TFDS."""
-  builder: str                          # TFDS name, with config: 'imagenet_v2/matched-frequency'
-  split: str = "test"
-  classes: tuple[int, ...] | None = None  # label subset, in the original label space (ImageNet-R/-A)
+    """Where a natural shift split lives in TFDS."""
+    builder: str                          # TFDS name, with config: 'imagenet_v2/matched-frequency'
+    split: str = "test"
+    classes: tuple[int, ...] | None = None  # label subset, in the original label space (ImageNet-R/-A)
 
 
 # ImageNet class indices of ImageNet-R's 200 classes (mlfoundations/wise-ft, src/datasets/imagenet_r.py).
@@ -74,38 +74,38 @@ CIFAR10_CORRUPTIONS = (
 
 
 def base_name(dataset: str) -> str:
-  """'imagenet2012/5.1.0' or 'cifar10:3.0.2' -> the TFDS name the natural sets are filed under."""
-  return dataset.split("/")[0].split(":")[0]
+    """'imagenet2012/5.1.0' or 'cifar10:3.0.2' -> the TFDS name the natural sets are filed under."""
+    return dataset.split("/")[0].split(":")[0]
 
 
 def splits_for(dataset: str) -> list[str]:
-  """Every natural shift split name that belongs to `dataset` (CIFAR-10-C included for CIFAR-10)."""
-  names = list(NATURAL.get(base_name(dataset), {}))
-  if base_name(dataset) == "cifar10":
-    names += [f"{CIFAR10_CORRUPTED_PREFIX}{c}_{s}" for c in CIFAR10_CORRUPTIONS for s in range(1, 6)]
-  return names
+    """Every natural shift split name that belongs to `dataset` (CIFAR-10-C included for CIFAR-10)."""
+    names = list(NATURAL.get(base_name(dataset), {}))
+    if base_name(dataset) == "cifar10":
+        names += [f"{CIFAR10_CORRUPTED_PREFIX}{c}_{s}" for c in CIFAR10_CORRUPTIONS for s in range(1, 6)]
+    return names
 
 
 def default_splits(dataset: str) -> list[str]:
-  """The natural sets reported by default: all but CIFAR-10-C (95 sets; name the ones you want)."""
-  return list(NATURAL.get(base_name(dataset), {}))
+    """The natural sets reported by default: all but CIFAR-10-C (95 sets; name the ones you want)."""
+    return list(NATURAL.get(base_name(dataset), {}))
 
 
 def source(dataset: str, split: str) -> Source | None:
-  """The TFDS source of natural shift `split` for `dataset`, or None if it isn't one of its splits."""
-  natural = NATURAL.get(base_name(dataset), {})
-  if split in natural:
-    return natural[split]
-  if base_name(dataset) == "cifar10" and split.startswith(CIFAR10_CORRUPTED_PREFIX):
-    corruption, _, severity = split[len(CIFAR10_CORRUPTED_PREFIX):].rpartition("_")
-    if corruption in CIFAR10_CORRUPTIONS and severity in {"1", "2", "3", "4", "5"}:
-      return Source(split)
-  return None
+    """The TFDS source of natural shift `split` for `dataset`, or None if it isn't one of its splits."""
+    natural = NATURAL.get(base_name(dataset), {})
+    if split in natural:
+        return natural[split]
+    if base_name(dataset) == "cifar10" and split.startswith(CIFAR10_CORRUPTED_PREFIX):
+        corruption, _, severity = split[len(CIFAR10_CORRUPTED_PREFIX):].rpartition("_")
+        if corruption in CIFAR10_CORRUPTIONS and severity in {"1", "2", "3", "4", "5"}:
+            return Source(split)
+    return None
 
 
 def projection(dataset: str, split: str) -> np.ndarray | None:
-  """Sorted indices of the logits to keep for `split` (ImageNet-R/-A: their 200 classes), else None."""
-  src = source(dataset, split)
-  if src is None or src.classes is None:
-    return None
-  return np.asarray(src.classes, np.int32)
+    """Sorted indices of the logits to keep for `split` (ImageNet-R/-A: their 200 classes), else None."""
+    src = source(dataset, split)
+    if src is None or src.classes is None:
+        return None
+    return np.asarray(src.classes, np.int32)

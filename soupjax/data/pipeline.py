@@ -9,20 +9,19 @@ Splits of a data config (see `default_data_config`):
 The held-out slice is fixed by position, before the `classes` filter, so it is the same images whatever
 classes a run keeps.
 
-Training stream. This process's shard of 'train' (`tfds.even_splits` by `jax.process_index()`) is read in
-file order, filtered, cached, and then, for epoch e, shuffled with a seed made of (seed, process, e).
-Example number g of the stream (g = e * n + position) is augmented with a key made of (seed, g, process).
-So the stream is a pure function of the seed, and `start_step=s` starts it at example s * batch by
-skipping whole epochs arithmetically and at most one epoch of raw (undecoded) records.
+Determinism. Everything random is keyed: epoch e of the training stream is shuffled with a seed made of
+(seed, e, process), and the augmentation of a batch or example with a key made of (seed, its position in
+the stream, process). So the stream is a pure function of the seed, and `start_step=s` starts it at
+example s * batch without replaying what came before (see `train_batches` for the two ways it is read).
+Eval batches are unaugmented and in file order; shift noise is keyed by the example's index in its split.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
-import json
 import math
+import os
 from typing import Iterator
 
 import jax
@@ -37,39 +36,39 @@ from soupjax.data import preprocessing as pp
 from soupjax.data import shifts
 
 try:  # TF must leave the accelerators to JAX (a no-op for tensorflow-cpu).
-  tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], "GPU")
 except RuntimeError:  # TF was already initialised by someone else.
-  pass
+    pass
 
 BASE_SPLITS = ("train", "heldout", "test")
-IN_MEMORY_MAX_BYTES = 4 << 30  # decoded training shards up to this size are held in memory (cfg.cache)
-EVAL_MEMO_MAX_BYTES = 1 << 30  # preprocessed eval batches kept for reuse (cfg.cache), least recent dropped
+IN_MEMORY_MAX_BYTES = 4 << 30  # with cfg.cache, splits of one image shape up to this are decoded into memory
 _SALT_SHUFFLE = 3
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-  """The data config with its defaults: Fashion-MNIST at 32x32 RGB, CIFAR-style augmentation."""
-  return ml_collections.ConfigDict(dict(
-      name=fashion_mnist_local.NAME,
-      data_dir=ml_collections.config_dict.placeholder(str),  # None -> TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)
-      download=False,         # let TFDS download and prepare missing data sets
-      heldout=0.1,            # fraction in (0, 1) or count (>= 1) of the train split held out; 0 = none
-      classes=None,           # None, or original label ids to keep, relabelled 0..n-1 in this order
-      image_size=32,
-      channels=3,             # 3: grayscale tiled to RGB; 1: RGB converted to grayscale
-      normalize="inception",  # 'inception' [-1, 1] | 'imagenet' mean/std | 'unit' [0, 1]
-      train_crop="pad_crop",  # 'random_resized' (Inception) | 'pad_crop' (CIFAR) | 'resize'
-      pad=4,
-      flip=True,
-      aug_strength=1.0,       # 0 = resize (+ flip) only; scales crop area/aspect ranges and pad
-      mixup_alpha=0.0,        # 0 = off
-      shuffle_buffer=50_000,
-      eval_crop_pct=1.0,      # 1.0 = plain resize; 0.875 = resize shorter side to size/0.875, centre crop
-      # 'default', a list of split names, or the names comma-separated. A FieldReference typed `object`
-      # so that a list can replace the string; after a to_dict() round trip use the comma form.
-      shifts=ml_collections.FieldReference("default", field_type=object),
-      cache=True,             # keep the (encoded) training records in memory after the first epoch
-  ))
+    """The data config with its defaults: Fashion-MNIST at 32x32 RGB, CIFAR-style augmentation."""
+    return ml_collections.ConfigDict(dict(
+        name=fashion_mnist_local.NAME,
+        # None -> TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR); typed str, so a path can be set.
+        data_dir=ml_collections.config_dict.placeholder(str),
+        download=False,         # let TFDS download and prepare missing data sets
+        heldout=0.1,            # fraction in (0, 1) or count (>= 1) of the train split held out; 0 = none
+        classes=None,           # None, or original label ids to keep, relabelled 0..n-1 in this order
+        image_size=32,
+        channels=3,             # 3: grayscale tiled to RGB; 1: RGB converted to grayscale
+        normalize="inception",  # 'inception' [-1, 1] | 'imagenet' mean/std | 'unit' [0, 1]
+        train_crop="pad_crop",  # 'random_resized' (Inception) | 'pad_crop' (CIFAR) | 'resize'
+        pad=4,
+        flip=True,
+        aug_strength=1.0,       # 0 = resize (+ flip) only; scales crop area/aspect ranges and pad
+        mixup_alpha=0.0,        # 0 = off
+        shuffle_buffer=50_000,
+        eval_crop_pct=1.0,      # 1.0 = plain resize; 0.875 = resize shorter side to size/0.875, centre crop
+        # 'default', a list of split names, or the names comma-separated. A FieldReference typed `object`
+        # so that a list can replace the string; after a to_dict() round trip use the comma form.
+        shifts=ml_collections.FieldReference("default", field_type=object),
+        cache=True,             # decode splits of one image shape into memory (else cache raw records)
+    ))
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -77,442 +76,464 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 @dataclasses.dataclass(frozen=True)
 class _Source:
-  """A resolved split: which TFDS builder and split to read, and how to relabel and corrupt it."""
-  builder: tfds.core.DatasetBuilder
-  tfds_split: str
-  label_map: np.ndarray | None  # original label -> new label, -1 = drop; None = keep all as they are
-  shift: tuple[str, int] | None = None
+    """A resolved split: which TFDS builder and split to read, and how to relabel and corrupt it."""
+    builder: tfds.core.DatasetBuilder
+    tfds_split: str
+    label_map: np.ndarray | None  # original label -> new label, -1 = drop; None = keep all as they are
+    shift: tuple[str, int] | None = None
 
-  @property
-  def keys(self) -> tuple[str, str]:
-    return tuple(self.builder.info.supervised_keys or ("image", "label"))[:2]
+    @property
+    def keys(self) -> tuple[str, str]:
+        return tuple(self.builder.info.supervised_keys or ("image", "label"))[:2]
 
 
 def _builder(cfg, name: str) -> tfds.core.DatasetBuilder:
-  if name == fashion_mnist_local.NAME:
-    return fashion_mnist_local.prepare(cfg.data_dir)
-  try:
-    builder = tfds.builder(name, data_dir=cfg.data_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f"unknown dataset {name!r}: TFDS has no builder of that name "
-                     f"(the local default is {fashion_mnist_local.NAME!r}).\n{e}") from None
-  if cfg.download:
-    builder.download_and_prepare()
-  return builder
-
-
-def _valid_splits(cfg) -> list[str]:
-  return list(BASE_SPLITS) + shifts.all_split_names() + natural_shifts.splits_for(cfg.name)
+    if name == fashion_mnist_local.NAME:
+        return fashion_mnist_local.prepare(cfg.data_dir)
+    try:
+        builder = tfds.builder(name, data_dir=cfg.data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(f"unknown dataset {name!r}: TFDS has no builder of that name "
+                         f"(the local default is {fashion_mnist_local.NAME!r}).\n{e}") from None
+    if cfg.download:
+        builder.download_and_prepare()
+    return builder
 
 
 def _check_split(cfg, split: str) -> None:
-  if split not in BASE_SPLITS and shifts.parse(split) is None and natural_shifts.source(
-      cfg.name, split) is None:
-    natural = natural_shifts.splits_for(cfg.name)
-    raise ValueError(
-        f"unknown split {split!r} for data set {cfg.name!r}. Valid splits: {', '.join(BASE_SPLITS)}; "
-        f"'shift/<corruption>-<severity>' with corruption in {', '.join(shifts.CORRUPTIONS)} and "
-        f"severity 1..5" + (f"; natural shifts: {', '.join(natural[:8])}"
-                            + (f" (+{len(natural) - 8} more)" if len(natural) > 8 else "")
-                            if natural else " (no natural shift sets for this data set)") + ".")
+    if split not in BASE_SPLITS and shifts.parse(split) is None and natural_shifts.source(
+        cfg.name, split) is None:
+        natural = natural_shifts.splits_for(cfg.name)
+        raise ValueError(
+            f"unknown split {split!r} for data set {cfg.name!r}. Valid splits: {', '.join(BASE_SPLITS)}; "
+            f"'shift/<corruption>-<severity>' with corruption in {', '.join(shifts.CORRUPTIONS)} and "
+            f"severity 1..5" + (f"; natural shifts: {', '.join(natural[:8])}"
+                                + (f" (+{len(natural) - 8} more)" if len(natural) > 8 else "")
+                                if natural else " (no natural shift sets for this data set)") + ".")
 
 
 def _label_map(num_original: int, keep) -> np.ndarray:
-  table = np.full([num_original], -1, np.int32)
-  for new, old in enumerate(keep):
-    table[old] = new
-  return table
+    table = np.full([num_original], -1, np.int32)
+    for new, old in enumerate(keep):
+        table[old] = new
+    return table
 
 
 def _num_original_classes(builder) -> int:
-  return builder.info.features[builder.info.supervised_keys[1] if builder.info.supervised_keys
-                               else "label"].num_classes
+    return builder.info.features[builder.info.supervised_keys[1] if builder.info.supervised_keys
+                                 else "label"].num_classes
 
 
 def _classes(cfg, builder) -> tuple[int, ...] | None:
-  if cfg.classes is None:
-    return None
-  classes = tuple(int(c) for c in cfg.classes)
-  n = _num_original_classes(builder)
-  if not classes or len(set(classes)) != len(classes) or not all(0 <= c < n for c in classes):
-    raise ValueError(f"classes must be distinct label ids in [0, {n}), got {list(cfg.classes)}")
-  return classes
+    if cfg.classes is None:
+        return None
+    classes = tuple(int(c) for c in cfg.classes)
+    n = _num_original_classes(builder)
+    if not classes or len(set(classes)) != len(classes) or not all(0 <= c < n for c in classes):
+        raise ValueError(f"classes must be distinct label ids in [0, {n}), got {list(cfg.classes)}")
+    return classes
 
 
 def _heldout_count(cfg, total: int) -> int:
-  h = cfg.heldout
-  if h is None or h == 0:
-    return 0
-  if 0 < h < 1:
-    n = int(round(h * total))
-  elif h >= 1 and float(h).is_integer():
-    n = int(h)
-  else:
-    raise ValueError(f"heldout must be a fraction in (0, 1) or a count >= 1, got {h!r}")
-  if not 0 < n < total:
-    raise ValueError(f"heldout={h!r} leaves {total - n} of {total} training examples")
-  return n
+    h = cfg.heldout
+    if h is None or h == 0:
+        return 0
+    if 0 < h < 1:
+        n = int(round(h * total))
+    elif h >= 1 and float(h).is_integer():
+        n = int(h)
+    else:
+        raise ValueError(f"heldout must be a fraction in (0, 1) or a count >= 1, got {h!r}")
+    if not 0 < n < total:
+        raise ValueError(f"heldout={h!r} leaves {total - n} of {total} training examples")
+    return n
 
 
 def _cardinality(builder, split) -> int:
-  ds = builder.as_dataset(split=split, decoders=_skip_image(builder))
-  n = int(ds.cardinality())
-  return n if n >= 0 else int(ds.reduce(0, lambda c, _: c + 1))
+    ds = builder.as_dataset(split=split, decoders=_skip_image(builder))
+    n = int(ds.cardinality())
+    return n if n >= 0 else int(ds.reduce(0, lambda c, _: c + 1))
 
 
 def _split_names(builder) -> list[str]:
-  return list(builder.info.splits.keys())
+    return list(builder.info.splits.keys())
 
 
 def _resolve(cfg, split: str) -> _Source:
-  _check_split(cfg, split)
-  builder = _builder(cfg, cfg.name)
-  classes = _classes(cfg, builder)
-  label_map = None if classes is None else _label_map(_num_original_classes(builder), classes)
-  if split in ("train", "heldout"):
-    total = _cardinality(builder, "train")
-    n_heldout = _heldout_count(cfg, total)
-    if split == "heldout":
-      if n_heldout == 0:
-        raise ValueError("split 'heldout' requested but the data config has heldout=0")
-      return _Source(builder, f"train[{total - n_heldout}:]", label_map)
-    return _Source(builder, f"train[:{total - n_heldout}]" if n_heldout else "train", label_map)
-  names = _split_names(builder)
-  test = "test" if "test" in names or not names else "validation"  # no names: mocked / unknown
-  if split == "test":
-    return _Source(builder, test, label_map)
-  if (parsed := shifts.parse(split)) is not None:
-    return _Source(builder, test, label_map, shift=parsed)
-  src = natural_shifts.source(cfg.name, split)
-  other = _builder(cfg, src.builder)
-  if src.classes is not None:
-    if classes is not None:
-      raise ValueError(f"split {split!r} is a 200-class subset; it can't be combined with classes=...")
-    label_map = _label_map(_num_original_classes(other), src.classes)
-  return _Source(other, src.split, label_map)
+    _check_split(cfg, split)
+    builder = _builder(cfg, cfg.name)
+    classes = _classes(cfg, builder)
+    label_map = None if classes is None else _label_map(_num_original_classes(builder), classes)
+    if split in ("train", "heldout"):
+        total = _cardinality(builder, "train")
+        n_heldout = _heldout_count(cfg, total)
+        if split == "heldout":
+            if n_heldout == 0:
+                raise ValueError("split 'heldout' requested but the data config has heldout=0")
+            return _Source(builder, f"train[{total - n_heldout}:]", label_map)
+        return _Source(builder, f"train[:{total - n_heldout}]" if n_heldout else "train", label_map)
+    names = _split_names(builder)
+    test = "test" if "test" in names or not names else "validation"  # no names: mocked / unknown
+    if split == "test":
+        return _Source(builder, test, label_map)
+    if (parsed := shifts.parse(split)) is not None:
+        return _Source(builder, test, label_map, shift=parsed)
+    src = natural_shifts.source(cfg.name, split)
+    other = _builder(cfg, src.builder)
+    if src.classes is not None:
+        if classes is not None:
+            raise ValueError(f"split {split!r} is a 200-class subset; it can't be combined with classes=...")
+        label_map = _label_map(_num_original_classes(other), src.classes)
+    return _Source(other, src.split, label_map)
 
 
 # -------------------------------------------------------------------------------------- reading, counts
 
 
 def _skip_image(builder) -> dict:
-  key = tuple(builder.info.supervised_keys or ("image", "label"))[0]
-  return {key: tfds.decode.SkipDecoding()}
+    key = tuple(builder.info.supervised_keys or ("image", "label"))[0]
+    return {key: tfds.decode.SkipDecoding()}
 
 
 def _shard(split: str, index: int, count: int):
-  return split if count == 1 else tfds.even_splits(split, n=count)[index]
+    return split if count == 1 else tfds.even_splits(split, n=count)[index]
 
 
 def _read(src: _Source, split, first_index: int = 0) -> tf.data.Dataset:
-  """(index in the split, encoded image, label int32), in file order, filtered and relabelled."""
-  image_key, label_key = src.keys
-  ds = src.builder.as_dataset(split=split, shuffle_files=False, decoders=_skip_image(src.builder),
-                              read_config=tfds.ReadConfig(try_autocache=False))
-  ds = ds.enumerate(first_index).map(
-      lambda i, ex: (i, ex[image_key], tf.cast(ex[label_key], tf.int32)))
-  if src.label_map is not None:
-    table = tf.constant(src.label_map)
-    ds = ds.map(lambda i, im, y: (i, im, tf.gather(table, y))).filter(lambda i, im, y: y >= 0)
-  return ds
+    """(index in the split, encoded image, label int32), in file order, filtered and relabelled."""
+    image_key, label_key = src.keys
+    ds = src.builder.as_dataset(split=split, shuffle_files=False, decoders=_skip_image(src.builder),
+                                read_config=tfds.ReadConfig(try_autocache=False))
+    ds = ds.enumerate(first_index).map(
+        lambda i, ex: (i, ex[image_key], tf.cast(ex[label_key], tf.int32)))
+    if src.label_map is not None:
+        table = tf.constant(src.label_map)
+        ds = ds.map(lambda i, im, y: (i, im, tf.gather(table, y)))
+        ds = ds.filter(lambda index, image, label: label >= 0)
+    return ds
 
 
-_COUNTS: dict = {}
+_LABELS: dict = {}
 
 
 def _count(src: _Source, split) -> int:
-  """Number of examples of `split` that pass the label filter (memoised: it may take a pass over labels)."""
-  if src.label_map is None:
-    return _cardinality(src.builder, split)
-  key = (str(src.builder.data_dir), str(split), src.label_map.tobytes())
-  if key not in _COUNTS:
-    _COUNTS[key] = int(_read(src, split).reduce(np.int64(0), lambda c, _: c + 1))
-  return _COUNTS[key]
+    """Number of examples of `split` that pass the label filter (one pass over the labels, remembered)."""
+    if src.label_map is None:
+        return _cardinality(src.builder, split)
+    key = (str(src.builder.data_dir), src.builder.info.full_name, str(split))
+    labels = _LABELS.get(key)
+    if labels is None:
+        ds = src.builder.as_dataset(split=split, decoders=_skip_image(src.builder),
+                                    read_config=tfds.ReadConfig(try_autocache=False))
+        label_key = src.keys[1]
+        ds = ds.map(lambda ex: tf.cast(ex[label_key], tf.int32)).batch(8192)
+        labels = np.concatenate(list(ds.as_numpy_iterator()) or [np.zeros([0], np.int32)])
+        if _prepared_on_disk(src.builder):  # not when mocked by tfds.testing.mock_data
+            _LABELS[key] = labels
+    return int((src.label_map[labels] >= 0).sum())
+
+
+def _prepared_on_disk(builder) -> bool:
+    return os.path.isdir(os.fspath(builder.data_dir))
+
+
+_ARRAYS: collections.OrderedDict = collections.OrderedDict()
+
+
+def _arrays(src: _Source, split, shape, n: int, first_index: int = 0):
+    """Decoded (images uint8 [n, h, w, c], labels int32 [n], index int64 [n]) of `split` (n examples).
+
+    Memoised, least recently used dropped beyond IN_MEMORY_MAX_BYTES in all.
+    """
+    key = (str(src.builder.data_dir), src.builder.info.full_name, str(split), n, first_index,
+           None if src.label_map is None else src.label_map.tobytes())
+    if key in _ARRAYS:
+        _ARRAYS.move_to_end(key)
+        return _ARRAYS[key]
+
+    def decode(index, image_bytes, labels):  # a batch at a time: map_fn beats a per-example map here
+        images = tf.map_fn(lambda b: pp.decode(b, shape[-1]), image_bytes,
+                           fn_output_signature=tf.TensorSpec([None, None, shape[-1]], tf.uint8))
+        return tf.ensure_shape(images, [None, *shape]), labels, index
+
+    ds = _read(src, split, first_index).batch(1024).map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+    parts = list(ds.with_options(_options()).as_numpy_iterator())
+    empty = (np.zeros((0, *shape), np.uint8), np.zeros((0,), np.int32), np.zeros((0,), np.int64))
+    arrays = tuple(np.concatenate([p[k] for p in parts]) if parts else empty[k] for k in range(3))
+    if len(arrays[1]) != n:
+        raise RuntimeError(f"read {len(arrays[1])} examples from {split!r}, expected {n}")
+    if not _prepared_on_disk(src.builder):
+        return arrays
+    _ARRAYS[key] = arrays
+    while sum(a[0].nbytes for a in _ARRAYS.values()) > IN_MEMORY_MAX_BYTES and len(_ARRAYS) > 1:
+        _ARRAYS.popitem(last=False)
+    return arrays
+
+
+def _static_shape(src: _Source) -> tuple[int, int, int] | None:
+    """The images' shape if they all have one known shape and are not JPEG."""
+    feature = src.builder.info.features[src.keys[0]]
+    shape = tuple(feature.shape)
+    if _is_jpeg(src) or None in shape or len(shape) != 3:
+        return None
+    return shape
+
+
+def _in_memory(cfg, src: _Source, n: int) -> tuple[int, int, int] | None:
+    """The static image shape if the split is served from decoded arrays in memory, else None."""
+    shape = _static_shape(src)
+    if cfg.cache and shape is not None and 0 < n * math.prod(shape) <= IN_MEMORY_MAX_BYTES:
+        return shape
+    return None
+
+
+def _split_bytes(builder, split: str) -> int:
+    """Size of a split's files on disk (0 if unknown, e.g. mocked)."""
+    try:
+        return int(builder.info.splits[split].num_bytes or 0)
+    except (KeyError, ValueError, TypeError):
+        return 0
+
+
+def _is_jpeg(src: _Source) -> bool:
+    return getattr(src.builder.info.features[src.keys[0]], "encoding_format", None) == "jpeg"
+
+
+def _source_channels(src: _Source) -> int:
+    return src.builder.info.features[src.keys[0]].shape[-1] or 3
 
 
 def _process() -> tuple[int, int]:
-  return jax.process_index(), jax.process_count()
+    return jax.process_index(), jax.process_count()
 
 
 def _local_batch(global_batch_size: int, process_count: int) -> int:
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of the "
-                     f"process count {process_count}")
-  return global_batch_size // process_count
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of the "
+                         f"process count {process_count}")
+    return global_batch_size // process_count
 
 
 def _options() -> tf.data.Options:
-  options = tf.data.Options()
-  options.deterministic = True
-  options.experimental_optimization.map_parallelization = True
-  return options
+    options = tf.data.Options()
+    options.deterministic = True
+    options.experimental_optimization.map_parallelization = True
+    return options
 
 
 def _numpy(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
-  yield from ds.with_options(_options()).as_numpy_iterator()
+    yield from ds.prefetch(tf.data.AUTOTUNE).with_options(_options()).as_numpy_iterator()
 
 
 # -------------------------------------------------------------------------------------------- pipelines
 
 
 def _check_config(cfg) -> None:
-  if cfg.normalize not in pp.NORMALIZATIONS:
-    raise ValueError(f"unknown normalize {cfg.normalize!r}; valid: {', '.join(pp.NORMALIZATIONS)}")
-  if cfg.train_crop not in pp.TRAIN_CROPS:
-    raise ValueError(f"unknown train_crop {cfg.train_crop!r}; valid: {', '.join(pp.TRAIN_CROPS)}")
-  if cfg.channels not in (1, 3):
-    raise ValueError(f"channels must be 1 or 3, got {cfg.channels}")
-  if not 0 < cfg.eval_crop_pct <= 1:
-    raise ValueError(f"eval_crop_pct must be in (0, 1], got {cfg.eval_crop_pct}")
-  if cfg.aug_strength < 0 or cfg.mixup_alpha < 0:
-    raise ValueError("aug_strength and mixup_alpha must be >= 0")
+    if cfg.normalize not in pp.NORMALIZATIONS:
+        raise ValueError(f"unknown normalize {cfg.normalize!r}; valid: {', '.join(pp.NORMALIZATIONS)}")
+    if cfg.train_crop not in pp.TRAIN_CROPS:
+        raise ValueError(f"unknown train_crop {cfg.train_crop!r}; valid: {', '.join(pp.TRAIN_CROPS)}")
+    if cfg.channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {cfg.channels}")
+    if not 0 < cfg.eval_crop_pct <= 1:
+        raise ValueError(f"eval_crop_pct must be in (0, 1], got {cfg.eval_crop_pct}")
+    if cfg.aug_strength < 0 or cfg.mixup_alpha < 0:
+        raise ValueError("aug_strength and mixup_alpha must be >= 0")
 
 
-def _source_channels(src: _Source) -> int:
-  return src.builder.info.features[src.keys[0]].shape[-1] or 3
-
-
-def _is_jpeg(src: _Source) -> bool:
-  return getattr(src.builder.info.features[src.keys[0]], "encoding_format", None) == "jpeg"
-
-
-def _finish(image: tf.Tensor, cfg, batched: bool = False) -> tf.Tensor:
-  """[0, 1] image(s) in the source's channels -> the model's channels, normalised, with static shape."""
-  image = pp.normalize(pp.set_channels(image, cfg.channels), cfg.normalize)
-  shape = [cfg.image_size, cfg.image_size, cfg.channels]
-  return tf.ensure_shape(image, [None] + shape if batched else shape)
-
-
-def _static_shape(src: _Source) -> tuple[int, int, int] | None:
-  """The images' shape if they all have one known shape and are not JPEG."""
-  feature = src.builder.info.features[src.keys[0]]
-  shape = tuple(feature.shape)
-  if _is_jpeg(src) or None in shape or len(shape) != 3:
-    return None
-  return shape
-
-
-_ARRAYS: dict = {}
-
-
-def _arrays(src: _Source, split, shape) -> tuple[np.ndarray, np.ndarray]:
-  """The decoded images (uint8 [n, h, w, c]) and labels (int32 [n]) of `split`, memoised."""
-  key = (str(src.builder.data_dir), str(split), None if src.label_map is None else src.label_map.tobytes())
-  if key not in _ARRAYS:
-    ds = _read(src, split).map(lambda i, im, y: (tf.ensure_shape(pp.decode(im, shape[-1]), shape), y),
-                               num_parallel_calls=tf.data.AUTOTUNE)
-    parts = list(ds.batch(4096).with_options(_options()).as_numpy_iterator())
-    images = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, *shape), np.uint8)
-    labels = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0,), np.int32)
-    _ARRAYS.clear()  # keep one split at a time: a process trains on one
-    _ARRAYS[key] = (images, labels)
-  return _ARRAYS[key]
-
-
-def _epoch_permutation(seed: int, process: int, epoch: int, n: int) -> np.ndarray:
-  return np.random.default_rng([seed & (2**63 - 1), _SALT_SHUFFLE, process, epoch]).permutation(n)
+def _finish(images: tf.Tensor, cfg) -> tf.Tensor:
+    """A batch [b, H, W, c] in [0, 1] -> the model's channels, normalised, with its static shape."""
+    images = pp.normalize(pp.set_channels(images, cfg.channels), cfg.normalize)
+    return tf.ensure_shape(images, [None, cfg.image_size, cfg.image_size, cfg.channels])
 
 
 def train_batches(cfg, global_batch_size: int, *, seed: int,
                   start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """Infinite, shuffled, augmented batches of this process's share of 'train'.
+    """Infinite, shuffled, augmented batches of this process's share of 'train'.
 
-  Yields {'image': float32 [b, H, W, C], 'label': int32 [b], 'targets': float32 [b, num_classes]} with
-  b = global_batch_size // jax.process_count(). The same seed gives the same batches, and start_step=s
-  gives exactly the batches an uninterrupted iterator yields from its s-th (0-based) batch on.
+    Yields {'image': float32 [b, H, W, C], 'label': int32 [b], 'targets': float32 [b, num_classes]} with
+    b = global_batch_size // jax.process_count(). The same seed gives the same batches, and start_step=s
+    gives exactly the batches an uninterrupted iterator yields from its s-th (0-based) batch on.
 
-  Two ways, the same contract:
-  * in memory (cfg.cache and images of one static shape, not JPEG, at most IN_MEMORY_MAX_BYTES:
-    Fashion-MNIST, CIFAR): the shard is decoded once into a numpy array; each epoch is a full random
-    permutation seeded by (seed, process, epoch); whole batches are augmented at once with a key made
-    of (seed, step, process). shuffle_buffer is not used.
-  * streaming (otherwise, e.g. ImageNet): tf.data reads the shard in file order, each epoch is shuffled
-    with a buffer seeded by (seed, process, epoch), and example g of the stream is augmented with a key
-    made of (seed, g, process), decoding only the crop for JPEG. Resuming skips whole epochs
-    arithmetically and at most one epoch of raw, undecoded records.
-  """
-  _check_config(cfg)
-  if start_step < 0:
-    raise ValueError(f"start_step must be >= 0, got {start_step}")
-  pi, pc = _process()
-  local = _local_batch(global_batch_size, pc)
-  src = _resolve(cfg, "train")
-  shard = _shard(src.tfds_split, pi, pc)
-  n = _count(src, shard)
-  if n == 0:
-    raise ValueError(f"process {pi} has no training examples in {src.tfds_split!r}")
-  ncls = num_classes(cfg)
-  channels = _source_channels(src)
-  size, s = cfg.image_size, float(cfg.aug_strength)
-  area_range, ratio_range = pp.crop_range(s)
-  pad = int(round(cfg.pad * s))
-  seed = int(seed)
-  static = _static_shape(src)
-  in_memory = bool(cfg.cache) and static is not None and n * math.prod(static) <= IN_MEMORY_MAX_BYTES
+    Two ways, one contract:
+    * in memory (cfg.cache, and images of one static shape, not JPEG, at most IN_MEMORY_MAX_BYTES decoded:
+      Fashion-MNIST, CIFAR): the shard is decoded once into memory; epoch e is a full random permutation
+      (index_shuffle) seeded by (seed, e, process), and each batch is augmented at once with a key made of
+      (seed, step, process). shuffle_buffer is not used. Resuming costs nothing.
+    * streaming (otherwise, e.g. ImageNet): tf.data reads the shard in file order (its encoded records
+      cached in memory if cfg.cache and they fit in IN_MEMORY_MAX_BYTES),
+      epoch e is shuffled with a buffer seeded by (seed, process, e), and example g of the stream is
+      augmented with a key made of (seed, g, process), decoding only the crop of a JPEG. Resuming skips
+      whole epochs arithmetically and at most one epoch of raw, undecoded records.
+    """
+    _check_config(cfg)
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    pi, pc = _process()
+    local = _local_batch(global_batch_size, pc)
+    src = _resolve(cfg, "train")
+    shard = _shard(src.tfds_split, pi, pc)
+    n = _count(src, shard)
+    if n == 0:
+        raise ValueError(f"process {pi} has no training examples in {src.tfds_split!r}")
+    ncls = num_classes(cfg)
+    channels = _source_channels(src)
+    size, strength, seed = cfg.image_size, float(cfg.aug_strength), int(seed)
+    area_range, ratio_range = pp.crop_range(strength)
+    pad = int(round(cfg.pad * strength))
+    in_memory = _in_memory(cfg, src, n)
 
-  def augment_batch(key, images):
-    k_crop, k_flip = tf.unstack(tf.random.experimental.stateless_split(key, 2))
-    if cfg.train_crop == "random_resized":
-      images = pp.batch_random_resized_crop(images, k_crop, size, area_range=area_range,
-                                            aspect_ratio_range=ratio_range)
-    elif cfg.train_crop == "pad_crop":
-      images = pp.batch_pad_crop(images, k_crop, size, pad)
-    else:
-      images = pp.resize(images, size)
-    if cfg.flip:
-      images = pp.batch_flip(images, k_flip)
-    return _finish(pp.to_unit(images), cfg, batched=True)
+    def augment_batch(key, images):  # uint8 [b, h, w, c] -> [b, size, size, c] on the uint8 scale
+        k_crop, k_flip = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+        if cfg.train_crop == "random_resized":
+            images = pp.batch_random_resized_crop(images, k_crop, size, area_range=area_range,
+                                                  aspect_ratio_range=ratio_range)
+        elif cfg.train_crop == "pad_crop":
+            images = pp.batch_pad_crop(images, k_crop, size, pad)
+        else:
+            images = pp.resize(images, size)
+        return pp.batch_flip(images, k_flip) if cfg.flip else images
 
-  def augment_example(g, image_bytes, label):
-    key = pp.example_key(seed, pp.SALT_AUGMENT, g * pc + pi)
-    k_crop, k_flip = tf.unstack(tf.random.experimental.stateless_split(key, 2))
-    if cfg.train_crop == "random_resized":
-      image = pp.random_resized_crop(image_bytes, k_crop, size, channels, area_range=area_range,
-                                     aspect_ratio_range=ratio_range, jpeg=_is_jpeg(src))
-    elif cfg.train_crop == "pad_crop":
-      image = pp.pad_crop(pp.decode(image_bytes, channels), k_crop, size, pad)
-    else:
-      image = pp.resize(pp.decode(image_bytes, channels), size)
-    if cfg.flip:
-      image = pp.random_flip(image, k_flip)
-    return {"image": _finish(pp.to_unit(image), cfg), "label": label}
+    def augment_example(g, image_bytes, label):  # -> uint8 [size, size, c]
+        key = pp.example_key(seed, pp.SALT_AUGMENT, g * pc + pi)
+        k_crop, k_flip = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+        if cfg.train_crop == "random_resized":
+            image = pp.random_resized_crop(image_bytes, k_crop, size, channels, area_range=area_range,
+                                           aspect_ratio_range=ratio_range, jpeg=_is_jpeg(src))
+        elif cfg.train_crop == "pad_crop":
+            image = pp.pad_crop(pp.decode(image_bytes, channels), k_crop, size, pad)
+        else:
+            image = pp.resize(pp.decode(image_bytes, channels), size)
+        if cfg.flip:
+            image = pp.random_flip(image, k_flip)
+        return {"image": tf.ensure_shape(image, [size, size, channels]), "label": label}
 
-  def finish_batch(step, batch):
+    def finish_batch(step, batch):
+        images = batch["image"]
+        if in_memory:
+            images = augment_batch(pp.example_key(seed, pp.SALT_AUGMENT, step * pc + pi), images)
+        batch = {"image": _finish(pp.to_unit(images), cfg), "label": batch["label"],
+                 "targets": tf.one_hot(batch["label"], ncls, dtype=tf.float32)}
+        if cfg.mixup_alpha > 0:
+            batch = pp.mixup(batch, pp.example_key(seed, pp.SALT_MIXUP, step * pc + pi), cfg.mixup_alpha)
+        return batch
+
     if in_memory:
-      batch["image"] = augment_batch(pp.example_key(seed, pp.SALT_AUGMENT, step * pc + pi), batch["image"])
-    batch["targets"] = tf.one_hot(batch["label"], ncls, dtype=tf.float32)
-    if cfg.mixup_alpha > 0:
-      batch = pp.mixup(batch, pp.example_key(seed, pp.SALT_MIXUP, step * pc + pi), cfg.mixup_alpha)
-    return batch
+        images, labels, _ = (tf.constant(a) for a in _arrays(src, shard, in_memory, n))
 
-  if in_memory:
-    images, labels = _arrays(src, shard, static)
+        def gather(step):  # epoch e is the permutation index_shuffle(., (seed, e * pc + pi, salt), n - 1)
+            position = step * local + tf.range(local, dtype=tf.int64)
+            # The raw op: tf.random.experimental.index_shuffle pads [local, 2] seeds along the wrong axis.
+            epoch_seed = tf.stack([tf.fill([local], tf.constant(seed, tf.int64)), position // n * pc + pi,
+                                   tf.fill([local], tf.constant(_SALT_SHUFFLE, tf.int64))], 1)
+            idx = tf.raw_ops.RandomIndexShuffle(index=position % n, seed=epoch_seed,
+                                                max_index=tf.constant(n - 1, tf.int64), rounds=4)
+            return step, {"image": tf.gather(images, idx), "label": tf.gather(labels, idx)}
 
-    def gather():
-      permutations = {}
-      for step in itertools.count(start_step):
-        positions = np.arange(step * local, (step + 1) * local)
-        idx = np.empty(local, np.int64)
-        for e in np.unique(positions // n):
-          if e not in permutations:
-            permutations = {e: _epoch_permutation(seed, pi, int(e), n)}  # keep the current epoch only
-          sel = positions // n == e
-          idx[sel] = permutations[e][positions[sel] % n]
-        yield step, {"image": images[idx], "label": labels[idx]}
+        ds = tf.data.Dataset.range(start_step, 2**62).map(gather)
+    else:
+        records = _read(src, shard).map(lambda i, im, y: (im, y))
+        if cfg.cache and _split_bytes(src.builder, "train") / pc <= IN_MEMORY_MAX_BYTES:
+            records = records.cache()  # the encoded records, when they fit (not ImageNet's 140 GB)
+        shuffle_base = tf.constant([seed, _SALT_SHUFFLE], tf.int64)
 
-    ds = tf.data.Dataset.from_generator(gather, output_signature=(
-        tf.TensorSpec([], tf.int64), {"image": tf.TensorSpec([local, *static], tf.uint8),
-                                      "label": tf.TensorSpec([local], tf.int32)}))
-  else:
-    records = _read(src, shard).map(lambda i, im, y: (im, y))
-    if cfg.cache:
-      records = records.cache()
-    shuffle_base = tf.constant([seed, _SALT_SHUFFLE], tf.int64)
+        def epoch(e):
+            shuffle_seed = tf.random.experimental.stateless_fold_in(
+                tf.random.experimental.stateless_fold_in(shuffle_base, pi), e)[0]
+            ds = records.shuffle(max(1, min(int(cfg.shuffle_buffer), n)), seed=shuffle_seed)
+            return ds.enumerate().map(lambda i, ex: (e * n + i, ex[0], ex[1]))
 
-    def epoch(e):
-      shuffle_seed = tf.random.experimental.stateless_fold_in(
-          tf.random.experimental.stateless_fold_in(shuffle_base, pi), e)[0]
-      ds = records.shuffle(max(1, min(int(cfg.shuffle_buffer), n)), seed=shuffle_seed)
-      return ds.enumerate().map(lambda i, ex: (e * n + i, ex[0], ex[1]))
-
-    first_epoch, skip = divmod(start_step * local, n)
-    ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch).skip(skip)
-    ds = ds.map(augment_example, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(local, drop_remainder=True).enumerate(start_step)
-  ds = ds.map(finish_batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-  return _numpy(ds)
+        first_epoch, skip = divmod(start_step * local, n)
+        ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch).skip(skip)
+        ds = ds.map(augment_example, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(local, drop_remainder=True).enumerate(start_step)
+    return _numpy(ds.map(finish_batch, num_parallel_calls=tf.data.AUTOTUNE))
 
 
 def eval_batches(cfg, split: str, global_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """Finite, deterministic, unaugmented batches of this process's shard of `split`, each example once.
+    """Finite, deterministic, unaugmented batches of this process's shard of `split`, each example once.
 
-  Yields {'image', 'label', 'mask'}; the last batch is padded to full size with zero images, label 0 and
-  mask 0 (real examples have mask 1). Every process yields the same number of batches.
-  """
-  _check_config(cfg)
-  pi, pc = _process()
-  local = _local_batch(global_batch_size, pc)
-  src = _resolve(cfg, split)
-  shards = [_shard(src.tfds_split, i, pc) for i in range(pc)]
-  n_batches = math.ceil(max(_count(src, s) for s in shards) / local)
-  first_index = sum(_cardinality(src.builder, s) for s in shards[:pi])  # index in the unfiltered split
-  channels = _source_channels(src)
-  size = cfg.image_size
+    Yields {'image', 'label', 'mask'}; the last batch is padded to full size with zero images, label 0 and
+    mask 0 (real examples have mask 1). Every process yields the same number of batches.
+    """
+    _check_config(cfg)
+    pi, pc = _process()
+    local = _local_batch(global_batch_size, pc)
+    src = _resolve(cfg, split)
+    shards = [_shard(src.tfds_split, i, pc) for i in range(pc)]
+    counts = [_count(src, s) for s in shards]
+    n_batches = math.ceil(max(counts) / local)
+    first_index = sum(_cardinality(src.builder, s) for s in shards[:pi])  # index in the unfiltered split
+    size, channels, n = cfg.image_size, _source_channels(src), counts[pi]
+    in_memory = _in_memory(cfg, src, n)
 
-  def preprocess(index, image_bytes, label):
-    image = pp.to_unit(pp.center_crop(pp.decode(image_bytes, channels), size, cfg.eval_crop_pct))
-    image = tf.ensure_shape(image, [size, size, channels])
-    if src.shift is not None:
-      image = shifts.apply(image, *src.shift, index)
-    return {"image": _finish(image, cfg), "label": label, "mask": tf.constant(1.0)}
+    if in_memory:
+        images, labels, index = (tf.constant(a) for a in _arrays(src, shards[pi], in_memory, n, first_index))
 
-  padding = tf.data.Dataset.from_tensors({
-      "image": tf.zeros([size, size, cfg.channels]), "label": tf.constant(0, tf.int32),
-      "mask": tf.constant(0.0)}).repeat()
-  ds = _read(src, shards[pi], first_index).map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.concatenate(padding).batch(local, drop_remainder=True).take(n_batches)
-  batches = _numpy(ds.prefetch(tf.data.AUTOTUNE))
-  nbytes = n_batches * local * (size * size * cfg.channels * 4 + 8)
-  if not cfg.cache or nbytes > EVAL_MEMO_MAX_BYTES:
-    return batches
-  key = (json.dumps(cfg.to_dict(), sort_keys=True, default=str), split, local, pi, pc, n_batches,
-         str(src.builder.data_dir), first_index)
-  return _memoised(key, batches, nbytes)
+        def take(b):
+            rows = b * local + tf.range(local, dtype=tf.int64)
+            mask = rows < n
+            rows = tf.minimum(rows, n - 1)
+            return {"image": pp.center_crop(tf.gather(images, rows), size, cfg.eval_crop_pct),
+                    "label": tf.where(mask, tf.gather(labels, rows), 0), "index": tf.gather(index, rows),
+                    "mask": tf.cast(mask, tf.float32)}
 
+        ds = tf.data.Dataset.range(n_batches if n else 0).map(take, num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        def view(index, image_bytes, label):
+            image = pp.center_crop(pp.decode(image_bytes, channels), size, cfg.eval_crop_pct)
+            return {"image": tf.ensure_shape(image, [size, size, channels]), "label": label, "index": index,
+                    "mask": tf.constant(1.0)}
 
-_EVAL_MEMO: collections.OrderedDict = collections.OrderedDict()
+        padding = tf.data.Dataset.from_tensors({
+            "image": tf.zeros([size, size, channels], tf.uint8), "label": tf.constant(0, tf.int32),
+            "index": tf.constant(0, tf.int64), "mask": tf.constant(0.0)}).repeat()
+        ds = _read(src, shards[pi], first_index).map(view, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.concatenate(padding).batch(local, drop_remainder=True)
+    ds = ds.take(n_batches)  # every process yields the same number of batches
 
+    def finish(batch):
+        images = pp.to_unit(batch["image"])
+        if src.shift is not None:
+            images = shifts.apply(images, *src.shift, batch["index"])
+        images = _finish(images, cfg) * batch["mask"][:, None, None, None]
+        return {"image": images, "label": batch["label"], "mask": batch["mask"]}
 
-def _memoised(key, batches: Iterator[dict], nbytes: int) -> Iterator[dict[str, np.ndarray]]:
-  """Yields `batches`, keeping them (read-only) for the next call with the same key; least recent out."""
-  if key in _EVAL_MEMO:
-    _EVAL_MEMO.move_to_end(key)
-    yield from _EVAL_MEMO[key][0]
-    return
-  kept = []
-  for batch in batches:
-    for v in batch.values():
-      v.setflags(write=False)
-    kept.append(batch)
-    yield batch
-  _EVAL_MEMO[key] = (kept, nbytes)
-  while sum(b for _, b in _EVAL_MEMO.values()) > EVAL_MEMO_MAX_BYTES:
-    _EVAL_MEMO.popitem(last=False)
+    return _numpy(ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE))
 
 
 # ------------------------------------------------------------------------------------------ information
 
 
 def num_classes(cfg) -> int:
-  """Number of classes the model predicts (after the `classes` filter)."""
-  if cfg.classes is not None:
-    return len(cfg.classes)
-  return _num_original_classes(_builder(cfg, cfg.name))
+    """Number of classes the model predicts (after the `classes` filter)."""
+    if cfg.classes is not None:
+        return len(cfg.classes)
+    return _num_original_classes(_builder(cfg, cfg.name))
 
 
 def num_examples(cfg, split: str) -> int:
-  """Number of real examples in `split`, over all processes (after the `classes` filter)."""
-  src = _resolve(cfg, split)
-  return _count(src, src.tfds_split)
+    """Number of real examples in `split`, over all processes (after the `classes` filter)."""
+    src = _resolve(cfg, split)
+    return _count(src, src.tfds_split)
 
 
 def shift_splits(cfg) -> list[str]:
-  """The shift splits to report: cfg.shifts, or by default four corruptions at severity 3 plus the
-  natural shift sets of the data set."""
-  names = cfg.shifts
-  if isinstance(names, str):
-    if names == "default":
-      return ([shifts.split_name(*shifts.parse(shifts.PREFIX + s)) for s in shifts.DEFAULT]
-              + natural_shifts.default_splits(cfg.name))
-    names = [n.strip() for n in names.split(",") if n.strip()]
-  names = list(names)
-  for name in names:
-    _check_split(cfg, name)
-  return names
+    """The shift splits to report: cfg.shifts, or by default four corruptions at severity 3 plus the
+    natural shift sets of the data set."""
+    names = cfg.shifts
+    if isinstance(names, str):
+        if names == "default":
+            return [shifts.PREFIX + s for s in shifts.DEFAULT] + natural_shifts.default_splits(cfg.name)
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    names = list(names)
+    for name in names:
+        _check_split(cfg, name)
+    return names
 
 
 def logit_projection(cfg, split: str) -> np.ndarray | None:
-  """For ImageNet-R / ImageNet-A: the sorted indices of their 200 ImageNet classes; evaluate
-  logits[:, idx] against the labels `eval_batches` yields (0..199). None for every other split."""
-  _check_split(cfg, split)
-  return natural_shifts.projection(cfg.name, split)
+    """For ImageNet-R / ImageNet-A: the sorted indices of their 200 ImageNet classes; evaluate
+    logits[:, idx] against the labels `eval_batches` yields (0..199). None for every other split."""
+    _check_split(cfg, split)
+    return natural_shifts.projection(cfg.name, split)

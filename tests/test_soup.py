@@ -1,0 +1,238 @@
+"""The soup CLI end to end, its pre-flight checks, inspection, and BatchNorm recalibration."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from soupjax import batchnorm, checkpoints, kitchen as soup, preflight, train
+from test_train import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _make_ingredients(root: Path, name: str = "fashion_mnist_vit", count: int = 3, **overrides) -> Path:
+    config = load_config(name, f"testing,sweep={count}")
+    for key, value in overrides.items():
+        config[key] = value
+    from soupjax import sweep
+    for run_name, run, hparams in sweep.ingredient_configs(config):
+        train.train_and_evaluate(run, root / "train" / run_name, root / "ingredients" / run_name,
+                                 extra_meta={"hparams": hparams})
+    return root / "ingredients"
+
+
+@pytest.fixture(scope="module")
+def mocked_ingredients(tmp_path_factory):
+    root = tmp_path_factory.mktemp("soup")
+    with tfds.testing.mock_data(num_examples=64):
+        return _make_ingredients(root)
+
+
+def _fresh_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_every_recipe_cooks_and_each_soup_loads_back(mocked_ingredients, tmp_path):
+    out = tmp_path / "soups"
+    with tfds.testing.mock_data(num_examples=64):
+        results = soup.cook("all", mocked_ingredients, out, learned_epochs=2, shifts=["shift/gaussian_noise-3"])
+    names = {row["name"] for row in results["soups"]}
+    assert names == {"best_ingredient", "uniform", "greedy", "pruned", "learned_global", "learned_layer", "ensemble"}
+    structure = checkpoints.variables_structure(mocked_ingredients / "sweep0_000")
+    for row in results["soups"]:
+        assert 0.0 <= row["test"]["accuracy"] <= 1.0
+        assert set(row["shifts"]) == {"shift/gaussian_noise-3"}
+        if row["kind"] == "soup":
+            meta = checkpoints.load_meta(row["path"])
+            assert meta["ingredients"] == ["sweep0_000", "sweep0_001", "sweep0_002"]
+            assert abs(sum(meta["weights"]) - 1.0) < 1e-5 or row["name"] == "greedy" or row["name"] == "pruned"
+            variables = checkpoints.load_variables(row["path"])
+            assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(structure)
+            # A soup is an ingredient-format checkpoint: finetune's init_from accepts it.
+            assert checkpoints.is_ingredient(row["path"])
+        if row["name"] != "best_ingredient":
+            assert set(row["vs_best"]["test"]) >= {"diff", "p"}
+    assert results["progressions"]["greedy"] and results["progressions"]["pruned"]
+    assert len(results["learned_history"]["learned_global"]) >= 2
+    for f in ("report.md", "report.json", "report.csv", "scatter.png", "greedy.png"):
+        assert (out / f).stat().st_size > 0
+    assert json.loads((out / "report.json").read_text())["meta"]["best_ingredient"] in {"sweep0_000", "sweep0_001", "sweep0_002"}
+
+    # The uniform soup really is the mean of the ingredients.
+    uniform = checkpoints.load_variables(out / "uniform")
+    loaded = [checkpoints.load_variables(p) for p in checkpoints.list_ingredients(mocked_ingredients)]
+    mean = jax.tree_util.tree_map(lambda *xs: np.mean(np.stack(xs), 0), *loaded)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), uniform, mean)
+
+    # A second run reuses what was cooked (resume) and gives the same numbers.
+    with tfds.testing.mock_data(num_examples=64):
+        again = soup.cook("all", mocked_ingredients, out, learned_epochs=2, shifts=["shift/gaussian_noise-3"])
+    assert [r["test"] for r in again["soups"]] == [r["test"] for r in results["soups"]]
+
+
+def test_greedy_and_pruned_never_read_the_test_split(mocked_ingredients, tmp_path, monkeypatch):
+    from soupjax import data
+    seen = []
+    real = data.eval_batches
+
+    def spy(cfg, split, batch_size):
+        seen.append(split)
+        return real(cfg, split, batch_size)
+
+    kitchen_calls = []
+    real_heldout = soup.Kitchen.heldout_accuracy
+
+    def heldout_only(self, variables):
+        before = len(seen)
+        acc = real_heldout(self, variables)
+        kitchen_calls.append(seen[before:])
+        return acc
+
+    monkeypatch.setattr(data, "eval_batches", spy)
+    monkeypatch.setattr(soup.Kitchen, "heldout_accuracy", heldout_only)
+    with tfds.testing.mock_data(num_examples=64):
+        soup.cook("greedy", mocked_ingredients, tmp_path / "g", shifts=[])
+        soup.cook("pruned", mocked_ingredients, tmp_path / "p", shifts=[])
+    assert kitchen_calls, "greedy/pruned did not evaluate candidates"
+    assert all(calls == ["heldout"] for calls in kitchen_calls)
+
+
+def test_bare_cli_finds_the_ingredients_of_a_bare_finetune(finetuned_workdir, fashion_mnist_data_dir):
+    work = finetuned_workdir["workdir"]
+    cooked = subprocess.run([sys.executable, "-m", "soupjax.soup", "--recipe", "uniform", "--shifts=",
+                             f"--data_dir={fashion_mnist_data_dir}"],
+                            env=finetuned_workdir["env"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert cooked.returncode == 0, cooked.stderr[-3000:]
+    assert f"work directory {work}" in cooked.stdout
+    assert "uniform" in cooked.stdout and "best_ingredient" in cooked.stdout
+    assert checkpoints.is_ingredient(work / "soups" / "uniform")
+    assert (work / "soups" / "report.md").exists()
+
+
+def test_cli_errors_exit_nonzero_with_the_reason(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "soupjax.soup", "--recipe", "uniform",
+                          f"--ingredients={tmp_path}/empty"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode != 0
+    assert "no ingredients found" in out.stderr
+
+
+# ------------------------------------------------------------------------------------------ pre-flight
+
+
+def _write(root: Path, name: str, tree, fingerprint="f0") -> Path:
+    return checkpoints.save_ingredient(root / name, tree, {"init_fingerprint": fingerprint,
+                                                           "metrics": {"heldout": {"accuracy": 0.5}}})
+
+
+def test_preflight_names_the_mismatching_parameter_and_both_shapes(tmp_path):
+    _write(tmp_path, "a", {"params": {"dense": {"kernel": np.zeros((3, 4), np.float32)}}})
+    _write(tmp_path, "b", {"params": {"dense": {"kernel": np.zeros((3, 5), np.float32)}}})
+    with pytest.raises(preflight.PreflightError, match=r"params/dense/kernel.*\(3, 4\).*\(3, 5\)"):
+        preflight.gather(tmp_path)
+
+
+def test_preflight_names_a_missing_parameter(tmp_path):
+    _write(tmp_path, "a", {"params": {"dense": {"kernel": np.zeros(3, np.float32), "bias": np.zeros(3, np.float32)}}})
+    _write(tmp_path, "b", {"params": {"dense": {"kernel": np.zeros(3, np.float32)}}})
+    with pytest.raises(preflight.PreflightError, match="params/dense/bias"):
+        preflight.gather(tmp_path)
+
+
+def test_preflight_refuses_mixed_inits_unless_allowed(tmp_path):
+    tree = {"params": {"w": np.ones(3, np.float32)}}
+    _write(tmp_path, "a", tree, "aaaa")
+    _write(tmp_path, "b", tree, "bbbb")
+    with pytest.raises(preflight.PreflightError, match="different inits.*--allow-mixed-init"):
+        preflight.gather(tmp_path)
+    with pytest.warns(UserWarning, match="different inits"):
+        assert len(preflight.gather(tmp_path, allow_mixed_init=True)) == 2
+
+
+def test_preflight_leaves_out_nan_ingredients_with_a_warning(tmp_path):
+    _write(tmp_path, "good", {"params": {"w": np.ones(3, np.float32)}})
+    _write(tmp_path, "bad", {"params": {"w": np.array([1.0, np.nan, 1.0], np.float32)}})
+    with pytest.warns(UserWarning, match="bad.*NaN or Inf.*params/w"):
+        kept = preflight.gather(tmp_path)
+    assert [ing.name for ing in kept] == ["good"]
+
+
+def test_cli_refuses_mixed_inits_with_exit_code(tmp_path):
+    tree = {"params": {"w": np.ones(3, np.float32)}}
+    _write(tmp_path / "ing", "a", tree, "aaaa")
+    _write(tmp_path / "ing", "b", tree, "bbbb")
+    out = subprocess.run([sys.executable, "-m", "soupjax.soup", "--recipe", "uniform", f"--ingredients={tmp_path}/ing",
+                          f"--out={tmp_path}/out"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 2
+    assert "different inits" in out.stderr
+    assert not (tmp_path / "out" / "uniform").exists()
+
+
+# ------------------------------------------------------------------------------------------- inspect
+
+
+def test_inspect_angles_distances_and_interpolation(mocked_ingredients, tmp_path):
+    from soupjax.inspect_soup import displacement_geometry, inspect
+    d = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    angles, l2 = displacement_geometry(d, d)
+    np.testing.assert_allclose(angles[0, 1], 90.0, atol=1e-6)
+    np.testing.assert_allclose(angles[0, 2], 45.0, atol=1e-6)
+    np.testing.assert_allclose(l2[0, 1], np.sqrt(5.0))
+    with tfds.testing.mock_data(num_examples=64):
+        result = inspect(mocked_ingredients, tmp_path, pairs=1, points=3)
+    assert len(result["names"]) == 3
+    a = np.array(result["angles_deg"])
+    assert a.shape == (3, 3) and np.allclose(a, a.T) and (a[~np.eye(3, dtype=bool)] > 0).all()
+    line = result["interpolation"][0]
+    assert len(line["heldout"]) == 3
+    assert (tmp_path / "inspect.json").exists() and (tmp_path / "angles.png").exists()
+
+
+# ------------------------------------------------------------------------------------ BatchNorm repair
+
+
+class _BNNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        return nn.Dense(2, name="head")(x)
+
+
+def test_recalibration_lifts_a_collapsed_batchnorm_soup():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 512)
+    # The class signal is a small offset on top of a large shared mean: wrong running statistics
+    # (as an averaged soup has) push every example to one side of the decision boundary.
+    x = (100.0 + np.where(labels[:, None] == 1, 1.0, -1.0) * np.array([[1.0, 0.5]])
+         + rng.normal(0, 0.3, (512, 2))).astype(np.float32)
+    model = _BNNet()
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2)))
+    params = jax.tree_util.tree_map(np.asarray, variables["params"])
+    params["head"]["kernel"] = np.array([[-1.0, 1.0], [-0.5, 0.5]], np.float32)
+    params["head"]["bias"] = np.zeros(2, np.float32)
+    collapsed = {"params": params, "batch_stats": {"BatchNorm_0": {"mean": np.full(2, 80.0, np.float32),
+                                                                   "var": np.full(2, 1.0, np.float32)}}}
+
+    def accuracy(v):
+        return float((np.asarray(model.apply(v, x)).argmax(-1) == labels).mean())
+
+    assert accuracy(collapsed) < 0.6
+    batches = [{"image": x[i:i + 64], "label": labels[i:i + 64], "mask": np.ones(64, np.float32)} for i in range(0, 512, 64)]
+    repaired = batchnorm.recalibrate(model, collapsed, batches, num_batches=8)
+    np.testing.assert_allclose(repaired["batch_stats"]["BatchNorm_0"]["mean"], x.mean(0), rtol=1e-3)
+    assert np.all(repaired["batch_stats"]["BatchNorm_0"]["var"] > 0.1)
+    assert accuracy(repaired) > 0.95
+    jax.tree_util.tree_map(np.testing.assert_array_equal, repaired["params"], collapsed["params"])
