@@ -4,7 +4,7 @@
 
 fine-tunes six ingredients (seeds 0-5) with SGD, learning rate 0.1. The reference found that soups of
 such BatchNorm ResNets degrade (greedy steps 14.55, 14.07, 9.08 with ingredients at about 91.3);
-``python -m soupjax.soup --recipe all --recalibrate-bn 200`` measures whether recomputing the
+``python -m soupjax.soup --recipe all --recalibrate_bn 200`` measures whether recomputing the
 BatchNorm statistics recovers them.
 
 Options: init=PATH (timm resnet50d .safetensors/.pth; required outside testing), data_dir=DIR,

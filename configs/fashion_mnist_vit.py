@@ -62,7 +62,7 @@ def get_config(arg: str | None = None):
     if stage == "upstream":
         c.data.classes = UPSTREAM_CLASSES
         c.data.heldout = 2000           # of all 60,000 training images: about 1,000 of classes 0-4
-        c.num_epochs = 5.0
+        c.num_epochs = 2.0
         c.warmup_steps = 200
     elif stage == "downstream":
         c.data.classes = DOWNSTREAM_CLASSES
@@ -70,6 +70,7 @@ def get_config(arg: str | None = None):
         c.data.shuffle_buffer = 10000
         c.data.shifts = ["shift/gaussian_noise-2", "shift/contrast-2"]
         c.head_init = "linear_probe"
+        c.linear_probe.num_examples = 2048
         c.batch_size = 64
         c.warmup_steps = 20
         # Learning rates at or below the pretraining rate keep the ingredients in the basin of the
@@ -77,7 +78,7 @@ def get_config(arg: str | None = None):
         c.sweep.space = {
             "learning_rate": ["log_uniform", 3e-5, 1e-3],
             "weight_decay": ["log_uniform", 1e-5, 1e-2],
-            "total_steps": ["choice", [150, 300]],
+            "total_steps": ["choice", [80, 160]],
             "label_smoothing": ["choice", [0.0, 0.1]],
             "data": {"aug_strength": ["choice", [0.0, 0.5, 1.0]], "mixup_alpha": ["choice", [0.0, 0.2]]},
         }
@@ -108,5 +109,6 @@ def get_config(arg: str | None = None):
         c.checkpoint_every_steps = 2
         c.linear_probe.num_examples = 256
         c.linear_probe.steps = 20
-        del c.sweep.space["num_epochs"]
+        if "num_epochs" in c.sweep.space:
+            del c.sweep.space["num_epochs"]
     return c

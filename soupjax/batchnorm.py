@@ -15,6 +15,22 @@ import jax.numpy as jnp
 import numpy as np
 
 
+_COMPILED: dict[int, tuple[nn.Module, Any]] = {}
+
+
+def _stats_fn(model: nn.Module):
+    """One jitted statistics pass per model, parameters as arguments: greedy and pruned soups
+    recalibrate every candidate, which must not recompile (or bake the weights in as constants)."""
+    if id(model) not in _COMPILED:
+        @jax.jit
+        def stats(params, start, images):
+            _, updates = model.apply({"params": params, "batch_stats": start}, images, train=True,
+                                     mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)})
+            return updates["batch_stats"]
+        _COMPILED[id(model)] = (model, stats)  # the model is kept alive so its id is never reused
+    return _COMPILED[id(model)][1]
+
+
 def recalibrate(model: nn.Module, variables: Mapping[str, Any], batches: Iterable[Mapping[str, np.ndarray]],
                 num_batches: int) -> dict[str, Any]:
     """Return ``variables`` with ``batch_stats`` replaced by the average batch statistics of the soup.
@@ -30,12 +46,10 @@ def recalibrate(model: nn.Module, variables: Mapping[str, Any], batches: Iterabl
     params = variables["params"]
     zeros = jax.tree_util.tree_map(jnp.zeros_like, variables["batch_stats"])
     ones = jax.tree_util.tree_map(jnp.ones_like, variables["batch_stats"])
+    stats_fn = _stats_fn(model)
 
-    @jax.jit
     def stats_from(start, images):
-        _, updates = model.apply({"params": params, "batch_stats": start}, images, train=True,
-                                 mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)})
-        return updates["batch_stats"]
+        return stats_fn(params, start, images)
 
     total, count, scale = None, 0, None
     for batch in batches:

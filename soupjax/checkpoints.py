@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 
 META_FILE = "meta.json"
 VARIABLES_DIR = "variables"
+EVAL_FILE = "eval_logits.npz"   # held-out/test logits from training time, reused when cooking
 
 
 def _to_host(tree: Any) -> Any:
@@ -41,6 +42,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
         f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; metadata is meant to be read by everyone
     os.replace(tmp, path)
 
 
@@ -56,22 +58,43 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def save_ingredient(directory: str | os.PathLike, variables: Mapping[str, Any], meta: Mapping[str, Any]) -> Path:
-    """Write ``variables`` and ``meta`` as an ingredient at ``directory`` (atomically, replacing it)."""
+def save_ingredient(directory: str | os.PathLike, variables: Mapping[str, Any], meta: Mapping[str, Any],
+                    arrays: Mapping[str, np.ndarray] | None = None) -> Path:
+    """Write ``variables`` and ``meta`` as an ingredient at ``directory`` (atomically, replacing it).
+
+    ``arrays`` (optional) are saved beside them as ``eval_logits.npz``.
+    """
     directory = Path(directory).absolute()
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    multihost = jax.process_count() > 1
+    primary = jax.process_index() == 0
+    if multihost:
+        # Orbax saves collectively (it syncs all processes), so every process must call it with the
+        # same path; only the primary process writes the metadata and renames.
+        from jax.experimental import multihost_utils
+        staging = directory.parent / f".{directory.name}.tmp"
+        if primary and staging.exists():
+            shutil.rmtree(staging)
+        multihost_utils.sync_global_devices(f"soupjax-save-start-{directory}")
+    else:
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(staging / VARIABLES_DIR, _to_host(dict(variables)))
         checkpointer.wait_until_finished()
-        write_json_atomic(staging / META_FILE, dict(meta))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
+        if primary:
+            if arrays:
+                np.savez(staging / EVAL_FILE, **arrays)
+            write_json_atomic(staging / META_FILE, dict(meta))
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(staging, directory)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if primary:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
+    if multihost:
+        multihost_utils.sync_global_devices(f"soupjax-save-done-{directory}")
     return directory
 
 

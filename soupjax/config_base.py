@@ -83,3 +83,32 @@ def base_config() -> ml_collections.ConfigDict:
     # Nested keys mirror the config (e.g. {"data": {"mixup_alpha": [...]}}): ConfigDict keys have no dots.
     c.sweep = ml_collections.ConfigDict({"count": 0, "seed": 0, "space": {}})
     return c
+
+
+def as_plain(config: Any) -> Any:
+    """A config (ConfigDict or dict) as plain JSON values, so two can be compared whatever their origin
+    (a live ConfigDict, or one read back from meta.json: tuples become lists, references values)."""
+    import json
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    return json.loads(json.dumps(config, sort_keys=True, default=str))
+
+
+def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted paths whose values differ between two configs, with both values."""
+    a, b = as_plain(a), as_plain(b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for key in sorted(set(a) | set(b)):
+            out += differences(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    if a != b:
+        return [f"{prefix.rstrip('.')}: {a!r} != {b!r}"]
+    return []
+
+
+def fingerprint(config: Any) -> str:
+    """A short hash of a config's plain JSON form (e.g. of the data section, to key cached logits)."""
+    import hashlib
+    import json
+    return hashlib.sha256(json.dumps(as_plain(config), sort_keys=True).encode()).hexdigest()[:16]

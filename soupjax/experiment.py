@@ -77,16 +77,17 @@ def finetune_all(runs, workdir: Path, ingredients_dir: Path, label: str = "ingre
               f"{meta['train_images_per_second']:.0f} img/s)", flush=True)
 
 
-def run_sweep_study(config, workdir: Path, *, recalibrate_bn: int = 0, learned_epochs: int = 5) -> dict:
-    """A reference-scale study: the config's sweep, then every recipe (and, for BatchNorm models,
-    every recipe again with recalibrated statistics)."""
+def run_sweep_study(config, workdir: Path, *, recipe: str = "all", recalibrate_bn: int = 0,
+                    learned_epochs: int = 5) -> dict:
+    """A reference-scale study: the config's sweep, then ``recipe`` (and, for BatchNorm models, the
+    same again with recalibrated statistics, so the two can be compared)."""
     from soupjax import kitchen, sweep
     ingredients_dir = workdir / "ingredients"
     finetune_all(sweep.ingredient_configs(config), workdir, ingredients_dir)
-    results = {"plain": kitchen.cook("all", ingredients_dir, workdir / "soups", learned_epochs=learned_epochs,
+    results = {"plain": kitchen.cook(recipe, ingredients_dir, workdir / "soups", learned_epochs=learned_epochs,
                                      command=" ".join(sys.argv))}
     if recalibrate_bn:
-        results["recalibrated"] = kitchen.cook("all", ingredients_dir, workdir / "soups-recalibrated",
+        results["recalibrated"] = kitchen.cook(recipe, ingredients_dir, workdir / "soups-recalibrated",
                                                recalibrate_bn=recalibrate_bn, learned_epochs=learned_epochs,
                                                command=" ".join(sys.argv))
     return results
@@ -121,7 +122,7 @@ def run_study(config_path: str, workdir: Path, *, quick: bool, seed: int, count:
 
     print(f"[3/3] cooking every recipe ({time.time() - start:.0f}s so far)", flush=True)
     results = kitchen.cook("all", ingredients_dir, workdir / f"soups-seed{seed}",
-                           learned_epochs=2 if quick else 5, command=" ".join(sys.argv))
+                           learned_epochs=2 if quick else 3, command=" ".join(sys.argv))
     print(f"study finished in {time.time() - start:.0f}s; report in {workdir / f'soups-seed{seed}'}", flush=True)
     return results
 
@@ -134,6 +135,10 @@ def main(argv) -> int:
     print(f"soupjax.experiment: work directory {workdir}", flush=True)
     enable_compilation_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(workdir / ".jax_cache"))
     if FLAGS.sweep_config:
+        ignored = [f"--{name}" for name in ("quick", "seed", "ingredients", "config") if FLAGS[name].present]
+        if ignored:
+            raise app.UsageError(f"{', '.join(ignored)} belong to the default study, not to --sweep_config "
+                                 "(set them in the config's options instead)")
         config = load_config(FLAGS.sweep_config)
         if FLAGS.data_dir:
             config.data.data_dir = FLAGS.data_dir

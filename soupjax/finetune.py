@@ -1,7 +1,10 @@
 """Fine-tune ingredients from the command line.
 
     python -m soupjax.finetune --config configs/fashion_mnist_vit.py [--workdir DIR]
-    python -m soupjax.finetune --config configs/fashion_mnist_vit.py:sweep=8 --config.learning_rate=0.01
+    python -m soupjax.finetune --config configs/fashion_mnist_vit.py:sweep=8 --config.batch_size=64
+
+In a sweep, the hyperparameters it draws (config.sweep.space) replace the same fields given on the
+command line.
 
 Each ingredient lands in ``WORKDIR/ingredients/NAME/`` (training state in ``WORKDIR/train/NAME/``).
 Rerunning the same command resumes the unfinished ingredient and skips finished ones. Without

@@ -39,27 +39,29 @@ def displacement_geometry(deltas: np.ndarray, vectors: np.ndarray) -> tuple[np.n
 
 def inspect(ingredients_dir: Path, out: Path, *, config: ConfigDict | None = None, data_dir: str | None = None,
             allow_mixed_init: bool = False,
-            pairs: int = 3, points: int = 11, eval_batch_size: int = 0) -> dict[str, Any]:
+            pairs: int = 3, points: int = 11, eval_batch_size: int = 0, recalibrate_bn: int = 0) -> dict[str, Any]:
     """Compute the angles, distances and interpolation curves; write inspect.md/.json and plots."""
     from soupjax import pretrained, preflight, recipes, report, train
     from soupjax.kitchen import Kitchen, load_config
 
     ingredients = preflight.gather(ingredients_dir, allow_mixed_init=allow_mixed_init)
     config = load_config(ingredients, config, data_dir)
-    init = train.init_variables(config)
-    fingerprint = pretrained.fingerprint(init["params"])
+    model = train.build_model(config)
+    base = train.base_init(config, model)
+    fingerprint = pretrained.fingerprint(base["params"])
     expected = ingredients[0].meta.get("init_fingerprint")
     if expected and fingerprint != expected:
         raise preflight.PreflightError(
             f"the init rebuilt from the config has fingerprint {fingerprint}, the ingredients were fine-tuned "
             f"from {expected}: is init_from ({config.init_from.path or 'none'}) still the same file?")
-    theta0 = _flat_f32(init)
+    theta0 = _flat_f32(train.with_head_init(config, base, model))
     # K vectors of P float32 parameters: fine for the models this is meant for; a streamed Gram matrix
     # would be needed for K x ViT-L.
     vectors = np.stack([_flat_f32(ing.load()) for ing in ingredients])
     angles, l2 = displacement_geometry(vectors - theta0, vectors)
 
-    kitchen = Kitchen(config, out, shifts=[], eval_batch_size=eval_batch_size)
+    # With BatchNorm, points on the line need their own statistics, or every midpoint looks collapsed.
+    kitchen = Kitchen(config, out, shifts=[], eval_batch_size=eval_batch_size, recalibrate_batches=recalibrate_bn)
     heldout = [ing.heldout_accuracy or 0.0 for ing in ingredients]
     ranked = list(np.argsort(heldout)[::-1])
     chosen = list(itertools.combinations(ranked[: max(2, int(np.ceil((1 + np.sqrt(1 + 8 * pairs)) / 2)))], 2))[:pairs]

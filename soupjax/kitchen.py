@@ -14,7 +14,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from ml_collections import ConfigDict
@@ -39,6 +39,12 @@ class Kitchen:
     def __init__(self, config: ConfigDict, out: Path, *, shifts: Sequence[str] | None, eval_batch_size: int,
                  recalibrate_batches: int = 0):
         from soupjax import data, evaluate, sharding, train
+        import jax
+        if jax.process_count() > 1:
+            # Cooking reads and writes shared files and compares accuracies computed per process;
+            # it is meant for one host (which holds every device of a single TPU VM or GPU machine).
+            raise RuntimeError("soupjax.soup runs on one host; start it without jax.distributed "
+                               f"(this is process {jax.process_index()} of {jax.process_count()})")
         self.config = config
         self.out = out
         self.cache = out / "cache"
@@ -67,19 +73,31 @@ class Kitchen:
         return self.evaluator(self.prepare(variables), self.batches("heldout")).accuracy
 
     def evaluate(self, name: str, variables: dict[str, Any] | None, loader: Callable[[], dict] | None = None,
-                 splits: Sequence[str] | None = None) -> ModelEval:
-        """Evaluate on held-out, test and shift splits, with the results cached under ``name``."""
+                 splits: Sequence[str] | None = None, *, key: str = "", prepared: bool = False,
+                 seed_arrays: Mapping[str, np.ndarray] | None = None) -> ModelEval:
+        """Evaluate on held-out, test and shift splits, with the logits cached under ``name``.
+
+        ``key`` names what is evaluated (the cache is only reused for the same key and data config);
+        ``seed_arrays`` are logits already known (an ingredient's from training time); ``prepared``
+        says BatchNorm recalibration was applied already.
+        """
+        from soupjax.config_base import fingerprint
         from soupjax.evaluate import metrics_from_logits
         from soupjax.progress import Progress
         splits = list(splits or ["heldout", *self.report_splits])
-        path = self.cache / f"{name}.npz"
-        stored: dict[str, np.ndarray] = {}
+        tag = fingerprint({"key": key, "data": self.config.data, "recalibrate": self.recalibrate_batches,
+                           "batch": self.batch_size})
+        path = self.cache / f"{name}-{tag}.npz"
+        stored: dict[str, np.ndarray] = dict(seed_arrays or {})
         if path.exists():
             with np.load(path) as f:
-                stored = {k: f[k] for k in f.files}
+                stored.update({k: f[k] for k in f.files})
         missing = [s for s in splits if f"{s}/logits" not in stored]
         if missing:
-            variables = self.prepare(variables if variables is not None else loader())
+            if variables is None and loader is None:
+                raise FileNotFoundError(f"{path} lacks {missing} and no model was given to evaluate")
+            variables = variables if variables is not None else loader()
+            variables = variables if prepared else self.prepare(variables)
             for split in missing:
                 total = self._data.num_examples(self.config.data, split)
                 progress = Progress(total, f"eval {name} {split}", every=15.0)
@@ -93,6 +111,20 @@ class Kitchen:
         labels = {s: stored[f"{s}/labels"] for s in splits}
         metrics = {s: metrics_from_logits(logits[s], labels[s]).metrics() for s in splits}
         return ModelEval(metrics, logits, labels)
+
+    def evaluate_ingredient(self, ingredient) -> ModelEval:
+        """An ingredient on every split; its training-time held-out/test logits are reused when they
+        were computed on the same data config."""
+        from soupjax.checkpoints import EVAL_FILE
+        from soupjax.config_base import fingerprint
+        seed = {}
+        stored = ingredient.path / EVAL_FILE
+        if stored.exists() and ingredient.meta.get("data_fingerprint") == fingerprint(self.config.data):
+            with np.load(stored) as f:
+                seed = {k: f[k] for k in f.files}
+        return self.evaluate(f"ingredient-{ingredient.name}", None, ingredient.load,
+                             key=f"{ingredient.path}:{ingredient.meta.get('init_fingerprint')}", prepared=True,
+                             seed_arrays=seed)
 
 
 def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -139,7 +171,8 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
 
     Returns the results dict that the report is made from.
     """
-    from soupjax import checkpoints, learned, preflight, recipes, report
+    from soupjax import checkpoints, config_base, learned, preflight, recipes, report
+    from soupjax.config_base import fingerprint as config_fingerprint
 
     ingredients = preflight.gather(ingredients_dir, allow_mixed_init=allow_mixed_init)
     config = load_config(ingredients, config, data_dir)
@@ -151,9 +184,7 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
           f"data {config.data.name}; report splits: {', '.join(kitchen.report_splits)}", flush=True)
 
     # 1. Every ingredient on every split, one at a time (cached). Recalibration applies to soups only.
-    kitchen_recal, kitchen.recalibrate_batches = kitchen.recalibrate_batches, 0
-    evals = [kitchen.evaluate(f"ingredient-{ing.name}", None, ing.load) for ing in ingredients]
-    kitchen.recalibrate_batches = kitchen_recal
+    evals = [kitchen.evaluate_ingredient(ing) for ing in ingredients]
     heldout = [ev.accuracy("heldout") for ev in evals]
     best = int(np.argmax(heldout))  # chosen on held-out data, never on test
     rows: list[dict[str, Any]] = []
@@ -169,28 +200,49 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
     histories: dict[str, list] = {}
     fingerprint = ingredients[0].meta.get("init_fingerprint")
 
+    common = {"ingredients": [str(ing.path) for ing in ingredients], "init": fingerprint,
+              "data": config_fingerprint(config.data), "recalibrate_bn": recalibrate_bn}
+    options = {
+        "uniform": {},
+        "greedy": {"strict": greedy_strict, "order": greedy_order, "seed": seed},
+        "pruned": {"strict": greedy_strict, "passes": pruned_passes},
+        "learned_global": {"epochs": learned_epochs, "lr": learned_lr, "seed": seed},
+        "learned_layer": {"epochs": learned_epochs, "lr": learned_lr, "seed": seed},
+    }
+    soup_evals: dict[str, ModelEval] = {}
+
+    def key_of(name: str) -> dict[str, Any]:
+        return config_base.as_plain({**common, **options[name], "recipe": name})
+
     def finish(name: str, variables: dict[str, Any], weights: Sequence[float], seconds: float, extra: dict):
         """Evaluate a cooked soup, save it as an ingredient-format checkpoint, add its report row."""
         variables = kitchen.prepare(variables)
         soup_dir = out / name
-        ev = kitchen.evaluate(f"soup-{name}", variables)
+        key = key_of(name)
+        ev = kitchen.evaluate(f"soup-{name}", variables, key=config_fingerprint(key), prepared=True)
         used = [n for n, w in zip(names, weights) if w > 0]
         meta = {"name": name, "recipe": name, "config": config.to_dict(), "init_fingerprint": fingerprint,
+                "data_fingerprint": config_fingerprint(config.data), "options": key,
                 "ingredients": names, "used": used, "weights": [float(w) for w in weights],
                 "metrics": ev.metrics, "seconds": seconds, "recalibrated_bn_batches": recalibrate_bn, **extra}
         checkpoints.save_ingredient(soup_dir, variables, meta)
+        soup_evals[name] = ev
         rows.append(_row(name, "soup", ev, kitchen, n=len(used), passes=1, seconds=seconds, path=str(soup_dir),
                          weights=weights))
 
     def already(name: str) -> bool:
-        """A soup cooked earlier from the same ingredients is reused (resume)."""
+        """A soup cooked earlier from the same ingredients, data and options is reused (resume)."""
         soup_dir = out / name
         if not checkpoints.is_ingredient(soup_dir):
             return False
         meta = checkpoints.load_meta(soup_dir)
-        if meta.get("ingredients") != names or meta.get("recalibrated_bn_batches") != recalibrate_bn:
+        if meta.get("options") != key_of(name):
+            print(f"{name}: the soup in {soup_dir} was cooked with other ingredients or options; cooking again",
+                  flush=True)
             return False
-        ev = kitchen.evaluate(f"soup-{name}", None, lambda: checkpoints.load_variables(soup_dir))
+        ev = kitchen.evaluate(f"soup-{name}", None, lambda: checkpoints.load_variables(soup_dir),
+                              key=config_fingerprint(key_of(name)), prepared=True)
+        soup_evals[name] = ev
         rows.append(_row(name, "soup", ev, kitchen, n=len(meta["used"]), passes=1, seconds=meta["seconds"],
                          path=str(soup_dir), weights=meta["weights"]))
         if meta.get("progression"):
@@ -236,20 +288,14 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
                    {"history": res.history, "temperature": float(res.temperature),
                     "layer_weights": _jsonable(res.weights) if mode == "layer" else None})
     if "ensemble" in wanted:
-        from soupjax.evaluate import metrics_from_logits
         t = time.time()
-        splits = ["heldout", *kitchen.report_splits]
-        logits = {s: np.mean([ev.logits[s] for ev in evals], axis=0) for s in splits}
-        labels = {s: evals[0].labels[s] for s in splits}
-        ens = ModelEval({s: metrics_from_logits(logits[s], labels[s]).metrics() for s in splits}, logits, labels)
-        rows.append(_row("ensemble", "ensemble", ens, kitchen, n=len(names), passes=len(names),
+        soup_evals["ensemble"] = ensemble_of(evals, ["heldout", *kitchen.report_splits])
+        rows.append(_row("ensemble", "ensemble", soup_evals["ensemble"], kitchen, n=len(names), passes=len(names),
                          seconds=time.time() - t, path=None, weights=[1.0 / len(names)] * len(names)))
 
-    by_name = {"best_ingredient": evals[best]}
     for row in rows:
-        if row["name"] != "best_ingredient":
-            by_name[row["name"]] = _eval_for(row, kitchen, evals)
-        row["vs_best"] = None if row["name"] == "best_ingredient" else _vs_best(by_name[row["name"]], evals[best], kitchen.shifts)
+        row["vs_best"] = (None if row["name"] == "best_ingredient"
+                          else _vs_best(soup_evals[row["name"]], evals[best], kitchen.shifts))
 
     results = {
         "meta": {"ingredients_dir": str(ingredients_dir), "recipes": sorted(wanted), "dataset": config.data.name,
@@ -273,14 +319,12 @@ def load_config(ingredients, config: ConfigDict | None, data_dir: str | None) ->
     return config
 
 
-def _eval_for(row: dict[str, Any], kitchen: Kitchen, evals: list[ModelEval]) -> ModelEval:
-    if row["name"] == "ensemble":
-        splits = ["heldout", *kitchen.report_splits]
-        logits = {s: np.mean([ev.logits[s] for ev in evals], axis=0) for s in splits}
-        labels = {s: evals[0].labels[s] for s in splits}
-        from soupjax.evaluate import metrics_from_logits
-        return ModelEval({s: metrics_from_logits(logits[s], labels[s]).metrics() for s in splits}, logits, labels)
-    return kitchen.evaluate(f"soup-{row['name']}", None, lambda: None)
+def ensemble_of(evals: Sequence[ModelEval], splits: Sequence[str]) -> ModelEval:
+    """The logit ensemble: the mean of the K models' logits (as the official code does)."""
+    from soupjax.evaluate import metrics_from_logits
+    logits = {s: np.mean([ev.logits[s] for ev in evals], axis=0) for s in splits}
+    labels = {s: evals[0].labels[s] for s in splits}
+    return ModelEval({s: metrics_from_logits(logits[s], labels[s]).metrics() for s in splits}, logits, labels)
 
 
 def _named_steps(progression: Sequence[dict[str, Any]], names: Sequence[str]) -> list[dict[str, Any]]:

@@ -75,8 +75,8 @@ def check_init(ingredients: Sequence[Ingredient], allow_mixed_init: bool) -> Non
                    "fine-tuned from one shared init: averaging models from different inits lands between "
                    "loss basins and collapses towards chance.")
         if not allow_mixed_init:
-            raise PreflightError(message + " Pass --allow-mixed-init to cook anyway (e.g. to show the collapse).")
-        warnings.warn(message + " Cooking anyway (--allow-mixed-init).", stacklevel=2)
+            raise PreflightError(message + " Pass --allow_mixed_init to cook anyway (e.g. to show the collapse).")
+        warnings.warn(message + " Cooking anyway (--allow_mixed_init).", stacklevel=2)
 
 
 def finite(variables: Any) -> list[str]:

@@ -20,10 +20,10 @@ DATA_AXIS = "data"
 def initialize_multihost() -> None:
     """Start ``jax.distributed`` when the process is one of several (Cloud TPU pods, multi-node GPU).
 
-    On a TPU VM pod slice JAX finds the coordinator itself; elsewhere the usual
-    ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID`` variables are read by JAX. A
-    single process (the common case, and every test) is left alone, because initialising would try to
-    reach a coordinator.
+    Runs when ``SOUPJAX_MULTIHOST=1`` (on a Cloud TPU pod slice that is all that is needed: JAX then
+    finds the coordinator itself) or when ``JAX_COORDINATOR_ADDRESS`` is set (elsewhere, with
+    ``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``). A single process (the common case, and every test) is
+    left alone, because initialising would try to reach a coordinator.
     """
     wanted = os.environ.get("SOUPJAX_MULTIHOST", "").lower() in ("1", "true", "yes")
     if wanted or os.environ.get("JAX_COORDINATOR_ADDRESS"):

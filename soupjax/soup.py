@@ -63,7 +63,8 @@ def main(argv) -> int:
             from soupjax.inspect_soup import inspect
             inspect(ingredients_dir, out, config=FLAGS.config, data_dir=FLAGS.data_dir,
                     allow_mixed_init=FLAGS.allow_mixed_init,
-                    pairs=FLAGS.inspect_pairs, points=FLAGS.inspect_points, eval_batch_size=FLAGS.eval_batch_size)
+                    pairs=FLAGS.inspect_pairs, points=FLAGS.inspect_points, eval_batch_size=FLAGS.eval_batch_size,
+                    recalibrate_bn=FLAGS.recalibrate_bn)
             return 0
         from soupjax.kitchen import cook
         cook(FLAGS.recipe, ingredients_dir, out, config=FLAGS.config, allow_mixed_init=FLAGS.allow_mixed_init,

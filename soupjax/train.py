@@ -20,11 +20,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from soupjax import checkpoints, data, models, pretrained, sharding
 from soupjax.evaluate import Evaluator
+from soupjax.train_step import apply_for_eval, make_optimizer, make_train_step
 from soupjax.progress import Progress
+from soupjax.config_base import fingerprint as config_fingerprint
 
 Variables = dict[str, Any]
 
@@ -40,8 +41,12 @@ def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
     return (1, config.data.image_size, config.data.image_size, config.data.channels)
 
 
-def init_variables(config: ml_collections.ConfigDict, model=None) -> Variables:
-    """The shared starting point of an ingredient: model init, then ``init_from``, then the head init."""
+def base_init(config: ml_collections.ConfigDict, model=None) -> Variables:
+    """The model init, then ``init_from`` (pretrained weights or an upstream ingredient).
+
+    This is what the init fingerprint is taken of: it is bit-exact wherever it is rebuilt, which the
+    linear-probe head (an optimisation) need not be.
+    """
     model = model or build_model(config)
     rng = jax.random.PRNGKey(config.init_seed)
     variables = jax.jit(lambda r: model.init(r, jnp.zeros(input_shape(config), jnp.float32), train=False))(rng)
@@ -54,12 +59,40 @@ def init_variables(config: ml_collections.ConfigDict, model=None) -> Variables:
             variables = pretrained.merge_params(loaded, variables, dont_load=dont_load, source=str(path))
         else:
             variables = pretrained.load_pretrained(path, variables, dont_load=dont_load)
+    return variables
+
+
+def with_head_init(config: ml_collections.ConfigDict, variables: Variables, model=None) -> Variables:
+    """Apply ``config.head_init`` to a base init ('default' keeps it; 'linear_probe' fits the head)."""
     if config.head_init == "linear_probe":
         from soupjax.linear_probe import fit_head
-        variables = fit_head(model, variables, config)
-    elif config.head_init != "default":
+        return fit_head(model or build_model(config), variables, config)
+    if config.head_init != "default":
         raise ValueError(f"head_init must be 'default' or 'linear_probe', got {config.head_init!r}")
     return variables
+
+
+def init_variables(config: ml_collections.ConfigDict, model=None) -> Variables:
+    """The shared starting point of an ingredient: model init, then ``init_from``, then the head init."""
+    model = model or build_model(config)
+    return with_head_init(config, base_init(config, model), model)
+
+
+def init_fingerprint(config: ml_collections.ConfigDict, model=None) -> str:
+    """Fingerprint of the init an ingredient of ``config`` starts from (before the head init)."""
+    return pretrained.fingerprint(base_init(config, model)["params"])
+
+
+def check_same_config(path: Path, config: ml_collections.ConfigDict, what: str) -> None:
+    """Refuse to resume or reuse work made with another config, naming the fields that differ."""
+    from soupjax.config_base import as_plain, differences
+    if path.is_file():
+        diff = differences(json.loads(path.read_text()), config)
+        if diff:
+            raise ValueError(f"{what} was made with a different config ({path}); differing fields: "
+                             + "; ".join(diff[:8]) + ". Use another work directory, or remove it to start over.")
+    else:
+        checkpoints.write_json_atomic(path, as_plain(config))
 
 
 def total_steps(config: ml_collections.ConfigDict) -> int:
@@ -69,84 +102,16 @@ def total_steps(config: ml_collections.ConfigDict) -> int:
     return max(1, int(math.ceil(config.num_epochs * n / config.batch_size)))
 
 
-def make_optimizer(config: ml_collections.ConfigDict, steps: int) -> optax.GradientTransformation:
-    """SGD+momentum or AdamW with linear warm-up and cosine decay, decay on kernels only, clipping."""
-    warmup = min(int(config.warmup_steps), max(steps - 1, 0))
-    if warmup > 0:
-        schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, steps, 0.0)
-    else:
-        schedule = optax.cosine_decay_schedule(config.learning_rate, steps)
-    # Biases and normalisation scales are not decayed (the usual practice for ViT and ResNet).
-    decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
-    parts = []
-    if config.grad_clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
-    if config.optimizer == "sgd":
-        if config.weight_decay > 0:
-            parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
-        parts.append(optax.sgd(schedule, momentum=config.momentum or None))
-    elif config.optimizer == "adamw":
-        parts.append(optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask))
-    else:
-        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}")
-    return optax.chain(*parts), schedule
-
-
-def _smooth(targets: jax.Array, label_smoothing: float) -> jax.Array:
-    num_classes = targets.shape[-1]
-    return targets * (1.0 - label_smoothing) + label_smoothing / num_classes
-
-
-def make_train_step(model, tx: optax.GradientTransformation, schedule, label_smoothing: float, mesh):
-    """The jitted step: replicated state in and out (donated), batch split over ``data``."""
-
-    def step_fn(state: dict, batch: Mapping[str, jax.Array], rng: jax.Array):
-        has_bn = "batch_stats" in state
-        dropout_rng = jax.random.fold_in(rng, state["step"])
-
-        def loss_fn(params):
-            variables = {"params": params}
-            if has_bn:
-                variables["batch_stats"] = state["batch_stats"]
-                logits, updates = model.apply(variables, batch["image"], train=True,
-                                              rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
-                new_bn = updates["batch_stats"]
-            else:
-                logits = model.apply(variables, batch["image"], train=True, rngs={"dropout": dropout_rng})
-                new_bn = None
-            logits = logits.astype(jnp.float32)
-            loss = optax.softmax_cross_entropy(logits, _smooth(batch["targets"], label_smoothing)).mean()
-            return loss, (logits, new_bn)
-
-        (loss, (logits, new_bn)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new_state = dict(state, params=optax.apply_updates(state["params"], updates),
-                         opt_state=opt_state, step=state["step"] + 1)
-        if has_bn:
-            new_state["batch_stats"] = new_bn
-        metrics = {
-            "loss": loss,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-            "grad_norm": optax.global_norm(grads),
-            "learning_rate": schedule(state["step"]),
-        }
-        return new_state, metrics
-
-    replicated = sharding.replicated(mesh)
-    return jax.jit(step_fn, in_shardings=(replicated, sharding.batch_sharded(mesh), replicated),
-                   out_shardings=(replicated, replicated), donate_argnums=(0,))
-
-
-def apply_for_eval(model):
-    """``(variables, images) -> logits`` in evaluation mode, for the evaluator and the soups."""
-    return lambda variables, images: model.apply(variables, images, train=False)
-
-
 class MetricsWriter:
     """Metrics as JSON lines (always) and TensorBoard summaries (when TensorFlow is importable)."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, start_step: int = 0):
         self.path = workdir / "metrics.jsonl"
+        if jax.process_index() == 0 and self.path.exists():
+            # After a resume, drop the lines of steps that are being trained again.
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
         self._tb = None
         if jax.process_index() == 0:
             try:
@@ -182,10 +147,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     ingredient_dir = Path(ingredient_dir or workdir / "ingredient").absolute()
     mesh = sharding.data_mesh()
     sharding.check_global_batch_size(config.batch_size)
+    sharding.check_global_batch_size(config.eval_batch_size)
+    if data.num_examples(config.data, "heldout") == 0:
+        raise ValueError("config.data.heldout is 0: an ingredient needs a held-out split (a fraction or a "
+                         "count of training examples) for its held-out accuracy, which soups rank by")
+    check_same_config(workdir / "config.json", config, f"the training state in {workdir}")
 
     model = build_model(config)
-    init = init_variables(config, model)
-    fingerprint = pretrained.fingerprint(init["params"])
+    base = base_init(config, model)
+    fingerprint = pretrained.fingerprint(base["params"])
+    init = with_head_init(config, base, model)
     steps = total_steps(config)
     tx, schedule = make_optimizer(config, steps)
 
@@ -200,10 +171,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         state = restored
         logging.info("resumed from step %d in %s", int(state["step"]), ckpts.directory)
     start_step = int(state["step"])
+    if start_step > steps:
+        raise ValueError(f"{ckpts.directory} holds step {start_step}, beyond this config's {steps} steps")
 
     train_step = make_train_step(model, tx, schedule, config.label_smoothing, mesh)
     rng = jax.random.PRNGKey(config.seed)
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, start_step)
     batches = data.train_batches(config.data, config.batch_size, seed=config.seed, start_step=start_step)
     progress = Progress(steps, f"train {ingredient_dir.name}", unit="steps", every=10.0)
     progress.done = start_step
@@ -227,7 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 metrics["images_per_second"] = rate
             writer.write(step + 1, metrics)
             history.append({"step": step + 1, **metrics})
-        progress(1, loss=float(history[-1]["loss"]) if history else float("nan"))
+        progress(1, **({"loss": history[-1]["loss"]} if history else {}))
         ckpts.save(step + 1, state)
     jax.block_until_ready(state)
     train_time = time.time() - t0
@@ -240,16 +213,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         variables["batch_stats"] = state["batch_stats"]
     variables = jax.device_get(variables)
     evaluator = Evaluator(apply_for_eval(model), mesh)
-    metrics = {}
+    metrics, logits = {}, {}
     for split in ("heldout", "test"):
-        result = evaluator(variables, data.eval_batches(config.data, split, config.eval_batch_size))
+        result = evaluator(variables, data.eval_batches(config.data, split, config.eval_batch_size), keep_logits=True)
         metrics[split] = result.metrics()
+        # Kept with the ingredient so that cooking soups never evaluates an ingredient twice.
+        logits[f"{split}/logits"], logits[f"{split}/labels"] = result.logits, result.labels
         logging.info("%s: %s accuracy %.4f loss %.4f", ingredient_dir.name, split, result.accuracy, result.loss)
 
     meta = {
         "name": ingredient_dir.name,
         "config": config.to_dict(),
         "init_fingerprint": fingerprint,
+        "data_fingerprint": config_fingerprint(config.data),
         "init_from": config.init_from.path,
         "metrics": metrics,
         "steps": steps,
@@ -261,8 +237,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         "platform": jax.devices()[0].platform,
         **(dict(extra_meta) if extra_meta else {}),
     }
+    # Every process takes part in the save (orbax syncs them); the primary one writes the metadata.
+    checkpoints.save_ingredient(ingredient_dir, variables, meta, arrays=logits if jax.process_count() == 1 else None)
     if jax.process_index() == 0:
-        checkpoints.save_ingredient(ingredient_dir, variables, meta)
         if not config.keep_train_checkpoints:
             shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
     return meta

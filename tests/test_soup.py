@@ -155,7 +155,7 @@ def test_preflight_refuses_mixed_inits_unless_allowed(tmp_path):
     tree = {"params": {"w": np.ones(3, np.float32)}}
     _write(tmp_path, "a", tree, "aaaa")
     _write(tmp_path, "b", tree, "bbbb")
-    with pytest.raises(preflight.PreflightError, match="different inits.*--allow-mixed-init"):
+    with pytest.raises(preflight.PreflightError, match="different inits.*--allow_mixed_init"):
         preflight.gather(tmp_path)
     with pytest.warns(UserWarning, match="different inits"):
         assert len(preflight.gather(tmp_path, allow_mixed_init=True)) == 2
