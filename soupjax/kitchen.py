@@ -57,9 +57,25 @@ class Kitchen:
         self.report_splits = ["test", *self.shifts]
         self.recalibrate_batches = recalibrate_batches
         self._data = data
+        self._kept: dict[str, list] = {}
+        self._kept_bytes = 0
+
+    # Splits whose preprocessed images fit in this many bytes are kept in memory after their first
+    # pass: a kitchen evaluates K ingredients and every soup on the same splits, and on a small model
+    # the input pipeline would otherwise cost as much as the forward pass.
+    MEMORY_FOR_SPLITS = 2 * 2**30
 
     def batches(self, split: str):
-        return self._data.eval_batches(self.config.data, split, self.batch_size)
+        """The evaluation batches of ``split`` (from memory after the first pass when they fit)."""
+        if split in self._kept:
+            return iter(self._kept[split])
+        c = self.config.data
+        size = self._data.num_examples(c, split) * c.image_size ** 2 * c.channels * 4
+        if split == "train" or self._kept_bytes + size > self.MEMORY_FOR_SPLITS:
+            return self._data.eval_batches(c, split, self.batch_size)
+        self._kept[split] = list(self._data.eval_batches(c, split, self.batch_size))
+        self._kept_bytes += size
+        return iter(self._kept[split])
 
     def prepare(self, variables: dict[str, Any]) -> dict[str, Any]:
         """What a candidate soup goes through before it is evaluated (BatchNorm recalibration)."""
