@@ -185,23 +185,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     # Throughput is measured from the end of the first step on, so that compilation and the first
     # fill of the shuffle buffer do not count as training speed.
     steady_start, steady_step = None, start_step
-    for step in range(start_step, steps):
-        batch = sharding.shard_batch(next(batches), mesh)
-        state, metrics = train_step(state, batch, rng)
-        if steady_start is None:
-            jax.block_until_ready(metrics)
-            steady_start, steady_step = time.time(), step + 1
-        if (step + 1) % config.log_every_steps == 0 or step + 1 == steps:
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not np.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}; lower the learning rate")
-            if step + 1 > steady_step:
-                rate = (step + 1 - steady_step) * config.batch_size / max(time.time() - steady_start, 1e-9)
-                metrics["images_per_second"] = rate
-            writer.write(step + 1, metrics)
-            history.append({"step": step + 1, **metrics})
-        progress(1, **({"loss": history[-1]["loss"]} if history else {}))
-        ckpts.save(step + 1, state)
+    try:
+        for step in range(start_step, steps):
+            batch = sharding.shard_batch(next(batches), mesh)
+            state, metrics = train_step(state, batch, rng)
+            if steady_start is None:
+                jax.block_until_ready(metrics)
+                steady_start, steady_step = time.time(), step + 1
+            if (step + 1) % config.log_every_steps == 0 or step + 1 == steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not np.isfinite(metrics["loss"]):
+                    raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}; lower the learning rate")
+                if step + 1 > steady_step:
+                    rate = (step + 1 - steady_step) * config.batch_size / max(time.time() - steady_start, 1e-9)
+                    metrics["images_per_second"] = rate
+                writer.write(step + 1, metrics)
+                history.append({"step": step + 1, **metrics})
+            progress(1, **({"loss": history[-1]["loss"]} if history else {}))
+            ckpts.save(step + 1, state)
+    except BaseException:
+        # Interrupted (preemption signal, Ctrl-C, an error): let a checkpoint already being written
+        # finish, so that the rerun resumes from it instead of from the one before.
+        ckpts.close()
+        raise
     jax.block_until_ready(state)
     train_time = time.time() - t0
     if ckpts.latest_step() != steps:

@@ -9,6 +9,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
 
+# The importer parity tests import timm, whose torchvision pulls in triton. Loading triton after
+# TensorFlow's libraries segfaults the process (seen with tensorflow-cpu 2.21 and triton 3.8), so when
+# the test extras are installed, triton is loaded first in every test process.
+try:
+    import triton  # noqa: F401,E402
+except ImportError:
+    pass
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent XLA cache per test process: the trainer tests compile the same programs many times."""
+    from soupjax.workdirs import enable_compilation_cache
+    directory = str(tmp_path_factory.mktemp("jax_cache"))
+    enable_compilation_cache(directory)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = directory  # for the subprocesses the CLI tests start
+    return directory
+
 
 @pytest.fixture(scope="session")
 def fashion_mnist_data_dir(tmp_path_factory) -> str:
