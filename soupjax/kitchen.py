@@ -101,7 +101,7 @@ class Kitchen:
         from soupjax.evaluate import metrics_from_logits
         from soupjax.progress import Progress
         splits = list(splits or ["heldout", *self.report_splits])
-        tag = fingerprint({"key": key, "data": self.config.data, "recalibrate": self.recalibrate_batches,
+        tag = fingerprint({"key": key, "data": self._data.eval_fingerprint(self.config.data), "recalibrate": self.recalibrate_batches,
                            "batch": self.batch_size})
         path = self.cache / f"{name}-{tag}.npz"
         stored: dict[str, np.ndarray] = dict(seed_arrays or {})
@@ -135,7 +135,7 @@ class Kitchen:
         from soupjax.config_base import fingerprint
         seed = {}
         stored = ingredient.path / EVAL_FILE
-        if stored.exists() and ingredient.meta.get("data_fingerprint") == fingerprint(self.config.data):
+        if stored.exists() and ingredient.meta.get("data_fingerprint") == self._data.eval_fingerprint(self.config.data):
             with np.load(stored) as f:
                 seed = {k: f[k] for k in f.files}
         return self.evaluate(f"ingredient-{ingredient.name}", None, ingredient.load,
@@ -187,7 +187,7 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
 
     Returns the results dict that the report is made from.
     """
-    from soupjax import checkpoints, config_base, learned, preflight, recipes, report
+    from soupjax import checkpoints, config_base, data, learned, preflight, recipes, report
     from soupjax.config_base import fingerprint as config_fingerprint
 
     ingredients = preflight.gather(ingredients_dir, allow_mixed_init=allow_mixed_init)
@@ -217,7 +217,7 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
     fingerprint = ingredients[0].meta.get("init_fingerprint")
 
     common = {"ingredients": [str(ing.path) for ing in ingredients], "init": fingerprint,
-              "data": config_fingerprint(config.data), "recalibrate_bn": recalibrate_bn}
+              "data": data.eval_fingerprint(config.data), "recalibrate_bn": recalibrate_bn}
     options = {
         "uniform": {},
         "greedy": {"strict": greedy_strict, "order": greedy_order, "seed": seed},
@@ -238,7 +238,7 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
         ev = kitchen.evaluate(f"soup-{name}", variables, key=config_fingerprint(key), prepared=True)
         used = [n for n, w in zip(names, weights) if w > 0]
         meta = {"name": name, "recipe": name, "config": config.to_dict(), "init_fingerprint": fingerprint,
-                "data_fingerprint": config_fingerprint(config.data), "options": key,
+                "data_fingerprint": data.eval_fingerprint(config.data), "options": key,
                 "ingredients": names, "used": used, "weights": [float(w) for w in weights],
                 "metrics": ev.metrics, "seconds": seconds, "recalibrated_bn_batches": recalibrate_bn, **extra}
         checkpoints.save_ingredient(soup_dir, variables, meta)

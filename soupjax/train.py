@@ -25,7 +25,6 @@ from soupjax import checkpoints, data, models, pretrained, sharding
 from soupjax.evaluate import Evaluator
 from soupjax.train_step import apply_for_eval, make_optimizer, make_train_step
 from soupjax.progress import Progress
-from soupjax.config_base import fingerprint as config_fingerprint
 
 Variables = dict[str, Any]
 
@@ -231,7 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         "name": ingredient_dir.name,
         "config": config.to_dict(),
         "init_fingerprint": fingerprint,
-        "data_fingerprint": config_fingerprint(config.data),
+        "data_fingerprint": data.eval_fingerprint(config.data),
         "init_from": config.init_from.path,
         "metrics": metrics,
         "steps": steps,

@@ -108,6 +108,20 @@ def test_greedy_and_pruned_never_read_the_test_split(mocked_ingredients, tmp_pat
     assert all(reads == ["heldout"] for reads in candidate_reads), candidate_reads
 
 
+
+def test_cooking_reuses_training_time_logits_across_augmentation_sweeps(mocked_ingredients, tmp_path, monkeypatch):
+    # The sweep draws data.aug_strength / mixup per ingredient; that changes training only, so each
+    # ingredient's held-out and test logits from training time must serve the kitchen as they are.
+    metas = [checkpoints.load_meta(p) for p in checkpoints.list_ingredients(mocked_ingredients)]
+    assert len({json.dumps(m["config"]["data"], sort_keys=True) for m in metas}) > 1, "sweep did not vary data"
+    seen = []
+    real_batches = soup.Kitchen.batches
+    monkeypatch.setattr(soup.Kitchen, "batches", lambda self, split: seen.append(split) or real_batches(self, split))
+    with tfds.testing.mock_data(num_examples=64):
+        soup.cook("uniform", mocked_ingredients, tmp_path / "u", shifts=[])
+    assert seen == ["heldout", "test"], f"splits read (only the soup should be evaluated): {seen}"
+
+
 def test_bare_cli_finds_the_ingredients_of_a_bare_finetune(finetuned_workdir, fashion_mnist_data_dir):
     work = finetuned_workdir["workdir"]
     cooked = subprocess.run([sys.executable, "-m", "soupjax.soup", "--recipe", "uniform", "--shifts=",

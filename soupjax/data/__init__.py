@@ -13,6 +13,7 @@ Importing this package registers the TFDS builder 'fashion_mnist_local'.
 from soupjax.data import fashion_mnist_local  # registers the builder
 from soupjax.data.pipeline import default_data_config
 from soupjax.data.pipeline import eval_batches
+from soupjax.data.pipeline import eval_fingerprint
 from soupjax.data.pipeline import logit_projection
 from soupjax.data.pipeline import num_classes
 from soupjax.data.pipeline import num_examples
@@ -20,6 +21,6 @@ from soupjax.data.pipeline import shift_splits
 from soupjax.data.pipeline import train_batches
 
 __all__ = [
-    "default_data_config", "eval_batches", "fashion_mnist_local", "logit_projection", "num_classes",
+    "default_data_config", "eval_batches", "eval_fingerprint", "fashion_mnist_local", "logit_projection", "num_classes",
     "num_examples", "shift_splits", "train_batches",
 ]

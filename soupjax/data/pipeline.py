@@ -71,6 +71,23 @@ def default_data_config() -> ml_collections.ConfigDict:
     ))
 
 
+# Fields that change only how training images are drawn, or where the files live: two configs that
+# differ in these alone give the same evaluation examples, so logits computed under one serve the other.
+TRAINING_ONLY_FIELDS = ("data_dir", "download", "train_crop", "pad", "flip", "aug_strength", "mixup_alpha",
+                        "shuffle_buffer", "shifts", "cache")
+
+
+def eval_fingerprint(cfg) -> str:
+    """A hash of what decides the evaluation examples of every split (not the training augmentation).
+
+    An ingredient's training-time logits are reused when cooking only under the same hash; a sweep
+    over augmentation strength or mixup must not make every ingredient be evaluated again.
+    """
+    from soupjax.config_base import as_plain, fingerprint
+    plain = as_plain(cfg)
+    return fingerprint({k: v for k, v in plain.items() if k not in TRAINING_ONLY_FIELDS})
+
+
 # ---------------------------------------------------------------------------------------------- sources
 
 
