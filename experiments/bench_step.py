@@ -43,23 +43,23 @@ def main() -> None:
     variables = jax.jit(lambda r: model.init(r, jnp.zeros((1,) + shape[1:]), train=False))(jax.random.PRNGKey(0))
     config = types.SimpleNamespace(warmup_steps=10, learning_rate=0.003, grad_clip_norm=1.0, optimizer="sgd",
                                    weight_decay=0.0, momentum=0.9)
-    tx, schedule = make_optimizer(config, 1000)
+    tx, hparams = make_optimizer(config, 1000)
     state = {"step": jnp.zeros((), jnp.int32), "params": variables["params"], "opt_state": tx.init(variables["params"])}
     if "batch_stats" in variables:
         state["batch_stats"] = variables["batch_stats"]
     state = sharding.replicate(state, mesh)
-    step = make_train_step(model, tx, schedule, 0.0, mesh)
+    step = make_train_step(model, tx, mesh)
     rng = np.random.default_rng(0)
     batch = {"image": rng.standard_normal(shape, np.float32), "label": rng.integers(0, args.num_classes, args.batch),
              "targets": np.eye(args.num_classes, dtype=np.float32)[rng.integers(0, args.num_classes, args.batch)]}
     batch = sharding.shard_batch(batch, mesh)
     t = time.perf_counter()
-    state, metrics = step(state, batch, jax.random.PRNGKey(0))
+    state, metrics = step(state, batch, jax.random.PRNGKey(0), hparams)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(args.steps):
-        state, metrics = step(state, batch, jax.random.PRNGKey(0))
+        state, metrics = step(state, batch, jax.random.PRNGKey(0), hparams)
     jax.block_until_ready(metrics)
     train_rate = args.steps * args.batch / (time.perf_counter() - t)
 

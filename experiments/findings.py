@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from soupjax import checkpoints, kitchen, train
-from soupjax.experiment import finetune_all, load_config
+from soupjax.experiment import load_config
+from soupjax.sweep import finetune_all
 from soupjax.workdirs import enable_compilation_cache, quiet_logs
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist_vit.py")

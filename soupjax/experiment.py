@@ -62,28 +62,13 @@ def load_config(spec: str):
     return load_config_module(path).get_config(arg or None)
 
 
-def finetune_all(runs, workdir: Path, ingredients_dir: Path, label: str = "ingredient") -> None:
-    """Fine-tune every ``(name, config, hparams)`` of a sweep that is not finished yet."""
-    from soupjax import checkpoints, train
-    for i, (name, config, hparams) in enumerate(runs, 1):
-        target = ingredients_dir / name
-        if checkpoints.is_ingredient(target):
-            continue
-        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hparams.items())
-        print(f"[{label} {i}/{len(runs)}] {name}: {shown or 'config as given'}", flush=True)
-        meta = train.train_and_evaluate(config, workdir / "train" / name, target, extra_meta={"hparams": hparams})
-        print(f"[{label} {i}/{len(runs)}] {name}: held-out {meta['metrics']['heldout']['accuracy']:.4f} "
-              f"test {meta['metrics']['test']['accuracy']:.4f} ({meta['train_seconds']:.0f}s, "
-              f"{meta['train_images_per_second']:.0f} img/s)", flush=True)
-
-
 def run_sweep_study(config, workdir: Path, *, recipe: str = "all", recalibrate_bn: int = 0,
                     learned_epochs: int = 5) -> dict:
     """A reference-scale study: the config's sweep, then ``recipe`` (and, for BatchNorm models, the
     same again with recalibrated statistics, so the two can be compared)."""
     from soupjax import kitchen, sweep
     ingredients_dir = workdir / "ingredients"
-    finetune_all(sweep.ingredient_configs(config), workdir, ingredients_dir)
+    sweep.finetune_all(sweep.ingredient_configs(config), workdir, ingredients_dir)
     results = {"plain": kitchen.cook(recipe, ingredients_dir, workdir / "soups", learned_epochs=learned_epochs,
                                      command=" ".join(sys.argv))}
     if recalibrate_bn:
@@ -118,7 +103,7 @@ def run_study(config_path: str, workdir: Path, *, quick: bool, seed: int, count:
     if data_dir:
         downstream.data.data_dir = data_dir
     ingredients_dir = workdir / f"ingredients-seed{seed}"
-    finetune_all(sweep.ingredient_configs(downstream), workdir, ingredients_dir, label="2/3 ingredient")
+    sweep.finetune_all(sweep.ingredient_configs(downstream), workdir, ingredients_dir, label="2/3 ingredient")
 
     print(f"[3/3] cooking every recipe ({time.time() - start:.0f}s so far)", flush=True)
     results = kitchen.cook("all", ingredients_dir, workdir / f"soups-seed{seed}",

@@ -13,12 +13,11 @@ Rerunning the same command resumes the unfinished ingredient and skips finished 
 from __future__ import annotations
 
 import os
-import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from soupjax import checkpoints, sharding, sweep
+from soupjax import sharding, sweep
 from soupjax.workdirs import default_workdir, enable_compilation_cache, quiet_logs
 
 FLAGS = flags.FLAGS
@@ -33,27 +32,11 @@ def main(argv) -> int:
     if FLAGS.config is None:
         raise app.UsageError("--config is required, e.g. --config configs/fashion_mnist_vit.py")
     sharding.initialize_multihost()
-    from soupjax import train  # after multi-host start: it imports jax-using modules
 
     workdir = os.path.abspath(FLAGS.workdir or default_workdir())
     print(f"soupjax.finetune: work directory {workdir}", flush=True)
     enable_compilation_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(workdir, ".jax_cache"))
-    runs = sweep.ingredient_configs(FLAGS.config)
-    start = time.time()
-    for i, (name, config, hparams) in enumerate(runs, 1):
-        ingredient_dir = os.path.join(workdir, "ingredients", name)
-        if checkpoints.is_ingredient(ingredient_dir):
-            print(f"[{i}/{len(runs)}] {name}: finished earlier, skipped", flush=True)
-            continue
-        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hparams.items())
-        print(f"[{i}/{len(runs)}] {name}: {shown or 'config as given'}", flush=True)
-        meta = train.train_and_evaluate(config, os.path.join(workdir, "train", name), ingredient_dir,
-                                        extra_meta={"hparams": hparams})
-        m = meta["metrics"]
-        elapsed = time.time() - start
-        print(f"[{i}/{len(runs)}] {name}: held-out {m['heldout']['accuracy']:.4f}  test {m['test']['accuracy']:.4f}  "
-              f"({meta['train_seconds']:.0f}s, {meta['train_images_per_second']:.0f} img/s; "
-              f"{elapsed:.0f}s elapsed) -> {ingredient_dir}", flush=True)
+    sweep.finetune_all(sweep.ingredient_configs(FLAGS.config), workdir)
     return 0
 
 

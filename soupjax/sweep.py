@@ -85,3 +85,46 @@ def ingredient_configs(config: ml_collections.ConfigDict) -> list[tuple[str, ml_
         run = apply(config, hparams)
         runs.append((f"sweep{int(config.sweep.seed)}_{i:03d}", run, hparams))
     return runs
+
+
+def finetune_all(runs: list[tuple[str, ml_collections.ConfigDict, dict[str, Any]]], workdir, ingredients_dir=None,
+                 label: str = "") -> list[dict[str, Any]]:
+    """Fine-tune every ``(name, config, hparams)`` of ``runs`` that is not finished yet; return their metas.
+
+    Ingredients land in ``ingredients_dir/NAME`` (default ``workdir/ingredients``), training state in
+    ``workdir/train/NAME``. A finished ingredient is skipped only when it was made with the same config:
+    a changed config in the same directory is refused with the differing fields named, because a
+    sweep silently mixing old and new ingredients would make a soup of things nobody asked for.
+    """
+    import time
+    from pathlib import Path
+
+    from soupjax import checkpoints, train
+    from soupjax.config_base import differences
+
+    workdir = Path(workdir)
+    ingredients_dir = Path(ingredients_dir) if ingredients_dir else workdir / "ingredients"
+    prefix = f"{label} " if label else ""
+    start, metas = time.time(), []
+    for i, (name, config, hparams) in enumerate(runs, 1):
+        tag = f"[{prefix}{i}/{len(runs)}] {name}"
+        target = ingredients_dir / name
+        if checkpoints.is_ingredient(target):
+            meta = checkpoints.load_meta(target)
+            # Where the data files live may change between machines; what they contain may not.
+            diff = [d for d in differences(meta.get("config", {}), config) if not d.startswith("data.data_dir")]
+            if diff:
+                raise ValueError(f"{target} was fine-tuned with a different config; differing fields: "
+                                 + "; ".join(diff[:8]) + ". Use another work directory, or remove it to retrain.")
+            print(f"{tag}: finished earlier, skipped", flush=True)
+            metas.append(meta)
+            continue
+        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in hparams.items())
+        print(f"{tag}: {shown or 'config as given'}", flush=True)
+        meta = train.train_and_evaluate(config, workdir / "train" / name, target, extra_meta={"hparams": hparams})
+        m = meta["metrics"]
+        print(f"{tag}: held-out {m['heldout']['accuracy']:.4f}  test {m['test']['accuracy']:.4f}  "
+              f"({meta['train_seconds']:.0f}s, {meta['train_images_per_second']:.0f} img/s; "
+              f"{time.time() - start:.0f}s elapsed) -> {target}", flush=True)
+        metas.append(meta)
+    return metas

@@ -157,7 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     fingerprint = pretrained.fingerprint(base["params"])
     init = with_head_init(config, base, model)
     steps = total_steps(config)
-    tx, schedule = make_optimizer(config, steps)
+    tx, hparams = make_optimizer(config, steps)
 
     state = {"step": jnp.zeros((), jnp.int32), "params": init["params"], "opt_state": tx.init(init["params"])}
     if "batch_stats" in init:
@@ -173,7 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if start_step > steps:
         raise ValueError(f"{ckpts.directory} holds step {start_step}, beyond this config's {steps} steps")
 
-    train_step = make_train_step(model, tx, schedule, config.label_smoothing, mesh)
+    train_step = make_train_step(model, tx, mesh)
     rng = jax.random.PRNGKey(config.seed)
     writer = MetricsWriter(workdir, start_step)
     batches = data.train_batches(config.data, config.batch_size, seed=config.seed, start_step=start_step)
@@ -187,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     try:
         for step in range(start_step, steps):
             batch = sharding.shard_batch(next(batches), mesh)
-            state, metrics = train_step(state, batch, rng)
+            state, metrics = train_step(state, batch, rng, hparams)
             if steady_start is None:
                 jax.block_until_ready(metrics)
                 steady_start, steady_step = time.time(), step + 1

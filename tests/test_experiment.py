@@ -42,7 +42,8 @@ def test_quick_study_runs_end_to_end(tmp_path, fashion_mnist_data_dir):
                            timeout=900, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "upstream: finished earlier" in again.stdout
-    assert "[2/3 ingredient" not in again.stdout
+    skipped = [line for line in again.stdout.splitlines() if line.startswith("[2/3 ingredient")]
+    assert skipped and all(line.endswith("finished earlier, skipped") for line in skipped), skipped
     assert again.stdout.count("cooked earlier, reused") == 5
 
 

@@ -115,14 +115,15 @@ mesh = sharding.data_mesh()
 model = train.build_model(config)
 with tfds.testing.mock_data(num_examples=64):
     init = train.init_variables(config, model)
-    tx, schedule = train.make_optimizer(config, 3)
+    config.label_smoothing = 0.1
+    tx, hparams = train.make_optimizer(config, 3)
     state = sharding.replicate({"step": np.zeros((), np.int32), "params": init["params"],
                                 "opt_state": tx.init(init["params"])}, mesh)
-    step = train.make_train_step(model, tx, schedule, 0.1, mesh)
+    step = train.make_train_step(model, tx, mesh)
     batches = data.train_batches(config.data, config.batch_size, seed=0)
     losses = []
     for _ in range(3):
-        state, metrics = step(state, sharding.shard_batch(next(batches), mesh), jax.random.PRNGKey(0))
+        state, metrics = step(state, sharding.shard_batch(next(batches), mesh), jax.random.PRNGKey(0), hparams)
         losses.append(float(metrics["loss"]))
 print(json.dumps({"devices": jax.device_count(), "losses": losses}))
 """
