@@ -38,7 +38,7 @@ flags.DEFINE_string("config", "configs/fashion_mnist_vit.py", "Config file with 
 flags.DEFINE_string("workdir", None, "Work directory (default: $SOUPJAX_WORKDIR/study or ./runs/soupjax/study).")
 flags.DEFINE_bool("quick", False, "A shrunk study (about 3 minutes on 2 cores) that tells the same story less surely.")
 flags.DEFINE_integer("seed", 0, "Sweep seed: hyperparameter draws and data orders of the ingredients.")
-flags.DEFINE_integer("ingredients", 8, "Number of ingredients in the sweep.")
+flags.DEFINE_integer("ingredients", None, "Number of ingredients in the sweep (default 8; 6 with --quick).")
 flags.DEFINE_string("data_dir", None, "TFDS data directory (default: TFDS's own).")
 flags.DEFINE_string("sweep_config", None, "Instead of the default study: fine-tune the sweep of this config "
                     "(FILE[:options]) and cook every recipe from it.")
@@ -129,7 +129,8 @@ def main(argv) -> int:
             config.data.data_dir = FLAGS.data_dir
         run_sweep_study(config, workdir, recalibrate_bn=FLAGS.recalibrate_bn)
     else:
-        run_study(FLAGS.config, workdir, quick=FLAGS.quick, seed=FLAGS.seed, count=FLAGS.ingredients,
+        count = FLAGS.ingredients or (6 if FLAGS.quick else 8)
+        run_study(FLAGS.config, workdir, quick=FLAGS.quick, seed=FLAGS.seed, count=count,
                   data_dir=FLAGS.data_dir)
     return 0
 

@@ -25,7 +25,7 @@ def test_quick_study_runs_end_to_end(tmp_path, fashion_mnist_data_dir):
     assert "p=" in out.stdout, "the table reports paired significance"
     upstream = checkpoints.load_meta(tmp_path / "upstream" / "ingredient")
     ingredients = checkpoints.list_ingredients(tmp_path / "ingredients-seed0")
-    assert len(ingredients) == 8
+    assert len(ingredients) == 6
     metas = [checkpoints.load_meta(p) for p in ingredients]
     assert {m["init_from"] for m in metas} == {str(tmp_path / "upstream" / "ingredient")}
     assert len({m["init_fingerprint"] for m in metas}) == 1
