@@ -43,6 +43,37 @@ def fit_head(model: nn.Module, variables: dict[str, Any], config: ml_collections
     full-batch Adam on float32 features, which converges in a few hundred steps for these sizes.
     """
     lp = config.linear_probe
+    key = _probe_key(variables, config, head_name)
+    if key not in _FITTED:
+        _FITTED[key] = _fit(model, variables, config, head_name)
+    kernel, bias = _FITTED[key]
+    head = dict(variables["params"][head_name])
+    head["kernel"] = np.asarray(kernel.reshape(head["kernel"].shape), head["kernel"].dtype)
+    head["bias"] = np.asarray(bias, head["bias"].dtype)
+    params = dict(variables["params"])
+    params[head_name] = head
+    return dict(variables, params=params)
+
+
+# Every ingredient of a sweep starts from the same init and probes the same examples, so the probe is
+# fitted once per process and reused: on a small model the probe's input pipeline costs as much as
+# fine-tuning itself.
+_FITTED: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _probe_key(variables: dict[str, Any], config: ml_collections.ConfigDict, head_name: str) -> str:
+    """What the fitted probe depends on: the variables, the model, the evaluation data and the probe."""
+    from soupjax.config_base import fingerprint as config_fingerprint
+    from soupjax.pretrained import fingerprint
+    return config_fingerprint({"variables": fingerprint(variables), "model": config.model,
+                               "data": data.eval_fingerprint(config.data), "probe": config.linear_probe,
+                               "batch": config.eval_batch_size, "head": head_name})
+
+
+def _fit(model: nn.Module, variables: dict[str, Any], config: ml_collections.ConfigDict,
+         head_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The probe's kernel and bias, in the units of the unstandardised features."""
+    lp = config.linear_probe
     feature_fn = jax.jit(lambda v, x: head_inputs(model, v, x, head_name))
     feats, labels, seen = [], [], 0
     for batch in data.eval_batches(config.data, "train", config.eval_batch_size):
@@ -80,9 +111,4 @@ def fit_head(model: nn.Module, variables: dict[str, Any], config: ml_collections
         w, opt_state, _ = step(w, opt_state)
     kernel = w["kernel"] / std[:, None]
     bias = w["bias"] - mean @ kernel
-    head = dict(variables["params"][head_name])
-    head["kernel"] = np.asarray(kernel.reshape(head["kernel"].shape), head["kernel"].dtype)
-    head["bias"] = np.asarray(bias, head["bias"].dtype)
-    params = dict(variables["params"])
-    params[head_name] = head
-    return dict(variables, params=params)
+    return np.asarray(kernel), np.asarray(bias)
