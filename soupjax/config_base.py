@@ -107,6 +107,15 @@ def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return []
 
 
+def refuse_changed(stored: Any, config: Any, what: str, *, ignore: tuple[str, ...] = ()) -> None:
+    """Raise ValueError when ``config`` differs from ``stored`` (the config ``what`` was made with),
+    naming the differing fields; dotted fields in ``ignore`` may differ."""
+    diff = [d for d in differences(stored, config) if d.split(":", 1)[0] not in ignore]
+    if diff:
+        raise ValueError(f"{what} was made with a different config; differing fields: " + "; ".join(diff[:8])
+                         + ". Use another work directory, or remove it to start over.")
+
+
 def fingerprint(config: Any) -> str:
     """A short hash of a config's plain JSON form (e.g. of the data section, to key cached logits)."""
     import hashlib

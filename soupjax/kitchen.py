@@ -133,7 +133,6 @@ class Kitchen:
         """An ingredient on every split; its training-time held-out/test logits are reused when they
         were computed on the same data config."""
         from soupjax.checkpoints import EVAL_FILE
-        from soupjax.config_base import fingerprint
         seed = {}
         stored = ingredient.path / EVAL_FILE
         if stored.exists() and ingredient.meta.get("data_fingerprint") == self._data.eval_fingerprint(self.config.data):

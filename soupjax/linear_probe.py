@@ -42,7 +42,6 @@ def fit_head(model: nn.Module, variables: dict[str, Any], config: ml_collections
     Features come from ``config.linear_probe.num_examples`` unaugmented training images; the fit is
     full-batch Adam on float32 features, which converges in a few hundred steps for these sizes.
     """
-    lp = config.linear_probe
     key = _probe_key(variables, config, head_name)
     if key not in _FITTED:
         _FITTED[key] = _fit(model, variables, config, head_name)

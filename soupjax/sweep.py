@@ -100,7 +100,7 @@ def finetune_all(runs: list[tuple[str, ml_collections.ConfigDict, dict[str, Any]
     from pathlib import Path
 
     from soupjax import checkpoints, train
-    from soupjax.config_base import differences
+    from soupjax.config_base import refuse_changed
 
     workdir = Path(workdir)
     ingredients_dir = Path(ingredients_dir) if ingredients_dir else workdir / "ingredients"
@@ -112,10 +112,7 @@ def finetune_all(runs: list[tuple[str, ml_collections.ConfigDict, dict[str, Any]
         if checkpoints.is_ingredient(target):
             meta = checkpoints.load_meta(target)
             # Where the data files live may change between machines; what they contain may not.
-            diff = [d for d in differences(meta.get("config", {}), config) if not d.startswith("data.data_dir")]
-            if diff:
-                raise ValueError(f"{target} was fine-tuned with a different config; differing fields: "
-                                 + "; ".join(diff[:8]) + ". Use another work directory, or remove it to retrain.")
+            refuse_changed(meta.get("config", {}), config, f"the ingredient {target}", ignore=("data.data_dir",))
             print(f"{tag}: finished earlier, skipped", flush=True)
             metas.append(meta)
             continue

@@ -84,12 +84,9 @@ def init_fingerprint(config: ml_collections.ConfigDict, model=None) -> str:
 
 def check_same_config(path: Path, config: ml_collections.ConfigDict, what: str) -> None:
     """Refuse to resume or reuse work made with another config, naming the fields that differ."""
-    from soupjax.config_base import as_plain, differences
+    from soupjax.config_base import as_plain, refuse_changed
     if path.is_file():
-        diff = differences(json.loads(path.read_text()), config)
-        if diff:
-            raise ValueError(f"{what} was made with a different config ({path}); differing fields: "
-                             + "; ".join(diff[:8]) + ". Use another work directory, or remove it to start over.")
+        refuse_changed(json.loads(path.read_text()), config, f"{what} ({path})")
     else:
         checkpoints.write_json_atomic(path, as_plain(config))
 

@@ -220,3 +220,25 @@ def _reseeded(config):
     c = config.copy_and_resolve_references()
     c.init_seed = config.init_seed + 1
     return c
+
+
+def test_work_made_with_another_config_is_refused_with_the_fields_named(tmp_path, monkeypatch):
+    config = load_config("fashion_mnist_vit", "testing")
+    # An unfinished run's training state (config.json beside its checkpoints).
+    train.check_same_config(tmp_path / "config.json", config, "the training state")
+    train.check_same_config(tmp_path / "config.json", config, "the training state")  # same config: fine
+    changed = config.copy_and_resolve_references()
+    changed.learning_rate = 0.5
+    with pytest.raises(ValueError, match=r"learning_rate: 0\.001 != 0\.5"):
+        train.check_same_config(tmp_path / "config.json", changed, "the training state")
+
+    # A finished ingredient: skipped when its config is the same but for where the data lives,
+    # refused (never silently reused in a sweep) when anything else differs.
+    stored = config.to_dict()
+    monkeypatch.setattr(checkpoints, "is_ingredient", lambda path: True)
+    monkeypatch.setattr(checkpoints, "load_meta", lambda path: {"config": stored})
+    moved = config.copy_and_resolve_references()
+    moved.data.data_dir = str(tmp_path / "elsewhere")
+    assert sweep.finetune_all([("sweep0_000", moved, {})], tmp_path) == [{"config": stored}]
+    with pytest.raises(ValueError, match=r"sweep0_000.*learning_rate: 0\.001 != 0\.5"):
+        sweep.finetune_all([("sweep0_000", changed, {})], tmp_path)
