@@ -80,12 +80,11 @@ class Evaluator:
         variables = sharding.replicate(variables, self.mesh)
         proj = None if projection is None else tuple(int(i) for i in projection)
         losses, corrects, logits_all, labels_all = [], [], [], []
-        for batch in batches:
+
+        def collect(batch: Mapping[str, np.ndarray], out: Mapping[str, jax.Array]) -> None:
             mask = np.asarray(batch.get("mask", np.ones(len(batch["label"]), np.float32))) > 0
-            device_batch = sharding.shard_batch({"image": batch["image"], "label": batch["label"]}, self.mesh)
-            out = self._step(variables, device_batch, proj)
             # Each process keeps the rows it fed in: its addressable shards, in order.
-            out = {k: _local_rows(v) for k, v in out.items()}
+            out = {k: _local_rows(v) for k, v in out.items() if keep_logits or k != "logits"}
             losses.append(out["loss"][mask])
             corrects.append(out["correct"][mask])
             labels_all.append(np.asarray(batch["label"])[mask])
@@ -93,6 +92,19 @@ class Evaluator:
                 logits_all.append(out["logits"][mask])
             if progress is not None:
                 progress(int(mask.sum()))
+
+        # Batch i+1 is read, copied to the devices and dispatched before the results of batch i are
+        # read back (dispatch does not wait), so that the input pipeline, copies and compute overlap
+        # instead of taking turns.
+        pending = None
+        for batch in batches:
+            device_batch = sharding.shard_batch({"image": batch["image"], "label": batch["label"]}, self.mesh)
+            out = self._step(variables, device_batch, proj)
+            if pending is not None:
+                collect(*pending)
+            pending = (batch, out)
+        if pending is not None:
+            collect(*pending)
         if not losses:
             raise ValueError("evaluation got no batches: the split is empty")
         loss = np.concatenate(losses)

@@ -7,6 +7,7 @@ from so that soups can refuse ingredients of different inits.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -130,23 +131,28 @@ class MetricsWriter:
             self._tb.flush()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                       ingredient_dir: str | os.PathLike | None = None,
-                       extra_meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Fine-tune one ingredient in ``workdir`` (resumable) and write it to ``ingredient_dir``.
+@dataclasses.dataclass
+class TrainResult:
+    """What ``train`` hands to evaluation: the trained variables on the host and how training went."""
+    variables: Variables
+    model: Any
+    init_fingerprint: str
+    steps: int
+    start_step: int
+    seconds: float
+    images_per_second: float  # steady state: from the end of the first step to the end (nan if < 2 steps)
 
-    Returns the ingredient's meta.json contents.
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainResult:
+    """The resumable training of one ingredient in ``workdir``, without its evaluation or saving.
+
+    Rerunning with the same config continues from the latest checkpoint. This is the loop whose rate
+    experiments/bench_train.py measures: input pipeline, host-to-device copies, step, checkpoints.
     """
-    wall_start = time.time()
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    ingredient_dir = Path(ingredient_dir or workdir / "ingredient").absolute()
     mesh = sharding.data_mesh()
     sharding.check_global_batch_size(config.batch_size)
-    sharding.check_global_batch_size(config.eval_batch_size)
-    if data.num_examples(config.data, "heldout") == 0:
-        raise ValueError("config.data.heldout is 0: an ingredient needs a held-out split (a fraction or a "
-                         "count of training examples) for its held-out accuracy, which soups rank by")
     check_same_config(workdir / "config.json", config, f"the training state in {workdir}")
 
     model = build_model(config)
@@ -174,7 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     rng = jax.random.PRNGKey(config.seed)
     writer = MetricsWriter(workdir, start_step)
     batches = data.train_batches(config.data, config.batch_size, seed=config.seed, start_step=start_step)
-    progress = Progress(steps, f"train {ingredient_dir.name}", unit="steps", every=10.0)
+    progress = Progress(steps, f"train {workdir.name}", unit="steps", every=10.0)
     progress.done = start_step
     history: list[dict[str, float]] = []
     t0 = time.time()
@@ -183,6 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     steady_start, steady_step = None, start_step
     try:
         for step in range(start_step, steps):
+            # Dispatch is asynchronous: the next batch is read and copied while this step computes.
             batch = sharding.shard_batch(next(batches), mesh)
             state, metrics = train_step(state, batch, rng, hparams)
             if steady_start is None:
@@ -213,7 +220,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     variables = {"params": state["params"]}
     if "batch_stats" in state:
         variables["batch_stats"] = state["batch_stats"]
-    variables = jax.device_get(variables)
+    return TrainResult(variables=jax.device_get(variables), model=model, init_fingerprint=fingerprint,
+                       steps=steps, start_step=start_step, seconds=train_time,
+                       images_per_second=history[-1].get("images_per_second", float("nan")) if history
+                       else float("nan"))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                       ingredient_dir: str | os.PathLike | None = None,
+                       extra_meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Fine-tune one ingredient in ``workdir`` (resumable) and write it to ``ingredient_dir``.
+
+    Returns the ingredient's meta.json contents.
+    """
+    wall_start = time.time()
+    workdir = Path(workdir).absolute()
+    ingredient_dir = Path(ingredient_dir or workdir / "ingredient").absolute()
+    sharding.check_global_batch_size(config.eval_batch_size)
+    if data.num_examples(config.data, "heldout") == 0:
+        raise ValueError("config.data.heldout is 0: an ingredient needs a held-out split (a fraction or a "
+                         "count of training examples) for its held-out accuracy, which soups rank by")
+    trained = train(config, workdir)
+    model, variables, mesh = trained.model, trained.variables, sharding.data_mesh()
+
     evaluator = Evaluator(apply_for_eval(model), mesh)
     metrics, logits = {}, {}
     for split in ("heldout", "test"):
@@ -226,15 +255,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     meta = {
         "name": ingredient_dir.name,
         "config": config.to_dict(),
-        "init_fingerprint": fingerprint,
+        "init_fingerprint": trained.init_fingerprint,
         "data_fingerprint": data.eval_fingerprint(config.data),
         "init_from": config.init_from.path,
         "metrics": metrics,
-        "steps": steps,
-        "resumed_from_step": start_step,
-        "train_seconds": train_time,
+        "steps": trained.steps,
+        "resumed_from_step": trained.start_step,
+        "train_seconds": trained.seconds,
         "wall_seconds": time.time() - wall_start,
-        "train_images_per_second": (history[-1].get("images_per_second", float("nan")) if history else float("nan")),
+        "train_images_per_second": trained.images_per_second,
         "devices": jax.device_count(),
         "platform": jax.devices()[0].platform,
         **(dict(extra_meta) if extra_meta else {}),

@@ -179,6 +179,46 @@ def test_vit_dropout_needs_rng_in_train_only(vit_testing):
     assert not np.allclose(train_a, eval_logits) and not np.allclose(train_a, train_b)
 
 
+def test_self_attention_is_flax_multi_head_attention():
+    """Our attention (normalised after the product with the values) has Flax's parameters and function,
+    so checkpoints written with Flax's MultiHeadDotProductAttention load and give the same outputs."""
+    import flax.linen as nn
+    from soupjax.models.vit import SelfAttention
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 7, 32), np.float32)) * 3.0
+    ours, reference = SelfAttention(num_heads=4), nn.MultiHeadDotProductAttention(num_heads=4)
+    variables = reference.init(jax.random.PRNGKey(0), x, x)
+    assert (jax.tree_util.tree_map(jnp.shape, ours.init(jax.random.PRNGKey(0), x, deterministic=True))
+            == jax.tree_util.tree_map(jnp.shape, variables))
+    run_ours = lambda v: ours.apply(v, x, deterministic=True)  # noqa: E731
+    run_reference = lambda v: reference.apply(v, x, x, deterministic=True)  # noqa: E731
+    np.testing.assert_allclose(run_ours(variables), run_reference(variables), atol=2e-6, rtol=1e-5)
+    # The gradients too: the max subtracted for stability carries none, as in a plain softmax.
+    grad_ours = jax.grad(lambda v: jnp.sum(run_ours(v) ** 2))(variables)
+    grad_reference = jax.grad(lambda v: jnp.sum(run_reference(v) ** 2))(variables)
+    # Float32 rounding relative to the largest gradient (the key bias's is zero in exact arithmetic:
+    # adding one number to a row of scores leaves its softmax unchanged).
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grad_reference))
+    for a, b in zip(jax.tree_util.tree_leaves(grad_ours), jax.tree_util.tree_leaves(grad_reference)):
+        np.testing.assert_allclose(a, b, atol=2e-5 * scale, rtol=1e-4)
+
+
+def test_self_attention_dropout_drops_attention_probabilities():
+    """With every weight but the key's own dropped, each query attends to one value only."""
+    from soupjax.models.vit import SelfAttention
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 5, 8), np.float32))
+    layer = SelfAttention(num_heads=1, dropout_rate=0.5)
+    variables = layer.init(jax.random.PRNGKey(0), x, deterministic=True)
+    a = layer.apply(variables, x, deterministic=False, rngs={'dropout': jax.random.PRNGKey(1)})
+    b = layer.apply(variables, x, deterministic=False, rngs={'dropout': jax.random.PRNGKey(1)})
+    c = layer.apply(variables, x, deterministic=True)
+    np.testing.assert_array_equal(a, b)  # keyed: the same rng drops the same weights
+    assert not np.allclose(a, c)
+    # Rescaled by 1/(1-p) like any dropout: averaged over many keys, the output tends to the eval one.
+    many = jnp.mean(jnp.stack([layer.apply(variables, x, deterministic=False, rngs={'dropout': jax.random.PRNGKey(k)})
+                               for k in range(400)]), 0)
+    np.testing.assert_allclose(many, c, atol=0.15)
+
+
 def test_bfloat16_compute_returns_float32_logits():
     for name in ('vit-testing', 'resnet-testing'):
         model = get_model(name, 3, dtype=jnp.bfloat16)
