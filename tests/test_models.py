@@ -84,6 +84,11 @@ def test_vit_patch_size_and_cfg_overrides():
     assert model.hidden_size == 16
 
 
+def test_dtype_from_a_config_string_is_checked():
+    with pytest.raises(ValueError, match="dtype must be"):
+        get_model('vit-testing', 3, dtype='bf16')
+
+
 def test_bad_names_and_cfg():
     with pytest.raises(ValueError, match='unknown model'):
         get_model('vit-xl/16', 10)
@@ -220,8 +225,9 @@ def test_self_attention_dropout_drops_attention_probabilities():
 
 
 def test_bfloat16_compute_returns_float32_logits():
-    for name in ('vit-testing', 'resnet-testing'):
-        model = get_model(name, 3, dtype=jnp.bfloat16)
+    for name, dtype in (('vit-testing', jnp.bfloat16), ('resnet-testing', 'bfloat16')):  # a config's string too
+        model = get_model(name, 3, dtype=dtype)
+        assert model.dtype == jnp.bfloat16
         images = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
         variables = jax.eval_shape(model.init, KEY, images)
         assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables))

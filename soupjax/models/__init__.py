@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from soupjax.models.resnet import RESNET_CONFIGS, ResNet
 from soupjax.models.vit import VIT_SIZES, VIT_TESTING, VisionTransformer
@@ -47,6 +48,12 @@ def _build(cls: type[nn.Module], name: str, num_classes: int, base: dict[str, An
                         f'allowed: {sorted(_fields(cls))}')
     # Lists become tuples: modules are hashed when their methods are jitted.
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+    if isinstance(cfg.get('dtype'), str):
+        # From a config file or the command line (`--config.model.dtype=bfloat16`): the computation
+        # dtype; parameters stay float32 whatever it is.
+        if cfg['dtype'] not in ('float32', 'bfloat16', 'float16'):
+            raise ValueError(f"{name}: dtype must be 'float32', 'bfloat16' or 'float16', got {cfg['dtype']!r}")
+        cfg['dtype'] = jnp.dtype(cfg['dtype'])
     return cls(num_classes=num_classes, **{**base, **cfg})
 
 
