@@ -10,19 +10,30 @@ An ingredient directory looks like::
 
 It is written under a temporary name and renamed into place, so a crash never leaves a half-written
 ingredient that a later sweep would skip as finished or a soup would cook with.
+
+An ingredient is read whole (``load_variables``, an orbax restore of the tree) or one array at a time
+(``IngredientTensors``: each array is opened through orbax's own TensorStore spec and read on its own),
+which is what the per-tensor soups of ``recipes`` stream from.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
+
+from soupjax.recipes import path_str  # parameters are named as every soup error names them
 
 META_FILE = "meta.json"
 VARIABLES_DIR = "variables"
@@ -126,18 +137,232 @@ def variables_structure(directory: str | os.PathLike) -> Any:
         is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
 
 
-def load_variables(directory: str | os.PathLike) -> dict[str, Any]:
-    """An ingredient's variables as numpy arrays in host memory (never on the accelerator)."""
-    structure = variables_structure(directory)
+@functools.lru_cache(maxsize=None)
+def _restorer() -> ocp.StandardCheckpointer:
+    """One checkpointer for every restore (building one per load cost a few ms each, and its threads)."""
+    return ocp.StandardCheckpointer()
+
+
+def load_variables(directory: str | os.PathLike, structure: Any = None) -> dict[str, Any]:
+    """An ingredient's variables as numpy arrays in host memory (never on the accelerator).
+
+    ``structure`` (from ``variables_structure``) spares re-reading the checkpoint's metadata: that read
+    was about half the time of loading a small ingredient, and orbax 0.12.8 / TensorStore 0.1.86 keep
+    ~2.7 KB per array of each metadata call (a learned soup re-reading 8 ingredients from disk for 5
+    epochs made ~3,800 loads). After the restore, the memory glibc keeps from orbax's reading threads
+    is handed back: without it, reading ViT-B ingredients one after another held ~0.25 GB more per
+    ingredient, up to ~2 GB.
+    """
+    structure = structure if structure is not None else variables_structure(directory)
     target = jax.tree_util.tree_map(lambda s: np.empty(s.shape, s.dtype), structure)
     path = Path(directory).absolute() / VARIABLES_DIR
-    return ocp.StandardCheckpointer().restore(path, target)
+    variables = _restorer().restore(path, target)
+    _release_freed_memory()
+    return variables
 
 
 def ingredient_loader(directory: str | os.PathLike) -> Callable[[], dict[str, Any]]:
-    """A zero-argument loader, so recipes can stream ingredients instead of holding all K at once."""
+    """A zero-argument loader, so recipes can stream ingredients instead of holding all K at once.
+
+    The checkpoint's structure is read on the first call and remembered: greedy, pruned and learned
+    soups load an ingredient many times.
+    """
     directory = Path(directory)
-    return lambda: load_variables(directory)
+    structure: list[Any] = []
+
+    def load() -> dict[str, Any]:
+        if not structure:
+            structure.append(variables_structure(directory))
+        return load_variables(directory, structure[0])
+
+    return load
+
+
+# --------------------------------------------------------------------------------------------------
+# One array at a time.
+
+_TS_CONTEXT: ts.Context | None = None
+_TS_CONTEXT_LOCK = threading.Lock()
+
+
+# What the OCDBT driver may cache across per-array reads. Orbax's default (100 MB) suits one restore;
+# over a K-ingredient soup the cache filled by ~19 MB per ViT-B ingredient read, memory that a soup
+# streaming in O(one tensor) must not hold. Without it the reads were no slower (page cache warm).
+_OCDBT_CACHE_BYTES = 0
+
+
+def _ts_context() -> ts.Context:
+    """One TensorStore context for every per-array read (orbax's, with a bounded OCDBT cache)."""
+    global _TS_CONTEXT
+    with _TS_CONTEXT_LOCK:
+        if _TS_CONTEXT is None:
+            _TS_CONTEXT = ts.Context(
+                ts.Context.Spec({"cache_pool#ocdbt": {"total_bytes_limit": _OCDBT_CACHE_BYTES}}),
+                parent=ocp.type_handlers.get_ts_context(use_ocdbt=True))
+        return _TS_CONTEXT
+
+
+# TensorStore reads each array into buffers of its own (the file's bytes, the decoded chunk) on its own
+# threads before copying it out. glibc keeps what those threads free in per-thread arenas, which over a
+# per-tensor soup of ViT-B ingredients came to ~0.25 of a model of memory held and unused: every
+# _TRIM_EVERY bytes read, malloc_trim hands it back (glibc only; elsewhere this does nothing).
+_TRIM_EVERY = 64 << 20
+_read_since_trim = 0
+_TRIM_LOCK = threading.Lock()
+try:
+    _malloc_trim = ctypes.CDLL(None).malloc_trim
+    _malloc_trim.argtypes = [ctypes.c_size_t]
+except (AttributeError, OSError):
+    _malloc_trim = None
+
+
+def _count_read(nbytes: int) -> None:
+    global _read_since_trim
+    with _TRIM_LOCK:
+        _read_since_trim += nbytes
+        due = _read_since_trim >= _TRIM_EVERY
+        if due:
+            _read_since_trim = 0
+    if due:
+        _release_freed_memory()
+
+
+def _release_freed_memory() -> None:
+    """Hands the memory that glibc keeps in its arenas after a read back to the system (glibc only)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+# Orbax's PyTree metadata file (format_utils.PYTREE_METADATA_FILE, which orbax does not export): the tree
+# and its arrays' names, no shapes. The ingredients of one soup share it byte for byte, so the tree is
+# asked of orbax once per distinct file, not once per ingredient: orbax's metadata() reads every array's
+# metadata too, and kept ~1.3 MB per call (ViT-B, orbax 0.12.8, tensorstore 0.1.86), ~40 MB over K=32.
+# Should orbax rename the file, the cache is never hit and every ingredient asks orbax: slower, not wrong.
+_TREE_METADATA_FILE = "_METADATA"
+_TREES: dict[bytes, tuple[Any, tuple[tuple[str, str], ...], bool]] = {}
+_TREES_LOCK = threading.Lock()
+
+
+def _tree_of(ckpt: Path) -> tuple[Any, tuple[tuple[str, str], ...], bool]:
+    """``(treedef, ((path, array name), ...), use_zarr3)`` of the orbax checkpoint at ``ckpt``."""
+    file = ckpt / _TREE_METADATA_FILE
+    key = file.read_bytes() if file.is_file() else None
+    with _TREES_LOCK:
+        if key is not None and key in _TREES:
+            return _TREES[key]
+    item = ocp.StandardCheckpointer().metadata(ckpt).item_metadata
+    is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")  # noqa: E731
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(item.tree, is_leaf=is_leaf)
+    entry = (treedef, tuple((path_str(keypath), m.name) for keypath, m in with_path), bool(item.use_zarr3))
+    if key is not None:
+        with _TREES_LOCK:
+            while len(_TREES) >= 8:
+                _TREES.pop(next(iter(_TREES)))
+            _TREES[key] = entry
+    return entry
+
+
+class IngredientTensors:
+    """An ingredient on disk, read one array at a time (a ``recipes.TensorSource``).
+
+    ``structure`` is the ingredient's tree of ``jax.ShapeDtypeStruct`` (from the checkpoint metadata,
+    nothing loaded); ``paths``, ``shapes`` and ``dtypes`` are its leaves in tree order, each named by its
+    '/'-joined path as ``recipes.path_str`` names it (``params/head/kernel``). ``read(path)`` reads that
+    array alone, in its stored dtype, as a numpy array in host memory, and ``read_into(path, out)`` reads
+    it into a buffer of the caller's: the TensorStore spec is orbax's own
+    (``type_handlers.get_json_tspec_read``), so any checkpoint orbax restores reads the same here.
+    Reads may run from several threads at once.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory).absolute()
+        self.name = str(self.directory)
+        ckpt = self.directory / VARIABLES_DIR
+        if not ckpt.is_dir():
+            raise FileNotFoundError(f"{directory} has no {VARIABLES_DIR}/ checkpoint")
+        treedef, names, use_zarr3 = _tree_of(ckpt)
+        use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(epath.Path(ckpt))
+        specs = [ocp.type_handlers.get_json_tspec_read(
+            ocp.type_handlers.ParamInfo(name=name, parent_dir=epath.Path(ckpt), use_zarr3=use_zarr3,
+                                        is_ocdbt_checkpoint=use_ocdbt, ts_context=_ts_context()),
+            use_ocdbt=use_ocdbt) for _, name in names]
+        # Shapes and dtypes from each array's own metadata, all opened at once (nothing read yet).
+        opening = [ts.open(spec, context=_ts_context(), open=True, read=True) for spec in specs]
+        self._specs: dict[str, str] = {}  # as JSON text: a fraction of the memory of 200 nested dicts
+        self._structs: dict[str, jax.ShapeDtypeStruct] = {}
+        for (path, _), spec, future in zip(names, specs, opening):
+            try:
+                store = future.result()
+            except Exception as e:
+                raise ValueError(f"ingredient {self.directory}: cannot open parameter {path!r}: {_short(e)}") from e
+            self._structs[path] = jax.ShapeDtypeStruct(tuple(store.shape), np.dtype(store.dtype.numpy_dtype))
+            self._specs[path] = json.dumps(spec)
+        self.structure = jax.tree_util.tree_unflatten(treedef, list(self._structs.values()))
+
+    def __repr__(self) -> str:
+        return f"IngredientTensors({self.name!r})"
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(self._structs)
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(s.shape for s in self._structs.values())
+
+    @property
+    def dtypes(self) -> tuple[np.dtype, ...]:
+        return tuple(s.dtype for s in self._structs.values())
+
+    def read(self, path: str) -> np.ndarray:
+        """The array at ``path`` (e.g. ``params/head/kernel``), read without reading any other."""
+        struct = self._struct(path)
+        out = np.empty(struct.shape, struct.dtype)
+        self.read_into(path, out)
+        return out
+
+    def read_into(self, path: str, out: np.ndarray) -> None:
+        """Reads the array at ``path`` into ``out`` (C-contiguous, of its stored shape and dtype), no copy.
+
+        What lets a per-tensor soup reuse a few buffers instead of allocating K models' worth of arrays.
+        """
+        struct = self._struct(path)
+        if not (isinstance(out, np.ndarray) and out.shape == struct.shape and out.dtype == struct.dtype
+                and out.flags.c_contiguous and out.flags.writeable):
+            raise ValueError(f"ingredient {self.directory}: parameter {path!r} is {struct.shape} {struct.dtype}; "
+                             f"cannot read it into {getattr(out, 'shape', None)} {getattr(out, 'dtype', type(out))}")
+        try:
+            store = ts.open(json.loads(self._specs[path]), context=_ts_context(), open=True, read=True).result()
+        except Exception as e:  # TensorStore reports a missing or corrupt array as ValueError and others
+            raise ValueError(f"ingredient {self.directory}: cannot open parameter {path!r}: {_short(e)}") from e
+        stored = (tuple(store.shape), np.dtype(store.dtype.numpy_dtype))
+        if stored != (struct.shape, struct.dtype):
+            raise ValueError(f"ingredient {self.directory}: parameter {path!r} is stored as {stored[0]} "
+                             f"{stored[1]}, but its metadata says {struct.shape} {struct.dtype}")
+        try:
+            # ts.array wraps ``out`` without copying it, so the stored array is written into ``out``.
+            ts.array(out).write(store).result()
+        except Exception as e:
+            raise ValueError(f"ingredient {self.directory}: cannot read parameter {path!r}: {_short(e)}") from e
+        _count_read(out.nbytes)
+
+    def _struct(self, path: str) -> jax.ShapeDtypeStruct:
+        struct = self._structs.get(path)
+        if struct is None:
+            have = list(self._structs)
+            raise ValueError(f"ingredient {self.directory} has no parameter {path!r} "
+                             f"(it has {len(have)}: {have[:5]}{' ...' if len(have) > 5 else ''})")
+        return struct
+
+
+def _short(error: Exception) -> str:
+    """A TensorStore error without the JSON spec it appends (the spec is long and says nothing new)."""
+    return str(error).split(" [tensorstore_spec=")[0]
+
+
+def tensor_source(directory: str | os.PathLike) -> IngredientTensors:
+    """The ingredient at ``directory`` as a per-tensor source for ``recipes.uniform_by_tensor``."""
+    return IngredientTensors(directory)
 
 
 def list_ingredients(root: str | os.PathLike) -> list[Path]:

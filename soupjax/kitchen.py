@@ -292,7 +292,8 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
     wanted = {"uniform", "greedy", "pruned", "learned", "ensemble"} if recipe == "all" else {recipe}
     if "uniform" in wanted and not already("uniform"):
         t = time.time()
-        soup = recipes.uniform(loaders)
+        # Per tensor from disk: memory for the soup and a few tensors, never a second whole model.
+        soup = recipes.uniform_by_tensor([checkpoints.tensor_source(ing.path) for ing in ingredients])
         finish("uniform", soup, [1.0 / len(names)] * len(names), time.time() - t, {})
     if "greedy" in wanted and not already("greedy"):
         t = time.time()

@@ -8,6 +8,11 @@ knows nothing about files, models or data sets; it is given callables:
   loader when they need that ingredient and drop the tree right after, so memory stays flat in K.
 * ``HeldoutEval = Callable[[Variables], float]`` returns the held-out accuracy of a candidate soup. It is
   the only accuracy the greedy and pruned recipes see; the test split never reaches this module.
+* ``TensorSource`` (a protocol) is one ingredient that can be read one tensor at a time: its
+  ``structure`` (a tree of ``jax.ShapeDtypeStruct``) and ``read(path)`` for one '/'-joined path.
+  ``uniform_by_tensor`` and ``weighted_by_tensor`` stream over it tensor by tensor (as mergekit merges
+  language models), so memory is the soup plus a few tensors, never a second whole model.
+  ``checkpoints.IngredientTensors`` is the on-disk source, ``TreeSource`` the in-memory one.
 
 ``Variables`` is any mapping pytree, e.g. ``{'params': ..., 'batch_stats': ...}``. Arithmetic applies to
 the whole tree, so BatchNorm statistics are averaged exactly like parameters.
@@ -19,9 +24,12 @@ rounding error of summing K bfloat16 tensors.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +47,10 @@ __all__ = [
     "SoupResult",
     "uniform",
     "weighted",
+    "TensorSource",
+    "TreeSource",
+    "uniform_by_tensor",
+    "weighted_by_tensor",
     "greedy",
     "pruned",
     "interpolate",
@@ -318,6 +330,234 @@ def weighted(
     if acc.layout is None:
         raise ValueError("all weights are 0")
     return acc.mean() if normalize else acc.total()
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-tensor streaming: one tensor of each ingredient at a time.
+
+
+@runtime_checkable
+class TensorSource(Protocol):
+    """One ingredient, readable one tensor at a time.
+
+    ``structure`` is the ingredient's variables tree with a ``jax.ShapeDtypeStruct`` (anything with
+    ``shape`` and ``dtype``) at each leaf; its leaves, named by ``path_str`` of their key paths, are the
+    tensors ``read`` returns, in the stored dtype. ``name`` (optional) is used in error messages.
+    ``read`` may be called from several threads at once.
+
+    A source may also have ``read_into(path, out)``, which reads the tensor into ``out`` (a C-contiguous
+    numpy array of its shape and stored dtype). The per-tensor soups then read into a few buffers that
+    they reuse, and the first ingredient straight into the soup's tensor, instead of a new array per
+    read: no allocator churn, no page faults on fresh memory, no copy.
+    """
+
+    structure: Variables
+
+    def read(self, path: str) -> Any: ...
+
+
+class TreeSource:
+    """A variables tree in memory as a ``TensorSource`` (tests, or a soup mixed with ingredients on disk)."""
+
+    def __init__(self, tree: Variables, name: str = "tree"):
+        layout, leaves = _Layout.of(tree)
+        self.name = name
+        self._leaves = dict(zip(layout.paths, leaves))
+        self.structure = layout.unflatten(
+            [jax.ShapeDtypeStruct(s, d) for s, d in zip(layout.shapes, layout.dtypes)])
+
+    def read(self, path: str) -> np.ndarray:
+        if path not in self._leaves:
+            raise KeyError(f"{self.name} has no parameter {path!r}")
+        return np.asarray(self._leaves[path])
+
+
+def _source_name(source: Any, index: int) -> str:
+    name = getattr(source, "name", None)
+    return f"ingredient {index} ({name})" if name else f"ingredient {index}"
+
+
+class _Buffers:
+    """Host buffers for reads, reused by size and dtype (so a (768, 3072) buffer serves a (3072, 768) read
+    too); at most ``limit`` bytes of them are kept free."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._free: list[np.ndarray] = []  # flat, oldest first
+        self._free_bytes = 0
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        size = int(np.prod(shape))
+        for j in range(len(self._free) - 1, -1, -1):
+            b = self._free[j]
+            if b.size == size and b.dtype == dtype:
+                self._free_bytes -= b.nbytes
+                return self._free.pop(j).reshape(shape)
+        return np.empty(size, dtype).reshape(shape)
+
+    def give(self, buffer: np.ndarray) -> None:
+        self._free.append(buffer.reshape(-1))
+        self._free_bytes += buffer.nbytes
+        while self._free_bytes > self.limit and self._free:
+            self._free_bytes -= self._free.pop(0).nbytes
+
+
+def _read(source: Any, path: str, out: np.ndarray | None) -> np.ndarray:
+    if out is None:
+        return np.asarray(source.read(path))
+    source.read_into(path, out)
+    return out
+
+
+# What ``_stream`` yields with each array: the consumer keeps a FRESH array (read into a new one for it),
+# may change a BUFFER in place but must not keep it (it is reused once the consumer asks for the next),
+# and must only read a source's OWN array (a source without ``read_into`` may return its own memory).
+FRESH, BUFFER, OWN = "fresh", "buffer", "own"
+
+
+def _stream(items: Sequence[tuple[Any, str, tuple[int, ...], np.dtype, bool]], threads: int,
+            budget: int) -> Iterator[tuple[np.ndarray, str]]:
+    """Reads ``items`` (``(source, path, shape, stored dtype, fresh)``) on ``threads`` threads, in order.
+
+    Yields ``(array, kind)`` (``FRESH``, ``BUFFER`` or ``OWN``, above). With a source that has
+    ``read_into``, an item marked ``fresh`` is read into a new array and the others into reused buffers;
+    without, it is whatever ``read`` returns. Reads start ahead of the consumer only while the bytes
+    started and not yet consumed stay within ``budget`` (one read always runs), so reading overlaps
+    the consumer's arithmetic in O(budget) memory.
+    """
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="soup-read")
+    buffers = _Buffers(budget // 2)
+    pending: collections.deque = collections.deque()
+    held = 0
+    try:
+        submitted = 0
+        while True:
+            while submitted < len(items):
+                source, path, shape, dtype, fresh = items[submitted]
+                nbytes = int(np.prod(shape)) * dtype.itemsize
+                if pending and held + nbytes > budget:
+                    break
+                if not callable(getattr(source, "read_into", None)):
+                    out, kind = None, OWN
+                elif fresh:
+                    out, kind = np.empty(shape, dtype), FRESH
+                else:
+                    out, kind = buffers.take(shape, dtype), BUFFER
+                pending.append((nbytes, pool.submit(_read, source, path, out), kind))
+                held += nbytes
+                submitted += 1
+            if not pending:
+                return
+            nbytes, future, kind = pending.popleft()
+            array = future.result()
+            yield array, kind
+            held -= nbytes
+            if kind == BUFFER:
+                buffers.give(array)
+            del array
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def uniform_by_tensor(sources: Sequence[TensorSource], **kw: Any) -> Variables:
+    """The uniform soup, streamed one tensor at a time (see ``weighted_by_tensor``)."""
+    return weighted_by_tensor(sources, [1.0] * len(sources), normalize=True, **kw)
+
+
+def weighted_by_tensor(
+    sources: Sequence[TensorSource],
+    weights: Sequence[float],
+    normalize: bool = True,
+    *,
+    threads: int | None = None,
+    prefetch_bytes: int | None = None,
+) -> Variables:
+    """``weighted`` streamed per tensor: the same soup, with memory for one model instead of two.
+
+    For each tensor in turn, that tensor of each ingredient is read and added to a float32 accumulator of
+    that tensor's size (``w * x``, in ingredient order, as ``RunningMean`` does); the accumulator is
+    divided by the total weight (``normalize``) and cast back to the stored dtype (integers rounded), and
+    the next tensor begins. Up to ``threads`` reads (default: the CPU count, at most 4) run ahead of the
+    arithmetic while the tensors read and not yet added stay within ``prefetch_bytes`` (default: 16 MiB
+    or twice the largest tensor, whichever is larger). Peak memory is the soup plus the prefetched
+    tensors and one accumulator: flat in K, and no second model. With sources that have ``read_into``
+    (as ``checkpoints.IngredientTensors`` does), a float32 tensor of the first ingredient is read
+    straight into the soup and the others into reused buffers.
+
+    Every source's structure is checked against the first's before anything is read (a ValueError
+    names the first differing path); ingredients with weight 0 are not touched. The result is a tree
+    of numpy arrays in host memory, equal to ``weighted``'s up to float32 rounding (bit for bit on CPU).
+    """
+    if len(sources) != len(weights):
+        raise ValueError(f"{len(sources)} sources but {len(weights)} weights")
+    if not sources:
+        raise ValueError("a soup needs at least one ingredient")
+    active = [(i, src, float(w)) for i, (src, w) in enumerate(zip(sources, weights)) if w != 0]
+    if not active:
+        raise ValueError("all weights are 0")
+    for i, src, _ in active:
+        if not isinstance(src, TensorSource):
+            raise TypeError(f"{_source_name(src, i)} is a {type(src).__name__}, not a TensorSource "
+                            "(structure and read(path))")
+    layout, _ = _Layout.of(active[0][1].structure)
+    stored = []  # each source's own stored dtypes (the soup takes the first's)
+    for i, src, _ in active:
+        leaves = layout.leaves(src.structure, _source_name(src, i))
+        stored.append([_dtype_of(x) for x in leaves])
+    total = sum(w for _, _, w in active)
+    if normalize and abs(total) < 1e-12:
+        raise ValueError(f"the total weight is {total}; the mean is undefined")
+    denom = np.float32(total) if normalize else None
+
+    f32 = np.dtype(np.float32)
+    items = [(src, path, shape, stored[a][j], a == 0 and stored[a][j] == f32)
+             for j, (path, shape) in enumerate(zip(layout.paths, layout.shapes))
+             for a, (_, src, _) in enumerate(active)]
+    largest = max((int(np.prod(s)) * d.itemsize for *_, s, d, _ in items), default=0)
+    budget = prefetch_bytes if prefetch_bytes is not None else max(16 << 20, 2 * largest)
+    if threads is None:
+        threads = min(4, os.cpu_count() or 1)
+    results = _stream(items, threads, budget)
+    out = []
+    try:
+        for path, shape, dtype in zip(layout.paths, layout.shapes, layout.dtypes):
+            acc = None
+            for i, src, w in active:
+                x, kind = next(results)
+                if x.shape != shape:
+                    raise ValueError(f"{_source_name(src, i)}: parameter {path!r} was read with shape "
+                                     f"{x.shape}, but the soup has shape {shape}")
+                w32 = np.float32(w)
+                if acc is None:
+                    if kind == FRESH and x.dtype == f32:  # read into a new array for this: the soup's tensor
+                        acc = x if w == 1.0 else np.multiply(x, w32, out=x)
+                    else:  # a new array: never a buffer or the source's own
+                        acc = np.multiply(x.astype(f32, copy=False), w32, dtype=f32)
+                    continue
+                if w != 1.0:
+                    if kind == BUFFER and x.dtype == f32:
+                        x = np.multiply(x, w32, out=x)
+                    else:
+                        x = np.multiply(x.astype(f32, copy=False), w32, dtype=f32)
+                np.add(acc, x, out=acc, dtype=f32, casting="unsafe")  # x cast to float32 as it is added
+                del x
+            if denom is not None:
+                np.divide(acc, denom, out=acc)
+            out.append(_cast_np(acc, dtype))
+            del acc
+    finally:
+        results.close()
+    return layout.unflatten(out)
+
+
+def _cast_np(x: np.ndarray, dtype: Any) -> np.ndarray:
+    """``_cast`` in numpy: a float32 result back to its stored dtype, integers rounded."""
+    dtype = np.dtype(dtype)
+    if dtype == x.dtype:
+        return x
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        x = np.round(x)
+    return x.astype(dtype)
 
 
 def _load(load: Loader, index: int) -> Variables:

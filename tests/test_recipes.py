@@ -193,6 +193,113 @@ def test_uniform_memory_stays_flat_in_k():
     assert naive_peak > (k - 1) * model_bytes
 
 
+# -- per-tensor streaming (TensorSource) -------------------------------------------------------------
+
+
+def _sources(trees):
+    return [recipes.TreeSource(t, name=f"t{i}") for i, t in enumerate(trees)]
+
+
+def _assert_same_soup(got, want):
+    """Same tree, same dtypes, values equal up to float32 rounding."""
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        assert np.asarray(g).dtype == np.asarray(w).dtype, path
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=1e-6, atol=1e-6,
+                                   err_msg=str(path))
+
+
+def test_uniform_by_tensor_equals_uniform():
+    trees = [_tree(s) for s in range(5)]
+    _assert_same_soup(recipes.uniform_by_tensor(_sources(trees)), recipes.uniform([_loader(t) for t in trees]))
+
+
+def test_weighted_by_tensor_equals_weighted_normalized_raw_and_zero():
+    trees = [_tree(s) for s in range(3)]
+    for weights, normalize in (([1.0, 3.0, 0.5], True), ([0.5, -2.0, 1.0], False), ([2.0, 0.0, 1.0], True)):
+        _assert_same_soup(recipes.weighted_by_tensor(_sources(trees), weights, normalize),
+                          recipes.weighted([_loader(t) for t in trees], weights, normalize))
+
+    class Never:
+        structure = trees[0]
+
+        def read(self, path):
+            raise AssertionError("an ingredient with weight 0 was read")
+
+    _assert_same_soup(recipes.weighted_by_tensor([_sources(trees)[0], Never()], [2.0, 0.0]), trees[0])
+    with pytest.raises(ValueError, match="all weights are 0"):
+        recipes.weighted_by_tensor(_sources(trees[:1]), [0.0])
+    with pytest.raises(ValueError, match="2 sources but 1 weights"):
+        recipes.weighted_by_tensor(_sources(trees[:2]), [1.0])
+
+
+def test_by_tensor_keeps_integer_and_bfloat16_dtypes():
+    def tree(value, counts):
+        params = {"w": np.full(3, value, np.float32), "h": np.full(3, value, ml_dtypes.bfloat16)}
+        return {"params": params, "batch_stats": {"n": np.array(counts, np.int32)}, "empty": {}}
+
+    a, b = tree(1.0, [2, 4]), tree(0.3, [4, 5])
+    soup = recipes.uniform_by_tensor(_sources([a, b]))
+    assert soup["params"]["w"].dtype == np.float32 and soup["params"]["h"].dtype == ml_dtypes.bfloat16
+    assert soup["batch_stats"]["n"].dtype == np.int32 and soup["empty"] == {}
+    np.testing.assert_array_equal(soup["batch_stats"]["n"], [3, 4])  # 4.5 rounds (half to even) to 4
+    _assert_same_soup(soup, recipes.uniform([_loader(a), _loader(b)]))
+    bf = [_tree(s, ml_dtypes.bfloat16) for s in range(3)]
+    got = recipes.uniform_by_tensor(_sources(bf))
+    jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), np.asarray(w)),
+                 got, recipes.uniform([_loader(t) for t in bf]))  # bf16 rounding of the same float32 mean
+
+
+def test_by_tensor_mismatches_name_the_path():
+    a, b = _tree(0), _tree(1)
+    b["params"]["dense"]["kernel"] = np.zeros((4, 3), np.float32)
+    with pytest.raises(ValueError, match=r"ingredient 1 \(t1\).*params/dense/kernel.*\(4, 3\).*\(3, 4\)"):
+        recipes.uniform_by_tensor(_sources([a, b]))
+    c = _tree(2)
+    del c["batch_stats"]["bn"]["var"]
+    with pytest.raises(ValueError, match=r"missing \['batch_stats/bn/var'\]"):
+        recipes.uniform_by_tensor(_sources([a, c]))
+
+    class Liar:  # declares one shape, reads another
+        name = "liar"
+        structure = recipes.TreeSource(a).structure
+
+        def read(self, path):
+            x = recipes.TreeSource(a).read(path)
+            return x.reshape(-1) if path == "params/dense/kernel" else x
+
+    with pytest.raises(ValueError, match=r"ingredient 1 \(liar\): parameter 'params/dense/kernel' was read with shape"):
+        recipes.uniform_by_tensor([_sources([a])[0], Liar()])
+    with pytest.raises(TypeError, match="not a TensorSource"):
+        recipes.uniform_by_tensor([_loader(a)])
+
+
+def test_by_tensor_reads_one_tensor_at_a_time_and_holds_one_model():
+    """Memory: the soup plus the prefetched tensors and one sum, never a second model, whatever K."""
+    k, n, leaf = 12, 16, 2**16  # 16 leaves of 256 KiB float32: a model is 4 MiB
+    trees = [{"params": {f"w{j:02d}": np.full(leaf, float(i + j), np.float32) for j in range(n)}} for i in range(k)]
+    order = []
+
+    class Recording(recipes.TreeSource):
+        def read(self, path):
+            order.append(path)
+            return super().read(path)
+
+    sources = [Recording(t, name=str(i)) for i, t in enumerate(trees)]
+    tensor = leaf * 4
+    tracemalloc.start()
+    try:
+        soup = recipes.uniform_by_tensor(sources, prefetch_bytes=3 * tensor, threads=2)
+        _, host_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_allclose(soup["params"]["w02"], np.mean(np.arange(k)) + 2)
+    # Tensor by tensor: every ingredient's w00 is read before any ingredient's w01.
+    assert order == sorted(order)
+    model = n * tensor
+    assert host_peak < model + 6 * tensor, host_peak / model  # the soup and a few tensors: not 2 models
+
+
 # -- greedy and pruned on scripted evaluators -------------------------------------------------------
 
 K = 4
