@@ -24,10 +24,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from bench_workers import run_worker  # experiments/ is the script's directory, so on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -119,17 +119,6 @@ def _data_side(case: str, images: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def _run_worker(args: list[str], tree: Path | None = None) -> dict:
-    env = dict(os.environ)
-    if tree is not None:
-        env["PYTHONPATH"] = str(tree) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, __file__, "--worker", *args], env=env, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="study,vit-ti16,resnet50", help=f"of {', '.join(CASES)}")
@@ -157,7 +146,7 @@ def main() -> None:
         devices = {}
         for r in range(args.rounds):
             for c in contenders:
-                out = _run_worker([c.split("@")[0], case, str(batches), str(repeats)],
+                out = run_worker(__file__, [c.split("@")[0], case, str(batches), str(repeats)],
                                   Path(args.baseline_tree) if c.endswith("@baseline") else None)
                 rates[c].append(out["rate"])
                 devices[c] = out["device"]
@@ -167,7 +156,7 @@ def main() -> None:
             print(f"   {c:18s} median {med[c]:8.1f} images/s  ({', '.join(f'{x:.0f}' for x in rates[c])})  [{devices[c]}]")
         for c in contenders[1:]:
             print(f"   soupjax / {c}: {med['soupjax'] / med[c]:.2f}x")
-        data_rate = _run_worker(["data", case, str(max(batches, 40)), "1"])["rate"]
+        data_rate = run_worker(__file__, ["data", case, str(max(batches, 40)), "1"])["rate"]
         print(f"   data side (soupjax.data.eval_batches, {size}x{size}x{channels}, no model): {data_rate:,.0f} images/s",
               flush=True)
 

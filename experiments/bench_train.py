@@ -27,11 +27,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_workers import run_worker  # experiments/ is the script's directory, so on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -190,17 +190,6 @@ def _timm_worker(case: str, steps: int, loader: bool) -> dict:
 # ------------------------------------------------------------------------------------------ driver
 
 
-def _run_worker(args: list[str], tree: Path | None = None) -> dict:
-    env = dict(os.environ)
-    if tree is not None:
-        env["PYTHONPATH"] = str(tree) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, __file__, "--worker", *args], env=env, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="study64,study128,vit-ti16", help=f"of {', '.join(CASES)}")
@@ -234,7 +223,7 @@ def main() -> None:
             for c in contenders:
                 kind = c.split("@")[0]
                 worker = [kind, case, str(steps)] + (["flops"] if c == "soupjax" and r == 0 else [])
-                out = _run_worker(worker, Path(args.baseline_tree) if c.endswith("@baseline") else None)
+                out = run_worker(__file__, worker, Path(args.baseline_tree) if c.endswith("@baseline") else None)
                 rates[c].append(out["rate"])
                 extra.setdefault(c, out)
                 print(f"   round {r + 1} {c:18s} {out['rate']:8.1f} images/s", flush=True)
