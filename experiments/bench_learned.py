@@ -3,16 +3,13 @@
     python experiments/bench_learned.py --ks 2,4,8,16
     python experiments/bench_learned.py --ks 8 --parts                # where the time of one step goes
     python experiments/bench_learned.py --model vit-s/16 --image_size 32 --ks 2,8 --heldout 64 --batch 32
-    python experiments/bench_learned.py --ks 8,16 --where disk --cache_structure
 
 The first command is the default (the study's ViT of configs/fashion_mnist_vit.py on 28x28x1 images,
 K = 2, 4, 8, 16, both ways of keeping the ingredients, global mixing weights, 2 epochs over 512
 held-out images at batch 64; about 2.5 minutes on this project's 2 busy cores; ``--learned_mode
 global,layer`` adds per-layer weights). The third shows where memory matters: ViT-S/16 has 21.7 M
 parameters (86 MB), and at 32 px its forward pass is cheap, so the ingredients dominate the process.
-``--cache_structure`` is a diagnostic: the loaders remember each checkpoint's metadata instead of
-reading it on every load (soupjax.checkpoints.load_variables reads it each time). The output of all
-four, in this order, is experiments/results/bench_learned.log.
+The output of the commands is experiments/results/bench_learned.log.
 
 K synthetic ingredients (the model's init plus a per-ingredient random perturbation) are written once as
 real soupjax ingredients (soupjax.checkpoints.save_ingredient) into a reusable directory (``--dir``).
@@ -46,8 +43,9 @@ epoch costs the same whatever K (about 2.3 CPU-seconds at S = 8), 85-95% of a st
 value_and_grad, the two streaming passes 8-12% at K = 8; from disk every read is a whole orbax restore
 (55-75 ms for the study's 1.8 MB ViT, ~0.35 s for ViT-S), so an epoch grows linearly in K (18 s at
 K = 16) and reads are nearly all of it. Host memory grows by about one model per ingredient; from disk
-it should stay flat, and does only with --cache_structure: reading the checkpoint metadata on every load
-leaks Python memory in tensorstore (~0.4 MB per load of the study's ViT).
+it should stay flat, and did not: each load re-read the checkpoint's metadata, which leaks Python memory
+in TensorStore (~0.4 MB per load of the study's ViT). The loaders now read it once (soupjax.checkpoints
+.ingredient_loader); the figures after that fix are in docs/benchmarks.md.
 
 ``--parts`` times the pieces of one step instead, for each K and mode: reading the K ingredients
 (``Ingredients.leaves``), copying them to the device, the mixing pass, the value_and_grad, the
@@ -56,7 +54,6 @@ inner-product pass, the chain rule and Adam, and one forward pass of the evaluat
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -148,10 +145,6 @@ def child_learned(spec: dict) -> dict:
             return loader()
         return load
 
-    if spec["cache_structure"]:
-        # Diagnostic: load_variables reads the checkpoint's metadata (variables_structure) on every call;
-        # remembering it per directory leaves only the restore itself in each read.
-        checkpoints.variables_structure = functools.lru_cache(maxsize=None)(checkpoints.variables_structure)
     loaders = [counting(checkpoints.ingredient_loader(p)) for p in spec["paths"]]
     budget = None if spec["where"] == "host" else spec["size_bytes"]  # disk: room for one, not K
     events = []  # (what, time, loader calls so far)
@@ -307,8 +300,6 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=0.01, help="std of each ingredient's perturbation")
     parser.add_argument("--dir", default=None, help="where the ingredients are kept between runs "
                         "(default: /tmp/soupjax_bench_learned/MODEL-SIZE)")
-    parser.add_argument("--cache_structure", action="store_true",
-                        help="diagnostic: read each checkpoint's metadata once, not on every load")
     parser.add_argument("--parts", action="store_true", help="time the pieces of one step instead")
     parser.add_argument("--parts_steps", type=int, default=4)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -339,13 +330,11 @@ def main() -> None:
           f"(float32); held-out {args.heldout} images at batch {args.batch} = S = {steps} steps per epoch; "
           f"{args.epochs} epochs; jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cores",
           flush=True)
-    print(f"load average at start (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in os.getloadavg())}"
-          f"{'; loaders remember each checkpoint structure (--cache_structure)' if args.cache_structure else ''}",
+    print(f"load average at start (1, 5, 15 min): {', '.join(f'{x:.1f}' for x in os.getloadavg())}",
           flush=True)
     common = {"model": args.model, "image_size": image_size, "channels": channels, "heldout": args.heldout,
               "batch": args.batch, "epochs": args.epochs, "size_bytes": size_bytes, "parts": args.parts,
-              "parts_steps": args.parts_steps,
-              "cache_structure": args.cache_structure}
+              "parts_steps": args.parts_steps}
 
     # Interleaved: every repeat goes over K, and the two ways alternate which runs first.
     plan = []
