@@ -3,16 +3,23 @@
     python -m soupjax.finetune \\
         --config configs/cifar10_vit_ti16.py:init=/path/Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz
 
-fine-tunes six ingredients (seeds 0-5), SGD with momentum, learning rate 0.003, as the reference
-(best ingredient 96.83, greedy soup 96.90 on CIFAR-10 test). Then
-``python -m soupjax.soup --recipe all`` cooks them. See experiments/reference_runs.md for the
-expected wall time per ingredient on the hardware named there.
+fine-tunes six ingredients (seeds 0-5), SGD with momentum, learning rate 0.003: the setting for
+which the reference quotes best ingredient 96.83 and greedy soup 96.90 on CIFAR-10 test
+(experiments/RESULTS.md; not reproduced here: this machine has neither the weights nor network).
+Then ``python -m soupjax.soup --recipe all`` cooks them. experiments/reference_runs.md gives the
+commands, where to get the weights, and the compute time per ingredient measured on an H100.
+
+``model.gelu_approximate`` is the GELU the init weights were trained with: True (tanh, Flax's nn.gelu)
+for the AugReg .npz, False (exact, as timm runs it) for a timm file such as
+vit_tiny_patch16_224.augreg_in21k. Overriding it against the file is refused unless
+``init_from.allow_activation_mismatch`` is set (soupjax.pretrained.with_checkpoint_activation).
 
 Options: init=PATH (the AugReg .npz; required outside testing), data_dir=DIR (TFDS data),
 testing (a tiny model on 32 px images, a few steps: for tests under tfds.testing.mock_data),
 seeds=N (number of ingredients, default 6).
 """
 from soupjax.config_base import base_config, check_options, parse_options
+from soupjax.pretrained import checkpoint_activation
 
 
 def get_config(arg: str | None = None):
@@ -27,7 +34,7 @@ def get_config(arg: str | None = None):
     c.data.train_crop = "random_resized"
     c.data.heldout = 5000
     c.data.eval_crop_pct = 1.0
-    c.model = {"name": "vit-ti/16"}
+    c.model = {"name": "vit-ti/16", "gelu_approximate": _gelu_approximate(opts.get("init", ""))}
     c.init_from.path = opts.get("init", "")
     c.init_from.dont_load = ["head/.*"]
 
@@ -50,7 +57,8 @@ def get_config(arg: str | None = None):
     if opts.get("testing"):
         c.data.image_size = 32
         c.data.heldout = 8
-        c.model = {"name": "vit-testing", "patch_size": 8}
+        c.model = {"name": "vit-testing", "patch_size": 8,
+                   "gelu_approximate": _gelu_approximate(opts.get("init", ""))}
         c.total_steps = 2
         c.warmup_steps = 1
         c.batch_size = 8
@@ -59,3 +67,11 @@ def get_config(arg: str | None = None):
         c.checkpoint_every_steps = 1
         c.sweep.count = int(opts.get("seeds", 2))
     return c
+
+
+def _gelu_approximate(init: str) -> bool:
+    """The GELU the init weights were trained with, written into the config so that every model built
+    from it (fine-tuning, soups, evaluation) runs that function: the tanh approximation for the AugReg
+    .npz this config is made for (vision_transformer's nn.gelu), the exact GELU for a timm file."""
+    activation = checkpoint_activation(init) if init else None
+    return activation.gelu_approximate if activation is not None else True

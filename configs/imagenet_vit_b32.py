@@ -8,9 +8,16 @@ and mixup as in the paper's random search (App. J of arXiv 2203.05482), all from
 The held-out split is 2% of the ImageNet training set, as in the paper. Evaluation reports ImageNet
 and, where prepared in data_dir, ImageNet-V2, -R, -A and -Sketch.
 
+``model.gelu_approximate`` is the GELU the init weights were trained with: True (tanh, Flax's nn.gelu)
+for the AugReg .npz, False (exact, as timm runs it) for a timm file such as
+vit_base_patch32_224.augreg_in21k; overriding it against the file is refused unless
+``init_from.allow_activation_mismatch`` is set. Commands, weights and measured compute time:
+experiments/reference_runs.md.
+
 Options: init=PATH, data_dir=DIR, sweep=K (default 32), seed=N, testing.
 """
 from soupjax.config_base import base_config, check_options, parse_options
+from soupjax.pretrained import checkpoint_activation
 
 
 def get_config(arg: str | None = None):
@@ -26,7 +33,7 @@ def get_config(arg: str | None = None):
     c.data.heldout = 0.02
     c.data.eval_crop_pct = 0.875
     c.data.shifts = ["imagenet_v2", "imagenet_r", "imagenet_a", "imagenet_sketch"]
-    c.model = {"name": "vit-b/32"}
+    c.model = {"name": "vit-b/32", "gelu_approximate": _gelu_approximate(opts.get("init", ""))}
     c.init_from.path = opts.get("init", "")
 
     c.optimizer = "adamw"
@@ -53,7 +60,8 @@ def get_config(arg: str | None = None):
         c.data.image_size = 32
         c.data.heldout = 8
         c.data.shifts = []
-        c.model = {"name": "vit-testing", "patch_size": 8}
+        c.model = {"name": "vit-testing", "patch_size": 8,
+                   "gelu_approximate": _gelu_approximate(opts.get("init", ""))}
         c.num_epochs = 1.0
         c.total_steps = 2
         c.warmup_steps = 1
@@ -64,3 +72,11 @@ def get_config(arg: str | None = None):
         c.sweep.count = int(opts.get("sweep", 2))
         del c.sweep.space["num_epochs"]
     return c
+
+
+def _gelu_approximate(init: str) -> bool:
+    """The GELU the init weights were trained with, written into the config so that every model built
+    from it (fine-tuning, soups, evaluation) runs that function: the tanh approximation for the AugReg
+    .npz this config is made for (vision_transformer's nn.gelu), the exact GELU for a timm file."""
+    activation = checkpoint_activation(init) if init else None
+    return activation.gelu_approximate if activation is not None else True

@@ -229,7 +229,7 @@ def child_parts(spec: dict) -> dict:
         def inner_pass():
             out = []
             for i in range(k):
-                out.append(learned._inner(sp.diff_idx, g_diff, ing.leaves(i)))
+                out.append(learned._inner(sp.diff_idx, g_diff, diff, ing.leaves(i)))
                 jax.block_until_ready(out[-1])
             return out
 
@@ -252,7 +252,7 @@ def child_parts(spec: dict) -> dict:
 
         timed("  mix kernels, on device", mix_on_device)
         timed("  inner kernels, on device",
-              lambda: [jax.block_until_ready(learned._inner(sp.diff_idx, g_diff, on_device[i])) for i in range(k)])
+              lambda: [jax.block_until_ready(learned._inner(sp.diff_idx, g_diff, diff, on_device[i])) for i in range(k)])
         del host, on_device
         timed("whole loss_and_grad", lambda: problem.loss_and_grad(logits, temperature, batch))
         timed("eval forward (1 batch)", lambda: learned._batch_loss_jit(

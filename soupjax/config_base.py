@@ -55,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = ml_collections.ConfigDict({
         "path": "",                # '' = from scratch; a .npz, a timm file, or an ingredient directory
         "dont_load": ["head/.*"],  # regexes of parameters that keep their initial value
+        # A ViT runs the GELU its checkpoint was trained with (.npz: tanh, timm: exact); a config that
+        # says otherwise is refused unless this is True (soupjax.pretrained.with_checkpoint_activation).
+        "allow_activation_mismatch": False,
     })
     # 'default' keeps the model's own head init; 'linear_probe' fits the head on frozen features of
     # the init first (LP-FT), which is what makes fine-tuned ingredients land in one basin.
@@ -66,6 +69,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.momentum = 0.9
     c.weight_decay = 0.0
     c.warmup_steps = 0
+    # 'cosine': warm-up, then cosine to 0 over the run. 'plateau': warm-up, constant until the held-out
+    # accuracy levels off (see `plateau`), then linear to 0 over plateau.cooldown_steps; the run's
+    # length (num_epochs / total_steps) is then the most it may take.
+    c.lr_schedule = "cosine"
+    c.eval_every_steps = 0         # > 0: held-out accuracy every N steps (the learning curve, in meta.json)
+    c.plateau = ml_collections.ConfigDict({
+        "min_delta": 0.003,        # levelled off: an evaluation less than this above the best before it...
+        "patience": 1,             # ...this many times in a row
+        "cooldown_steps": 0,       # then the linear decay to 0 (with lr_schedule='plateau')
+    })
     c.num_epochs = 1.0
     c.total_steps = 0              # > 0 overrides num_epochs
     c.batch_size = 128

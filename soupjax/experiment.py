@@ -40,6 +40,8 @@ flags.DEFINE_bool("quick", False, "A shrunk study (about 3 minutes on 2 cores) t
 flags.DEFINE_integer("seed", 0, "Sweep seed: hyperparameter draws and data orders of the ingredients.")
 flags.DEFINE_integer("ingredients", None, "Number of ingredients in the sweep (default 8; 6 with --quick).")
 flags.DEFINE_string("data_dir", None, "TFDS data directory (default: TFDS's own).")
+flags.DEFINE_bool("ingredients_only", False, "Stop after the ingredients, cooking nothing: the pilot sweep whose "
+                  "learning curves fix the regime is looked at before any soup exists (experiments/RESULTS.md).")
 flags.DEFINE_string("sweep_config", None, "Instead of the default study: fine-tune the sweep of this config "
                     "(FILE[:options]) and cook every recipe from it.")
 flags.DEFINE_integer("recalibrate_bn", 0, "With --sweep_config: also cook every soup with BatchNorm statistics "
@@ -79,8 +81,9 @@ def run_sweep_study(config, workdir: Path, *, recipe: str = "all", recalibrate_b
 
 
 def run_study(config_path: str, workdir: Path, *, quick: bool, seed: int, count: int,
-              data_dir: str | None = None) -> dict:
-    """Upstream run, sweep, every recipe; returns the soup results (also written as a report)."""
+              data_dir: str | None = None, ingredients_only: bool = False) -> dict:
+    """Upstream run, sweep, every recipe; returns the soup results (also written as a report), or
+    ``{}`` with ``ingredients_only``."""
     from soupjax import checkpoints, kitchen, sweep, train
 
     module = load_config_module(config_path)
@@ -104,6 +107,14 @@ def run_study(config_path: str, workdir: Path, *, quick: bool, seed: int, count:
         downstream.data.data_dir = data_dir
     ingredients_dir = workdir / f"ingredients-seed{seed}"
     sweep.finetune_all(sweep.ingredient_configs(downstream), workdir, ingredients_dir, label="2/3 ingredient")
+    if downstream.eval_every_steps > 0:
+        from soupjax import learning_curves
+        out = workdir / f"learning-curves-seed{seed}"
+        print(learning_curves.write(workdir, [seed], out), flush=True)
+        print(f"learning curves: {out}.png", flush=True)
+    if ingredients_only:
+        print(f"ingredients finished in {time.time() - start:.0f}s: {ingredients_dir}", flush=True)
+        return {}
 
     print(f"[3/3] cooking every recipe ({time.time() - start:.0f}s so far)", flush=True)
     results = kitchen.cook("all", ingredients_dir, workdir / f"soups-seed{seed}",
@@ -131,7 +142,7 @@ def main(argv) -> int:
     else:
         count = FLAGS.ingredients or (6 if FLAGS.quick else 8)
         run_study(FLAGS.config, workdir, quick=FLAGS.quick, seed=FLAGS.seed, count=count,
-                  data_dir=FLAGS.data_dir)
+                  data_dir=FLAGS.data_dir, ingredients_only=FLAGS.ingredients_only)
     return 0
 
 

@@ -3,7 +3,7 @@
 * the angle between every pair of fine-tuning displacements, theta_i - theta_0 and theta_j - theta_0,
   where theta_0 is the shared init (rebuilt from the config and checked against the fingerprint);
   the paper finds soups help most when these angles are large but the models stay in one basin;
-* L2 distances between ingredients;
+* L2 distances between ingredients (computed from those displacements, see displacement_geometry);
 * held-out accuracy along the straight line between pairs of the best ingredients (linear mode
   connectivity: a dip in the middle means the pair would not soup well).
 """
@@ -24,16 +24,31 @@ def _flat_f32(variables: dict[str, Any]) -> np.ndarray:
     return np.concatenate([np.asarray(x, np.float32).ravel() for x in leaves])
 
 
-def displacement_geometry(deltas: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(angles in degrees between rows of ``deltas``, L2 distances between rows of ``vectors``)."""
-    gram = deltas @ deltas.T
+# Columns per float64 block: bounds the float64 copy to K x 2^20 values whatever the model's size.
+_BLOCK = 1 << 20
+
+
+def displacement_geometry(deltas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(angles in degrees, L2 distances) between the ingredients, from their displacements.
+
+    ``deltas`` is (K, P): row i is theta_i - theta_0. The distance ||theta_i - theta_j|| is taken as
+    ||delta_i - delta_j||, pair by pair, never as |a|^2 + |b|^2 - 2ab: fine-tuned models are large
+    vectors a small distance apart, and that form subtracts numbers ~|theta|^2 to find one ~|d|^2
+    (float32 vectors of norm 1,400 at distance 0.02 all came out at distance 0). Sums are in float64.
+    """
+    k, p = deltas.shape
+    gram = np.zeros((k, k), np.float64)
+    sq_dist = np.zeros((k, k), np.float64)
+    for start in range(0, p, _BLOCK):
+        block = np.asarray(deltas[:, start:start + _BLOCK], np.float64)
+        gram += block @ block.T
+        for i in range(k):
+            sq_dist[i, i + 1:] += np.sum(np.square(block[i + 1:] - block[i]), axis=1)
     norms = np.sqrt(np.clip(np.diag(gram), 1e-30, None))
     cos = np.clip(gram / np.outer(norms, norms), -1.0, 1.0)
     angles = np.degrees(np.arccos(cos))
     np.fill_diagonal(angles, 0.0)
-    sq = (vectors ** 2).sum(1)
-    l2 = np.sqrt(np.clip(sq[:, None] + sq[None, :] - 2 * vectors @ vectors.T, 0.0, None))
-    np.fill_diagonal(l2, 0.0)
+    l2 = np.sqrt(sq_dist + sq_dist.T)
     return angles, l2
 
 
@@ -57,8 +72,11 @@ def inspect(ingredients_dir: Path, out: Path, *, config: ConfigDict | None = Non
     theta0 = _flat_f32(train.with_head_init(config, base, model))
     # K vectors of P float32 parameters: fine for the models this is meant for; a streamed Gram matrix
     # would be needed for K x ViT-L.
-    vectors = np.stack([_flat_f32(ing.load()) for ing in ingredients])
-    angles, l2 = displacement_geometry(vectors - theta0, vectors)
+    deltas = np.stack([_flat_f32(ing.load()) for ing in ingredients])
+    # In place: theta_i - theta_0 of two float32 numbers this close is exact (Sterbenz), and no second
+    # K x P array is made.
+    deltas -= theta0
+    angles, l2 = displacement_geometry(deltas)
 
     # With BatchNorm, points on the line need their own statistics, or every midpoint looks collapsed.
     kitchen = Kitchen(config, out, shifts=[], eval_batch_size=eval_batch_size, recalibrate_batches=recalibrate_bn)

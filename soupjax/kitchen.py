@@ -238,12 +238,16 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
 
     common = {"ingredients": [str(ing.path) for ing in ingredients], "init": fingerprint,
               "data": data.eval_fingerprint(config.data), "recalibrate_bn": recalibrate_bn}
+    # With recalibration, greedy scores its first ingredient recalibrated and learned soups train with
+    # recalibrated statistics; soups cooked before that (same options otherwise) are cooked again.
+    recalibrated = {"recalibrated": "first_and_candidates"} if recalibrate_bn else {}
+    learned_stats = {"train_statistics": "recalibrated_each_epoch"} if recalibrate_bn else {}
     options = {
         "uniform": {},
-        "greedy": {"strict": greedy_strict, "order": greedy_order, "seed": seed},
+        "greedy": {"strict": greedy_strict, "order": greedy_order, "seed": seed, **recalibrated},
         "pruned": {"strict": greedy_strict, "passes": pruned_passes},
-        "learned_global": {"epochs": learned_epochs, "lr": learned_lr, "seed": seed},
-        "learned_layer": {"epochs": learned_epochs, "lr": learned_lr, "seed": seed},
+        "learned_global": {"epochs": learned_epochs, "lr": learned_lr, "seed": seed, **learned_stats},
+        "learned_layer": {"epochs": learned_epochs, "lr": learned_lr, "seed": seed, **learned_stats},
     }
     soup_evals: dict[str, ModelEval] = {}
 
@@ -297,8 +301,10 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
         finish("uniform", soup, [1.0 / len(names)] * len(names), time.time() - t, {})
     if "greedy" in wanted and not already("greedy"):
         t = time.time()
+        # The ingredients' own scores (their trained statistics) set the order; with recalibration the
+        # first ingredient is scored recalibrated too, as every candidate is: like against like.
         res = recipes.greedy(loaders, heldout, kitchen.heldout_accuracy, strict=greedy_strict,
-                             order=greedy_order, seed=seed)
+                             order=greedy_order, seed=seed, evaluate_first=bool(recalibrate_bn))
         steps = _named_steps(res.progression, names)
         progressions["greedy"] = steps
         finish("greedy", res.variables, res.weights, time.time() - t, {"progression": steps, "order": greedy_order})
@@ -317,9 +323,12 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
             if already(name):
                 continue
             t = time.time()
+            # With recalibration the mixing weights are learned with the soup's own statistics (as it
+            # is evaluated), not with the mixed ones that do not describe the mixed weights.
             res = learned.learned(loaders, kitchen.apply_fn, lambda: kitchen.batches("heldout"), mode=mode,
                                   epochs=learned_epochs, learning_rate=learned_lr, memory_budget_bytes=budget,
-                                  seed=seed, on_epoch=_print_epoch(name))
+                                  seed=seed, on_epoch=_print_epoch(name),
+                                  recalibrate=kitchen.prepare if recalibrate_bn else None)
             histories[name] = res.history
             weights = _global_weights(res.weights)
             finish(name, res.variables, weights, time.time() - t,

@@ -4,18 +4,26 @@ Instead of choosing ingredients, learn the mixing weights on the held-out split:
 ``alpha = softmax(mixing logits)`` over the K ingredients (``mode='global'``: K logits; ``mode='layer'``:
 K logits per parameter tensor), ``theta = sum_i alpha_i * theta_i``, and minimise the cross-entropy of
 ``temperature * f(x; theta)`` with a learned scalar temperature (init 1), trained with optax Adam.
+The temperature is learned as its logarithm, ``temperature = exp(log_temperature)``: a plain scalar
+is driven through 0 to negative values whenever the soup is confidently wrong on the held-out split
+(a negative temperature flips the predictions and lowers the loss), after which the loss means
+nothing. In log space an Adam step multiplies the temperature by about ``exp(+-lr)``.
 
 Memory. Differentiating through the mix with ``jax.grad`` would keep all K ingredients on the
 accelerator. Here they never are: the loss depends on the logits only through ``theta``, so
 
     dL/dalpha_i = <grad_theta L(theta), theta_i>        (per parameter tensor in layer mode)
 
-and the chain rule through the softmax gives dL/dlogits. One Adam step is therefore
+and the chain rule through the softmax gives dL/dlogits,
+``dL/dz_i = alpha_i (<g, theta_i> - sum_j alpha_j <g, theta_j>) = alpha_i <g, theta_i - theta>``. The
+last form is the one computed: ingredients fine-tuned from one init agree in most of their digits,
+and the first form subtracts two float32 inner products that do too (7-17% error on the
+near-identical ingredients of tests/test_learned.py; see ``_inner``). One Adam step is therefore
 
   1. mix:   stream the K ingredients into a float32 running sum ``theta = sum_i alpha_i theta_i``;
   2. grad:  one jitted ``value_and_grad`` of the loss at ``theta`` w.r.t. ``theta`` and the temperature;
-  3. inner: stream the K ingredients again for the inner products ``<grad, theta_i>``;
-  4. softmax chain rule (a tiny VJP) and the Adam update of (logits, temperature).
+  3. inner: stream the K ingredients again for the inner products ``<grad, theta_i - theta>``;
+  4. softmax chain rule (a tiny VJP) and the Adam update of (logits, log temperature).
 
 Cost: two passes over the ingredients per step. The accelerator holds the mixed model, its gradient and
 one ingredient at a time (~3 models, whatever K). The ingredients live either as numpy copies on the
@@ -26,7 +34,10 @@ host (K models of host memory, one host-to-device copy per ingredient per pass) 
 BatchNorm statistics and any other non-``params`` collection are mixed with the same weights but not
 differentiated (they are statistics of the data, not trained parameters); in layer mode a statistics
 tensor takes the mean weights of the parameter tensors of the module that owns it (e.g. a BatchNorm's
-``scale`` and ``bias``), or of all parameter tensors when that module has none.
+``scale`` and ``bias``), or of all parameter tensors when that module has none. Mixed statistics do
+not describe the mixed weights (a uniform soup of BatchNorm ResNets can sit at chance with them), so
+``learned(recalibrate=...)`` replaces them by the soup's own: recomputed for the current mix before
+the first epoch and after every epoch, and held fixed (not differentiated) during an epoch's steps.
 
 Steps: one Adam step per held-out batch (as the official PyTorch code does, with lr 0.05 and 5 epochs
 as its recommended defaults), not one step per epoch with accumulated gradients: the held-out split is
@@ -100,7 +111,7 @@ class LearnedResult:
       variables: the learned soup, each leaf in its stored dtype.
       weights: global mode: a (K,) array of mixing weights; layer mode: a dict from parameter path
         (e.g. ``params/Dense_0/kernel``) to its (K,) weights.
-      temperature: the learned temperature (affects the loss only; the soup itself has none).
+      temperature: the learned temperature, always > 0 (affects the loss only; the soup has none).
       history: one dict per epoch (epoch 0 is the initial soup): ``epoch``, ``loss`` and
         ``heldout_accuracy`` of the soup at the end of that epoch on the held-out batches, and
         ``train_loss``, the mean loss over that epoch's steps (None for epoch 0).
@@ -178,9 +189,16 @@ _mix_add_donated = jax.jit(_mix_add, donate_argnums=0)  # the running sum is upd
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _inner(diff_idx, grads, leaves):
-    # Elementwise product and sum, not a dot: no reduced-precision matmul on accelerators.
-    return jnp.stack([jnp.sum(g * jnp.asarray(leaves[j]).astype(jnp.float32)) for g, j in zip(grads, diff_idx)])
+def _inner(diff_idx, grads, mixed, leaves):
+    # <g, theta_i - theta_mix>, not <g, theta_i>: ingredients fine-tuned from one init are nearly equal,
+    # and the softmax chain rule would subtract sum_j alpha_j <g, theta_j> from <g, theta_i>, two large
+    # float32 numbers that agree in most of their digits. theta_i - theta_mix is exact in float32
+    # wherever the two are within a factor 2 (Sterbenz), i.e. wherever cancellation would bite, so the
+    # small displacement keeps its digits; the rounding of theta_mix adds the same <g, delta> to every
+    # i, which the chain rule's centring removes. Elementwise product and sum, not a dot: no
+    # reduced-precision matmul on accelerators.
+    return jnp.stack([jnp.sum(g * (jnp.asarray(leaves[j]).astype(jnp.float32) - m))
+                      for g, m, j in zip(grads, mixed, diff_idx)])
 
 
 def _batch_loss(apply_fn, spec, diff, other, temperature, batch):
@@ -248,6 +266,16 @@ class MixingProblem:
         except TypeError:  # jit needs a hashable static argument; a wrapper is hashed by identity.
             apply_fn = functools.partial(apply_fn)
         self._apply_fn = apply_fn
+        self._fixed_other: list[jax.Array] | None = None  # see use_statistics
+
+    def use_statistics(self, variables: Variables | None) -> None:
+        """Hold the non-differentiated leaves (BatchNorm statistics) at those of ``variables`` (e.g. the
+        soup recalibrated) in the loss, evaluation and ``mix``, instead of mixing them; None mixes again."""
+        if variables is None:
+            self._fixed_other = None
+            return
+        leaves = self.ingredients.layout.leaves(variables, "the statistics' variables")
+        self._fixed_other = [jnp.asarray(leaves[j], jnp.float32) for j in self.spec.other_idx]
 
     # -- mixing weights --------------------------------------------------------------------------
 
@@ -293,12 +321,20 @@ class MixingProblem:
         return acc
 
     def mix(self, logits: jax.Array) -> Variables:
-        """The soup for ``logits``, each leaf cast back to its stored dtype."""
+        """The soup for ``logits``, each leaf cast back to its stored dtype (statistics: the fixed ones
+        when ``use_statistics`` set them)."""
         layout = self.ingredients.layout
-        return layout.unflatten(_finisher(layout.dtypes)(self.mix_leaves(logits), None, 0.0, 1.0))
+        leaves = self.mix_leaves(logits)
+        if self._fixed_other is not None:
+            for j, x in zip(self.spec.other_idx, self._fixed_other):
+                leaves[j] = x
+        return layout.unflatten(_finisher(layout.dtypes)(leaves, None, 0.0, 1.0))
 
     def _split(self, leaves):
-        return [leaves[j] for j in self.spec.diff_idx], [leaves[j] for j in self.spec.other_idx]
+        other = self._fixed_other
+        if other is None:
+            other = [leaves[j] for j in self.spec.other_idx]
+        return [leaves[j] for j in self.spec.diff_idx], other
 
     def loss_and_grad(
         self, logits: jax.Array, temperature: jax.Array, batch: Batch
@@ -311,12 +347,12 @@ class MixingProblem:
         batch = _batch_arrays(batch)
         diff, other = self._split(self.mix_leaves(logits))
         loss, aux, g_diff, g_t = _grad_step(self._apply_fn, self.spec, diff, other, jnp.float32(temperature), batch)
-        del diff, other
-        g_alpha = []
+        del other
+        g_alpha = []  # <g, theta_i - theta_mix> per differentiated leaf: see _inner for why not <g, theta_i>
         for i in range(self.k):
-            g_alpha.append(_inner(self.spec.diff_idx, g_diff, self.ingredients.leaves(i)))
+            g_alpha.append(_inner(self.spec.diff_idx, g_diff, diff, self.ingredients.leaves(i)))
             jax.block_until_ready(g_alpha[-1])  # one ingredient in flight at a time
-        del g_diff
+        del g_diff, diff
         return loss, _logit_grad(self.spec, self.mode, self._owner, logits, g_alpha), g_t, aux
 
     def evaluate(self, logits: jax.Array, temperature: jax.Array, batches: Batches) -> tuple[float, float]:
@@ -367,6 +403,7 @@ def learned(
     memory_budget_bytes: int | None = None,
     seed: int = 0,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    recalibrate: Callable[[Variables], Variables] | None = None,
 ) -> LearnedResult:
     """Learns the mixing weights of a soup on the held-out split (the paper's "learned soup").
 
@@ -378,11 +415,16 @@ def learned(
         dicts (mask 1 for real examples, 0 for padding); called again for every epoch and evaluation.
       mode: 'global' (one weight per ingredient) or 'layer' (one per ingredient per parameter tensor).
       epochs: passes over the held-out batches, one Adam step per batch.
-      learning_rate: Adam learning rate for the mixing logits and the temperature.
+      learning_rate: Adam learning rate for the mixing logits and the log of the temperature.
       init: 'uniform' (the uniform soup), 'random' (small seeded logits) or K positive weights.
       memory_budget_bytes: host memory the K ingredients may take (None: keep them on the host).
       seed: seeds init='random'; the batch order is the caller's.
       on_epoch: called with each history entry as it is recorded (logging, plots).
+      recalibrate: ``recalibrate(soup) -> soup`` with its BatchNorm statistics recomputed (e.g.
+        ``batchnorm.recalibrate`` on training batches). Given, and when the ingredients have
+        statistics, it is called on the soup of the current weights before the first epoch and after
+        each epoch; those statistics replace the mixed ones in the loss, the recorded history and the
+        returned soup. Without it the statistics are mixed like the weights.
 
     Returns:
       A LearnedResult. The temperature only sharpens the training loss; accuracy is that of the soup.
@@ -390,33 +432,46 @@ def learned(
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     problem = MixingProblem(Ingredients(loaders, memory_budget_bytes), apply_fn, mode)
-    params = {"logits": problem.init_logits(init, seed), "temperature": jnp.float32(1.0)}
+    # The temperature is exp(log_temperature): see the module docstring for why it is not learned plainly.
+    params = {"logits": problem.init_logits(init, seed), "log_temperature": jnp.float32(0.0)}
     tx, adam_step = _adam(float(learning_rate))
     opt_state = tx.init(params)
 
     history: list[dict[str, Any]] = []
 
+    def recalibrate_statistics() -> None:
+        # Once per epoch, not per step: a recalibration is many forward passes, and the weights move
+        # little within an epoch (one step per held-out batch).
+        if recalibrate is not None and problem.spec.other_idx:
+            problem.use_statistics(None)
+            problem.use_statistics(recalibrate(problem.mix(params["logits"])))
+
     def record(epoch: int, train_loss: float | None) -> None:
-        loss, accuracy = problem.evaluate(params["logits"], params["temperature"], heldout_batches)
+        loss, accuracy = problem.evaluate(params["logits"], jnp.exp(params["log_temperature"]), heldout_batches)
         entry = dict(epoch=epoch, loss=loss, heldout_accuracy=accuracy, train_loss=train_loss)
         history.append(entry)
         if on_epoch is not None:
             on_epoch(entry)
 
+    recalibrate_statistics()
     record(0, None)
     for epoch in range(1, epochs + 1):
         loss_sum = n_sum = 0.0
         for batch in heldout_batches():
-            loss, g_logits, g_t, (n, _) = problem.loss_and_grad(params["logits"], params["temperature"], batch)
-            params, opt_state = adam_step(params, opt_state, {"logits": g_logits, "temperature": g_t})
+            temperature = jnp.exp(params["log_temperature"])
+            loss, g_logits, g_t, (n, _) = problem.loss_and_grad(params["logits"], temperature, batch)
+            # dL/dlog_t = t * dL/dt.
+            grads = {"logits": g_logits, "log_temperature": temperature * g_t}
+            params, opt_state = adam_step(params, opt_state, grads)
             loss_sum += float(loss) * float(n)
             n_sum += float(n)
+        recalibrate_statistics()
         record(epoch, loss_sum / max(n_sum, 1.0))
 
     return LearnedResult(
         variables=problem.mix(params["logits"]),
         weights=problem.weights(params["logits"]),
-        temperature=float(params["temperature"]),
+        temperature=float(jnp.exp(params["log_temperature"])),
         history=history,
         heldout=history[-1]["heldout_accuracy"],
         logits=np.asarray(params["logits"]),

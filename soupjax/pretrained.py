@@ -8,21 +8,31 @@ wrong file fails loudly instead of fine-tuning from a half-random init.
     variables = model.init(rng, images)            # or jax.eval_shape(model.init, rng, images)
     variables = load_pretrained('ViT-B_16.npz', variables)        # head re-initialised if needed
 
+A ViT must also run the GELU its checkpoint was trained with (tanh for .npz, exact for timm):
+`with_checkpoint_activation(config)` sets the config's `model.gelu_approximate` from
+`init_from.path`, and refuses a config that asks for the other one.
+
 Our own Orbax checkpoints are read by soupjax.checkpoints, not here.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
+import logging
 import math
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:
+    from ml_collections import ConfigDict
 
 Tree = dict[str, Any]
 
@@ -317,19 +327,222 @@ def convert_timm_resnet(state_dict: Mapping[str, np.ndarray]) -> Tree:
 
 
 # ---------------------------------------------------------------------------------------------
+# The activation a checkpoint was trained with
+#
+# The GELU of the ViT's MLP is not the same function in every codebase: vision_transformer and
+# big_vision call Flax's nn.gelu, whose default is the tanh approximation, timm calls PyTorch's
+# nn.GELU(), the exact erf. The two differ by up to 4.7e-4 per activation (near |x| = 2.7); the
+# logits of AugReg checkpoints run with the wrong one move by 4e-4 to 7e-4 (as reported when this
+# was found), far above float32 rounding. A model initialised from a checkpoint runs
+# with the GELU the checkpoint was trained with (models/vit.py `gelu_approximate`), unless the
+# config says otherwise on purpose.
+
+# The vocabulary of meta.json's 'activation' for the two GELUs (models.activation writes it).
+_GELU_OF_ACTIVATION = {'gelu_exact': False, 'gelu_tanh': True}
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointActivation:
+    """The GELU of the ViT in a checkpoint: `gelu_approximate` (True: tanh) and how it is known."""
+
+    gelu_approximate: bool
+    source: str  # e.g. 'a vision_transformer/big_vision .npz', for messages
+
+
+def gelu_name(approximate: bool) -> str:
+    """'the tanh-approximate GELU' or 'the exact (erf) GELU', for messages."""
+    return 'the tanh-approximate GELU' if approximate else 'the exact (erf) GELU'
+
+
+def checkpoint_activation(path: str | Path) -> CheckpointActivation | None:
+    """The GELU that the ViT in `path` was trained with, told by its source; None if unknown.
+
+    A `.npz` (vision_transformer / big_vision, nn.gelu's default): tanh. A timm state dict
+    (.safetensors, .pth, .pt, .bin): exact. A soupjax ingredient directory: what its meta.json
+    records under 'activation', else its config's model.gelu_approximate, else exact (the only
+    GELU soupjax ran before it recorded one). Decided by name and metadata, without reading
+    weights, so it is cheap to ask whenever a model is built.
+    """
+    path = Path(path)
+    if path.suffix == '.npz':
+        return CheckpointActivation(True, 'a vision_transformer/big_vision .npz')
+    if path.suffix in _TIMM_EXTENSIONS:
+        return CheckpointActivation(False, f'a timm state dict ({path.suffix})')
+    from soupjax import checkpoints, models  # orbax: only for ingredient directories
+    if not checkpoints.is_ingredient(path):
+        return None  # load_pretrained / merge_params will say what is wrong with it
+    meta = checkpoints.load_meta(path)
+    what = 'a soupjax ingredient'
+    if 'activation' in meta:
+        gelu = _GELU_OF_ACTIVATION.get(meta['activation'])  # None: not a ViT ('relu')
+        return None if gelu is None else CheckpointActivation(gelu, f"{what} (its meta.json)")
+    model = meta.get('config', {}).get('model', {})
+    if model.get('gelu_approximate') is not None:
+        return CheckpointActivation(bool(model['gelu_approximate']),
+                                    f'{what} (its config\'s model.gelu_approximate)')
+    try:
+        is_vit = 'gelu_approximate' in models.config_keys(model.get('name', ''))
+    except ValueError:
+        is_vit = False
+    if not is_vit:
+        return None
+    return CheckpointActivation(False, f'{what} (no activation recorded: the default)')
+
+
+class ActivationMismatchError(ValueError):
+    """The config asks for another GELU than the one the init checkpoint was trained with."""
+
+
+def with_checkpoint_activation(config: ConfigDict) -> ConfigDict:
+    """`config` with `model.gelu_approximate` set to the GELU its `init_from.path` was trained with.
+
+    For a ViT initialised from a checkpoint whose GELU is known (`checkpoint_activation`):
+      - model.gelu_approximate unset (or None): it becomes the checkpoint's, in a copy;
+      - set to the checkpoint's: `config` is returned as it is;
+      - set to the other one: ActivationMismatchError, naming the file and both activations,
+        unless `init_from.allow_activation_mismatch` is True (then the config's is used).
+    Anything else (trained from scratch, a ResNet, an unknown source) is returned unchanged, so
+    models trained from scratch keep the model's default, the exact GELU. `config` itself is never
+    modified: it is what meta.json stores and what a resumed or repeated run is compared with.
+    Idempotent, so it may be applied wherever a model is built from a config.
+    """
+    from soupjax import models
+    path = config.init_from.path
+    if not path or 'gelu_approximate' not in models.config_keys(config.model.name):
+        return config
+    needed = checkpoint_activation(path)
+    if needed is None:
+        return config
+    configured = config.model.get('gelu_approximate')
+    if configured is None:
+        resolved = copy.deepcopy(config)
+        with resolved.unlocked():
+            resolved.model.gelu_approximate = needed.gelu_approximate
+        return resolved
+    if bool(configured) == needed.gelu_approximate:
+        return config
+    if not config.init_from.get('allow_activation_mismatch', False):
+        raise ActivationMismatchError(
+            f'{path} is {needed.source}, trained with {gelu_name(needed.gelu_approximate)} '
+            f'(gelu_approximate={needed.gelu_approximate}), but the config sets '
+            f'model.gelu_approximate={bool(configured)} ({gelu_name(bool(configured))}). With the '
+            'other GELU the pretrained model is not the function it was trained as (up to 4.7e-4 '
+            'per activation). Set model.gelu_approximate to '
+            f'{needed.gelu_approximate} or leave it out to use the checkpoint\'s GELU, or set '
+            'init_from.allow_activation_mismatch=True to fine-tune with the other one on purpose.')
+    logging.warning('%s was trained with %s; fine-tuning with %s as the config asks '
+                    '(init_from.allow_activation_mismatch)', path,
+                    gelu_name(needed.gelu_approximate), gelu_name(bool(configured)))
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
 # Position embeddings
+#
+# A checkpoint made for another resolution has another grid of position embeddings, which is
+# resampled to the model's. Each source does it its own way, and we do as the source did:
+#   vision_transformer and big_vision (.npz): scipy.ndimage.zoom(grid, order=1), i.e. linear
+#     interpolation with the corner samples aligned (vit_jax/checkpoint.py load_pretrained,
+#     big_vision/models/vit.py resample_posemb);
+#   timm state dicts: timm.layers.resample_abs_pos_embed as timm's checkpoint_filter_fn calls it,
+#     F.interpolate(mode='bicubic', align_corners=False, antialias=True).
+# jax.image.resize has no corner-aligned mode, and its 'cubic' is the antialiased kind (Keys'
+# a = -0.5, weights renormalised at the edges: timm's default, but in float32), not PyTorch's
+# plain bicubic (a = -0.75, out-of-grid taps clamped to the edge sample). So every variant is
+# written out below as an [out, in] weight matrix per axis, applied separably in float64, and
+# tests/test_pretrained.py compares each with scipy / PyTorch in float64.
+
+# posemb_method -> what it reproduces.
+POSEMB_METHODS: dict[str, str] = {
+    'bilinear_align_corners': 'scipy.ndimage.zoom(order=1), as vision_transformer and big_vision',
+    'bilinear': "F.interpolate(mode='bilinear', align_corners=False, antialias=False)",
+    'bicubic': "F.interpolate(mode='bicubic', align_corners=False, antialias=False)",
+    'bicubic_antialias': "F.interpolate(mode='bicubic', align_corners=False, antialias=True), "
+                         "as timm's checkpoint_filter_fn",
+}
+# The default of each source: what its own loader does with its own checkpoints.
+_NPZ_POSEMB_METHOD = 'bilinear_align_corners'
+_TIMM_POSEMB_METHOD = 'bicubic_antialias'
+
+
+def _keys_cubic(x: np.ndarray, a: float) -> np.ndarray:
+    """Keys' cubic convolution kernel with parameter a (support [-2, 2])."""
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+
+def resize_weights(n_in: int, n_out: int, method: str) -> np.ndarray:
+    """The [n_out, n_in] float64 matrix that resamples one axis of length n_in to n_out.
+
+    Follows the index arithmetic of scipy.ndimage.zoom (order=1, grid_mode=False) and of PyTorch's
+    upsample kernels (aten/src/ATen/native/UpSample.h, cpu/UpSampleKernel.cpp) with
+    align_corners=False and an output size given (scale = n_in / n_out).
+    """
+    if method not in POSEMB_METHODS:
+        raise ValueError(f'posemb_method must be one of {sorted(POSEMB_METHODS)}, got {method!r}')
+    out = np.arange(n_out, dtype=np.float64)
+    weights = np.zeros((n_out, n_in))
+    rows = np.arange(n_out)
+
+    if method == 'bilinear_align_corners':
+        # zoom maps output o to input o * (n_in - 1) / (n_out - 1) (factor 1 for a single output).
+        src = out * ((n_in - 1) / (n_out - 1) if n_out > 1 else 1.0)
+        src = np.clip(src, 0, n_in - 1)
+        lo = np.floor(src).astype(int)
+        frac = src - lo
+        np.add.at(weights, (rows, lo), 1 - frac)
+        np.add.at(weights, (rows, np.minimum(lo + 1, n_in - 1)), frac)
+        return weights
+
+    scale = n_in / n_out
+    if method == 'bilinear':
+        # Half-pixel centres; a source position left of the first sample is clamped to it.
+        src = np.maximum((out + 0.5) * scale - 0.5, 0.0)
+        lo = np.floor(src).astype(int)
+        frac = src - lo
+        np.add.at(weights, (rows, lo), 1 - frac)
+        np.add.at(weights, (rows, np.minimum(lo + 1, n_in - 1)), frac)
+        return weights
+
+    if method == 'bicubic':
+        # Keys a = -0.75 on the 4 samples around the half-pixel source position; taps outside the
+        # grid read the edge sample (index clamping), so the weights always sum to 1.
+        src = (out + 0.5) * scale - 0.5
+        lo = np.floor(src).astype(int)
+        t = src - lo
+        for k in range(-1, 3):
+            np.add.at(weights, (rows, np.clip(lo + k, 0, n_in - 1)), _keys_cubic(t - k, -0.75))
+        return weights
+
+    # bicubic_antialias: Keys a = -0.5 (PIL's), stretched by the scale when downsampling; taps
+    # outside the grid are dropped and the rest renormalised (PyTorch's _upsample_bicubic2d_aa).
+    support = 2.0 * max(scale, 1.0)
+    inv = 1.0 / max(scale, 1.0)
+    for o in range(n_out):
+        center = scale * (o + 0.5)
+        # int() truncates toward zero, as the C++ static_cast does.
+        lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), n_in)
+        taps = np.arange(lo, hi)
+        w = _keys_cubic((taps - center + 0.5) * inv, -0.5)
+        weights[o, lo:hi] = w / w.sum() if w.sum() != 0 else w
+    return weights
+
 
 def resample_posemb(posemb: np.ndarray, new_shape: tuple[int, ...], num_prefix_tokens: int, *,
-                    method: str = 'bilinear',
+                    method: str = _NPZ_POSEMB_METHOD,
                     old_grid: tuple[int, int] | None = None,
                     new_grid: tuple[int, int] | None = None) -> np.ndarray:
     """Resamples the grid part of a position embedding [1, prefix + h*w, D] to `new_shape`.
 
     new_shape is the target parameter shape (1, prefix + h'*w', D). The first num_prefix_tokens
     rows (the class token's) are kept; the rest are viewed as an h x w grid (square unless
-    old_grid / new_grid say otherwise) and resized with jax.image.resize, 'bilinear' (the
-    interpolation of vision_transformer's high-resolution fine-tuning, though with half-pixel
-    centres where its scipy.ndimage.zoom aligns corners) or 'bicubic' (as timm).
+    old_grid / new_grid say otherwise) and resampled by `method`, one of POSEMB_METHODS:
+    'bilinear_align_corners' (default: scipy.ndimage.zoom(order=1), what vision_transformer and
+    big_vision do to their .npz), 'bicubic_antialias' (timm's resample_abs_pos_embed as timm loads
+    its state dicts), or PyTorch's plain 'bilinear' / 'bicubic' (align_corners=False, no
+    antialiasing). Computed in float64, returned in the input dtype.
     """
     posemb = np.asarray(posemb)
     if tuple(posemb.shape) == tuple(new_shape):
@@ -337,10 +550,11 @@ def resample_posemb(posemb: np.ndarray, new_shape: tuple[int, ...], num_prefix_t
     prefix, grid = posemb[:, :num_prefix_tokens], posemb[0, num_prefix_tokens:]
     old_grid = old_grid or _square(grid.shape[0], 'checkpoint')
     new_grid = new_grid or _square(new_shape[1] - num_prefix_tokens, 'model')
-    grid = grid.reshape(*old_grid, -1)
-    grid = jax.image.resize(jnp.asarray(grid, jnp.float32), (*new_grid, grid.shape[-1]),
-                            method=method)
-    grid = np.asarray(grid, posemb.dtype).reshape(1, new_grid[0] * new_grid[1], -1)
+    grid = grid.reshape(*old_grid, -1).astype(np.float64)
+    rows = resize_weights(old_grid[0], new_grid[0], method)
+    cols = resize_weights(old_grid[1], new_grid[1], method)
+    grid = np.einsum('ih,jw,hwd->ijd', rows, cols, grid)
+    grid = grid.astype(posemb.dtype).reshape(1, new_grid[0] * new_grid[1], -1)
     return np.concatenate([prefix, grid], axis=1)
 
 
@@ -410,7 +624,7 @@ def _detect_kind(loaded_keys: Iterable[str]) -> str:
 
 def load_pretrained(path: str | Path, init_variables: Mapping[str, Any], *,
                     dont_load: Iterable[str] = ('head/.*',), model_kind: str | None = None,
-                    reinit: Iterable[str] = (), posemb_method: str = 'bilinear',
+                    reinit: Iterable[str] = (), posemb_method: str | None = None,
                     posemb_grid: tuple[int, int] | None = None) -> Tree:
     """Loads a pretrained checkpoint into the variables of a soupjax model.
 
@@ -426,8 +640,10 @@ def load_pretrained(path: str | Path, init_variables: Mapping[str, Any], *,
         ImageNet-fine-tuned checkpoint evaluated on ImageNet keeps its head by default.
       model_kind: 'vit' or 'resnet' to skip detection.
       reinit: regexes of parameters that always keep the init value, even when they fit.
-      posemb_method: 'bilinear' or 'bicubic' resampling of the position embedding when the
-        checkpoint's grid differs from the model's (a model made for another resolution).
+      posemb_method: how the position embedding is resampled when the checkpoint's grid differs
+        from the model's (a model made for another resolution), one of POSEMB_METHODS. None
+        (default) does what the checkpoint's source does: 'bilinear_align_corners' for .npz
+        (vision_transformer, big_vision), 'bicubic_antialias' for timm files (timm).
       posemb_grid: the model's grid (h, w) when it is not square.
 
     Returns:
@@ -468,6 +684,8 @@ def load_pretrained(path: str | Path, init_variables: Mapping[str, Any], *,
             f"the checkpoint is a {kind} but the model is {'a ViT' if model_is_vit else 'not'}"])
 
     if kind == 'vit':
+        if posemb_method is None:
+            posemb_method = _NPZ_POSEMB_METHOD if path.suffix == '.npz' else _TIMM_POSEMB_METHOD
         _resample_posemb_to_model(loaded['params'], init_variables['params'], posemb_method,
                                   posemb_grid)
 

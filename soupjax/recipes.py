@@ -586,6 +586,7 @@ def greedy(
     strict: bool = False,
     order: str = "sorted",
     seed: int = 0,
+    evaluate_first: bool = False,
 ) -> SoupResult:
     """The greedy soup (Wortsman et al. 2022, Recipe 1).
 
@@ -597,7 +598,10 @@ def greedy(
     (what the official mlfoundations/model-soups ``main.py`` does).
 
     The first ingredient's accuracy is taken from ``heldout_scores`` (as the official code does), so
-    ``evaluate`` runs K-1 times; pass ``heldout_scores=None`` with ``order='random'`` to evaluate it.
+    ``evaluate`` runs K-1 times; pass ``heldout_scores=None`` with ``order='random'``, or
+    ``evaluate_first=True``, to evaluate it. ``evaluate_first`` is for an ``evaluate`` that measures
+    differently from the scores (e.g. it recalibrates BatchNorm statistics first): every candidate is
+    then compared with the first ingredient measured the same way, and the scores only set the order.
 
     Memory: one float32 running sum, the ingredient being tried and the candidate soup. ``evaluate``
     sees only candidate soups; it must measure held-out (never test) accuracy.
@@ -621,7 +625,10 @@ def greedy(
     first = visit[0]
     tree = _load(loaders[first], first)
     acc.add(tree)
-    best = float(heldout_scores[first]) if heldout_scores is not None else float(evaluate(acc.mean()))
+    if heldout_scores is not None and not evaluate_first:
+        best = float(heldout_scores[first])
+    else:
+        best = float(evaluate(acc.mean()))
     del tree
     used = [first]
     progression = [_step(0, first, "add", best, 1, best)]

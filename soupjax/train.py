@@ -31,7 +31,10 @@ Variables = dict[str, Any]
 
 
 def build_model(config: ml_collections.ConfigDict):
-    """The Flax module described by ``config.model`` for ``config.data``'s number of classes."""
+    """The Flax module described by ``config.model`` for ``config.data``'s number of classes, with the
+    GELU its ``init_from`` checkpoint was trained with (``pretrained.with_checkpoint_activation``):
+    soups and evaluations rebuild the model from an ingredient's stored config through here too."""
+    config = pretrained.with_checkpoint_activation(config)
     kwargs = dict(config.model.to_dict())
     name = kwargs.pop("name")
     return models.get_model(name, data.num_classes(config.data), **kwargs)
@@ -46,6 +49,12 @@ def base_init(config: ml_collections.ConfigDict, model=None) -> Variables:
 
     This is what the init fingerprint is taken of: it is bit-exact wherever it is rebuilt, which the
     linear-probe head (an optimisation) need not be.
+
+    ``init_from.dont_load`` regexes are fully matched against paths within a collection
+    (``head/kernel``, not ``params/head/kernel``), in every collection (``params``, ``batch_stats``),
+    as ``pretrained.load_pretrained`` names them. From an upstream ingredient a matching leaf always
+    keeps its init value (a new task's head is fresh even when it has the upstream head's shape);
+    from a .npz or timm file it keeps it only where the file cannot provide it (load_pretrained).
     """
     model = model or build_model(config)
     rng = jax.random.PRNGKey(config.init_seed)
@@ -56,7 +65,20 @@ def base_init(config: ml_collections.ConfigDict, model=None) -> Variables:
         dont_load = tuple(config.init_from.dont_load)
         if checkpoints.is_ingredient(path):
             loaded = checkpoints.load_variables(path)
-            variables = pretrained.merge_params(loaded, variables, dont_load=dont_load, source=str(path))
+            # One collection at a time, so that the patterns see collection-relative paths; every
+            # problem of every collection is reported together, with its collection named.
+            merged, problems = {}, []
+            for collection, init_tree in variables.items():
+                try:
+                    merged[collection] = pretrained.merge_params(
+                        loaded.get(collection, {}), init_tree, dont_load=dont_load, source=str(path))
+                except pretrained.PretrainedMismatchError as err:
+                    problems += [f"{collection}/{p}" for p in err.problems]
+            problems += [f"{c}: collection in the checkpoint but not in the model" for c in loaded
+                         if c not in variables and pretrained.flatten(loaded[c])]
+            if problems:
+                raise pretrained.PretrainedMismatchError(str(path), problems)
+            variables = merged
         else:
             variables = pretrained.load_pretrained(path, variables, dont_load=dont_load)
     return variables
@@ -141,6 +163,8 @@ class TrainResult:
     start_step: int
     seconds: float
     images_per_second: float  # steady state: from the end of the first step to the end (nan if < 2 steps)
+    heldout_curve: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (step, accuracy)
+    decay_start: int | None = None  # lr_schedule='plateau': where the cool-down began
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainResult:
@@ -153,14 +177,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.data_mesh()
     sharding.check_global_batch_size(config.batch_size)
+    # The GELU the init checkpoint was trained with; a config that contradicts it is refused here,
+    # before config.json is written.
+    model = build_model(pretrained.with_checkpoint_activation(config))
     check_same_config(workdir / "config.json", config, f"the training state in {workdir}")
 
-    model = build_model(config)
     base = base_init(config, model)
     fingerprint = pretrained.fingerprint(base["params"])
     init = with_head_init(config, base, model)
-    steps = total_steps(config)
+    max_steps = steps = total_steps(config)
     tx, hparams = make_optimizer(config, steps)
+    plateau = _PlateauSchedule(config, workdir, max_steps, hparams)
 
     state = {"step": jnp.zeros((), jnp.int32), "params": init["params"], "opt_state": tx.init(init["params"])}
     if "batch_stats" in init:
@@ -175,10 +202,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
     start_step = int(state["step"])
     if start_step > steps:
         raise ValueError(f"{ckpts.directory} holds step {start_step}, beyond this config's {steps} steps")
+    steps = plateau.resume(start_step)
 
     train_step = make_train_step(model, tx, mesh)
     rng = jax.random.PRNGKey(config.seed)
     writer = MetricsWriter(workdir, start_step)
+    curve = HeldoutCurve(config, model, mesh, writer, start_step) if config.eval_every_steps > 0 else None
     batches = data.train_batches(config.data, config.batch_size, seed=config.seed, start_step=start_step)
     progress = Progress(steps, f"train {workdir.name}", unit="steps", every=10.0)
     progress.done = start_step
@@ -188,7 +217,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
     # fill of the shuffle buffer do not count as training speed.
     steady_start, steady_step = None, start_step
     try:
-        for step in range(start_step, steps):
+        step = start_step
+        while step < steps:
             # Dispatch is asynchronous: the next batch is read and copied while this step computes.
             batch = sharding.shard_batch(next(batches), mesh)
             state, metrics = train_step(state, batch, rng, hparams)
@@ -205,7 +235,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
                 writer.write(step + 1, metrics)
                 history.append({"step": step + 1, **metrics})
             progress(1, **({"loss": history[-1]["loss"]} if history else {}))
+            if curve is not None and (step + 1) % config.eval_every_steps == 0 and step + 1 < steps:
+                # The evaluation opens the data set while a checkpoint may still be finalising in
+                # orbax's thread; under tfds.testing.mock_data the two race on the mocked file system.
+                ckpts.wait()
+                curve.evaluate(step + 1, state)
+                steps = plateau.update(step + 1, curve.points)
+                progress.total = steps
             ckpts.save(step + 1, state)
+            step += 1
     except BaseException:
         # Interrupted (preemption signal, Ctrl-C, an error): let a checkpoint already being written
         # finish, so that the rerun resumes from it instead of from the one before.
@@ -223,7 +261,87 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
     return TrainResult(variables=jax.device_get(variables), model=model, init_fingerprint=fingerprint,
                        steps=steps, start_step=start_step, seconds=train_time,
                        images_per_second=history[-1].get("images_per_second", float("nan")) if history
-                       else float("nan"))
+                       else float("nan"),
+                       heldout_curve=list(curve.points) if curve else [], decay_start=plateau.decay_start)
+
+
+class HeldoutCurve:
+    """The held-out accuracy every ``eval_every_steps`` during training: the learning curve that shows
+    whether a run has converged, and what the plateau schedule decides on. Evaluations made before a
+    resume are read back from metrics.jsonl."""
+
+    def __init__(self, config: ml_collections.ConfigDict, model, mesh, writer: MetricsWriter, start_step: int):
+        self._config, self._writer = config, writer
+        self._evaluator = Evaluator(apply_for_eval(model), mesh)
+        self.points: list[tuple[int, float]] = []
+        if writer.path.exists():
+            for line in writer.path.read_text().splitlines():
+                record = json.loads(line) if line.strip() else {}
+                if "heldout_accuracy" in record and record["step"] <= start_step:
+                    self.points.append((int(record["step"]), float(record["heldout_accuracy"])))
+
+    def evaluate(self, step: int, state: Mapping[str, Any]) -> float:
+        variables = {k: state[k] for k in ("params", "batch_stats") if k in state}
+        batches = data.eval_batches(self._config.data, "heldout", self._config.eval_batch_size)
+        accuracy = self._evaluator(variables, batches).accuracy
+        self.points.append((step, accuracy))
+        self._writer.write(step, {"heldout_accuracy": accuracy})
+        logging.info("step %d: held-out accuracy %.4f", step, accuracy)
+        return accuracy
+
+
+class _PlateauSchedule:
+    """The length of a run: ``max_steps`` for a cosine schedule; with ``lr_schedule='plateau'``, up to
+    the step where the held-out curve levels off plus ``plateau.cooldown_steps`` (never beyond
+    ``max_steps``: a run that does not level off cools down over its last steps)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: Path, max_steps: int, hparams: dict):
+        from soupjax.plateau import PlateauRule
+        self.active = config.lr_schedule == "plateau"
+        self.max_steps, self.hparams = max_steps, hparams
+        self.path = workdir / "plateau.json"
+        self.decay_start: int | None = None
+        if not self.active:
+            return
+        if config.eval_every_steps <= 0:
+            raise ValueError("lr_schedule='plateau' decides on the held-out curve: set eval_every_steps > 0")
+        self.rule = PlateauRule(float(config.plateau.min_delta), int(config.plateau.patience))
+        self.cooldown = min(int(config.plateau.cooldown_steps), max_steps)
+        self._set(None)
+
+    def _set(self, decay_start: int | None) -> int:
+        self.decay_start = decay_start
+        start = decay_start if decay_start is not None else self.max_steps - self.cooldown
+        self.hparams["decay_start"] = np.float32(start)
+        self.hparams["decay_steps"] = np.float32(max(self.cooldown, 1))
+        return min(self.max_steps, start + self.cooldown)
+
+    def resume(self, start_step: int) -> int:
+        """The run's length after a restart at ``start_step``."""
+        from soupjax.plateau import read_decision
+        if not self.active:
+            return self.max_steps
+        decided = read_decision(self.path)
+        # A decision taken after the checkpoint we resume from is taken again, on the same curve.
+        return self._set(decided if decided is not None and decided <= start_step else None)
+
+    def update(self, step: int, points: list[tuple[int, float]]) -> int:
+        """After an evaluation at ``step``: the run's length, cooling down from here if the curve levelled off."""
+        from soupjax.plateau import write_decision
+        if not self.active or self.decay_start is not None:
+            return self._length()
+        if self.rule.levelled_off([a for _, a in points]) and step < self.max_steps - self.cooldown:
+            write_decision(self.path, step, points)
+            logging.info("held-out accuracy levelled off at step %d: cooling down over %d steps", step,
+                         self.cooldown)
+            return self._set(step)
+        return self._length()
+
+    def _length(self) -> int:
+        if not self.active:
+            return self.max_steps
+        start = self.decay_start if self.decay_start is not None else self.max_steps - self.cooldown
+        return min(self.max_steps, start + self.cooldown)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
@@ -258,8 +376,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         "init_fingerprint": trained.init_fingerprint,
         "data_fingerprint": data.eval_fingerprint(config.data),
         "init_from": config.init_from.path,
+        "activation": models.activation(model),  # e.g. 'gelu_tanh' when init_from is a .npz
         "metrics": metrics,
         "steps": trained.steps,
+        "heldout_curve": [list(point) for point in trained.heldout_curve],
+        "decay_start": trained.decay_start,
         "resumed_from_step": trained.start_step,
         "train_seconds": trained.seconds,
         "wall_seconds": time.time() - wall_start,

@@ -44,19 +44,34 @@ def make_optimizer(config: "ml_collections.ConfigDict", steps: int
         return optax.chain(*parts)
 
     tx = optax.inject_hyperparams(chain)(learning_rate=0.0, weight_decay=0.0)
+    schedule = getattr(config, "lr_schedule", "cosine")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {schedule!r}")
     warmup = min(int(config.warmup_steps), max(steps - 1, 0))
     hparams = {"learning_rate": config.learning_rate, "warmup_steps": warmup, "total_steps": steps,
-               "weight_decay": config.weight_decay, "label_smoothing": getattr(config, "label_smoothing", 0.0)}
+               "weight_decay": config.weight_decay, "label_smoothing": getattr(config, "label_smoothing", 0.0),
+               "cosine": 1.0 if schedule == "cosine" else 0.0,
+               # 'plateau': constant until the trainer sees the held-out accuracy level off and sets
+               # decay_start (data, so the compiled step does not change), then linear to 0.
+               "decay_start": float(steps), "decay_steps": 1.0}
     return tx, {k: np.float32(v) for k, v in hparams.items()}
 
 
+SCHEDULES = ("cosine", "plateau")
+
+
 def learning_rate_at(step: jax.Array, hparams: Mapping[str, jax.Array]) -> jax.Array:
-    """Linear warm-up from 0 to the peak, then cosine decay to 0 at ``total_steps``."""
+    """Linear warm-up from 0 to the peak, then either cosine decay to 0 at ``total_steps``
+    (``cosine`` = 1) or constant until ``decay_start`` and linear to 0 over ``decay_steps``."""
     step = jnp.asarray(step, jnp.float32)
     peak, warmup, total = hparams["learning_rate"], hparams["warmup_steps"], hparams["total_steps"]
     rising = peak * step / jnp.maximum(warmup, 1.0)
     progress = jnp.clip((step - warmup) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
-    return jnp.where(step < warmup, rising, 0.5 * peak * (1.0 + jnp.cos(jnp.pi * progress)))
+    cosine = 0.5 * peak * (1.0 + jnp.cos(jnp.pi * progress))
+    cooling = jnp.clip((step - hparams.get("decay_start", total)) / jnp.maximum(hparams.get("decay_steps", 1.0), 1.0),
+                       0.0, 1.0)
+    after_warmup = jnp.where(hparams.get("cosine", 1.0) > 0, cosine, peak * (1.0 - cooling))
+    return jnp.where(step < warmup, rising, after_warmup)
 
 
 def _smooth(targets: jax.Array, label_smoothing: jax.Array) -> jax.Array:

@@ -1,6 +1,7 @@
 """The main job (the quick study, end to end on the real data) and dry runs of the reference studies."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from soupjax import checkpoints, experiment
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quick_study_runs_end_to_end(tmp_path, fashion_mnist_data_dir):
     out = subprocess.run([sys.executable, "-m", "soupjax.experiment", "--quick", f"--workdir={tmp_path}",
                           f"--data_dir={fashion_mnist_data_dir}"], capture_output=True, text=True, cwd=ROOT,
@@ -47,6 +49,7 @@ def test_quick_study_runs_end_to_end(tmp_path, fashion_mnist_data_dir):
     assert again.stdout.count("cooked earlier, reused") == 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config,recalibrate", [("cifar10_vit_ti16", 0), ("cifar10_resnet50d", 2),
                                                 ("imagenet_vit_b32", 0)])
 def test_reference_study_dry_run_under_mock_data(config, recalibrate, tmp_path):
@@ -60,12 +63,71 @@ def test_reference_study_dry_run_under_mock_data(config, recalibrate, tmp_path):
         assert checkpoints.load_meta(tmp_path / "soups-recalibrated" / "greedy")["recalibrated_bn_batches"] == 2
 
 
-def test_reference_scripts_name_their_config():
-    for script, config in [("cifar10_vit_ti16.sh", "configs/cifar10_vit_ti16.py"),
-                           ("cifar10_resnet50d.sh", "configs/cifar10_resnet50d.py"),
-                           ("imagenet_vit_b32.sh", "configs/imagenet_vit_b32.py")]:
-        text = (ROOT / "experiments" / script).read_text()
-        assert config in text and "soupjax.experiment" in text
-        assert (ROOT / config).exists()
-        usage = subprocess.run(["bash", str(ROOT / "experiments" / script)], capture_output=True, text=True)
-        assert usage.returncode != 0 and "path of the" in usage.stderr
+# A stand-in for `python` on the PATH of the reference scripts: for `python -m soupjax.experiment ARGS` it runs
+# the real command line (absl's flag parser, soupjax.experiment.main, the config file with its options),
+# and records what main would start the study with instead of fine-tuning for hours.
+_FAKE_PYTHON = r"""
+import json, os, sys
+assert sys.argv[1:3] == ["-m", "soupjax.experiment"], sys.argv
+from soupjax import experiment
+
+def record(config, workdir, **kwargs):
+    with open(os.environ["SOUPJAX_TEST_RECORD"], "w") as f:
+        json.dump({"config": config.to_dict(), "workdir": str(workdir), "kwargs": kwargs}, f)
+    return {}
+
+experiment.run_sweep_study = record
+sys.argv = ["soupjax.experiment", *sys.argv[3:]]
+experiment.run()
+"""
+
+
+def _run_script(script: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "fake_python.py").write_text(_FAKE_PYTHON)
+    python = bin_dir / "python"
+    python.write_text(f'#!/usr/bin/env bash\nexec "{sys.executable}" "{bin_dir / "fake_python.py"}" "$@"\n')
+    python.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", JAX_PLATFORMS="cpu",
+               SOUPJAX_TEST_RECORD=str(tmp_path / "record.json"), PYTHONPATH=str(ROOT))
+    return subprocess.run(["bash", str(ROOT / "experiments" / script), *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,args,want", [
+    ("cifar10_vit_ti16.sh", ["/w/Ti_16.npz", "/data", "/runs/ti"],
+     {"model": "vit-ti/16", "data": "cifar10", "count": 6, "data_dir": "/data", "workdir": "/runs/ti",
+      "recalibrate_bn": 0}),
+    ("cifar10_vit_ti16.sh", ["/w/Ti_16.npz"],
+     {"model": "vit-ti/16", "data": "cifar10", "count": 6, "data_dir": None,
+      "workdir": str(ROOT / "runs" / "cifar10_vit_ti16"), "recalibrate_bn": 0}),
+    ("cifar10_resnet50d.sh", ["/w/resnet50d.safetensors", "/data", "/runs/r50"],
+     {"model": "resnet50d", "data": "cifar10", "count": 6, "data_dir": "/data", "workdir": "/runs/r50",
+      "recalibrate_bn": 200}),
+    ("imagenet_vit_b32.sh", ["/w/B_32.npz", "/data", "4", "/runs/b32"],
+     {"model": "vit-b/32", "data": "imagenet2012", "count": 4, "data_dir": "/data", "workdir": "/runs/b32",
+      "recalibrate_bn": 0}),
+])
+def test_reference_scripts_start_the_study_they_describe(script, args, want, tmp_path):
+    """Each script's command is parsed by the real CLI: every flag and config option it passes is valid
+    and lands in the config and work directory the study would run with."""
+    out = _run_script(script, args, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads((tmp_path / "record.json").read_text())
+    config = record["config"]
+    assert config["model"]["name"] == want["model"]
+    assert config["data"]["name"] == want["data"]
+    assert config["init_from"]["path"] == args[0]
+    assert config["sweep"]["count"] == want["count"]
+    assert config["data"]["data_dir"] == want["data_dir"]
+    assert record["workdir"] == want["workdir"]
+    assert record["kwargs"] == {"recalibrate_bn": want["recalibrate_bn"]}
+
+
+def test_reference_scripts_refuse_to_start_without_their_weights(tmp_path):
+    for script in ("cifar10_vit_ti16.sh", "cifar10_resnet50d.sh", "imagenet_vit_b32.sh"):
+        usage = _run_script(script, [], tmp_path)
+        assert usage.returncode != 0 and "path of the" in usage.stderr, script
+        assert not (tmp_path / "record.json").exists(), script

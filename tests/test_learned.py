@@ -169,7 +169,12 @@ def test_learned_soup_weights_the_best_ingredient_most():
     assert _accuracy(result.variables, images, labels) == result.heldout
     assert [h["epoch"] for h in result.history] == list(range(9)) and seen == result.history
     assert result.history[-1]["loss"] < result.history[0]["loss"]  # learning beats the uniform soup
-    assert result.temperature != 1.0
+    # The uniform soup starts confidently wrong, where a lower temperature lowers the held-out loss:
+    # the temperature goes down (test_temperature_follows_the_loss_and_stays_positive checks a step).
+    problem = learned_lib.MixingProblem(learned_lib.Ingredients(loaders), apply_linear)
+    _, _, g_t, _ = problem.loss_and_grad(problem.init_logits(), jnp.float32(1.0), next(batches()))
+    assert result.history[0]["loss"] > 3.0 and float(g_t) > 0
+    assert 0.0 < result.temperature < 1.0
 
     layer = learned_lib.learned(loaders, apply_linear, batches, mode="layer", epochs=8, learning_rate=0.1)
     assert set(layer.weights) == {"params/kernel", "params/bias"}
@@ -231,3 +236,130 @@ def test_zero_epochs_is_the_uniform_soup_and_init_weights():
                             "params/BatchNorm_0/bias", "params/Dense_1/kernel", "params/Dense_1/bias"}
     for w in weights.values():
         np.testing.assert_allclose(w, [0.25, 0.5, 0.25], rtol=1e-6)
+
+
+# -- precision: ingredients that differ by tiny displacements from a large shared init ---------------
+
+
+def _near_identical(k=4, dim=256, classes=10, spread=1e-5, seed=0):
+    """Ingredients that are nearly one model: |theta| ~ 10, theta_i - theta_j ~ ``spread`` (about ten
+    float32 ulps of 10 at the default)."""
+    rng = np.random.default_rng(seed)
+    kernel0 = 10.0 + 0.1 * rng.normal(size=(dim, classes))
+    bias0 = 10.0 + 0.1 * rng.normal(size=classes)
+    trees = [
+        {"params": {"kernel": (kernel0 + spread * rng.normal(size=kernel0.shape)).astype(np.float32),
+                    "bias": (bias0 + spread * rng.normal(size=bias0.shape)).astype(np.float32)}}
+        for _ in range(k)
+    ]
+    batch = {"image": rng.normal(size=(64, dim)).astype(np.float32), "label": rng.integers(0, classes, 64),
+             "mask": np.ones(64, np.float32)}
+    return trees, batch
+
+
+def _float64_logit_grad(trees, batch, logits, temperature, mode):
+    """dL/dlogits in float64 numpy: dz[., i] = alpha_i <dL/dtheta, theta_i - theta_mix>, per leaf in layer
+    mode (rows in the order of learned.py's leaves: bias, kernel), for L the mean cross-entropy of the
+    linear model at the exact mix."""
+    names = ["bias", "kernel"]  # jax flattens dict keys sorted
+    thetas = {n: np.stack([np.asarray(t["params"][n], np.float64) for t in trees]) for n in names}
+    z = np.asarray(logits, np.float64)
+    alpha = np.exp(z - z.max(-1, keepdims=True))
+    alpha /= alpha.sum(-1, keepdims=True)
+    rows = {n: (alpha if mode == "global" else alpha[r]) for r, n in enumerate(names)}
+    mix = {n: np.tensordot(rows[n], thetas[n], axes=1) for n in names}
+    x = np.asarray(batch["image"], np.float64)
+    out = temperature * (x @ mix["kernel"] + mix["bias"])
+    p = np.exp(out - out.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    d_out = temperature * (p - np.eye(p.shape[1])[batch["label"]]) / len(x)
+    g = {"kernel": x.T @ d_out, "bias": d_out.sum(0)}
+    per_leaf = {n: rows[n] * np.array([np.sum(g[n] * (thetas[n][i] - mix[n])) for i in range(len(trees))])
+                for n in names}
+    return per_leaf["bias"] + per_leaf["kernel"] if mode == "global" else np.stack([per_leaf[n] for n in names])
+
+
+@pytest.mark.parametrize("mode", ["global", "layer"])
+def test_logit_gradient_is_accurate_for_near_identical_ingredients(mode):
+    """<g, theta_i> - sum_j alpha_j <g, theta_j> cancels most float32 digits here (the old formula was
+    7-17% off); alpha_i <g, theta_i - theta_mix> is within 1e-4 of float64."""
+    trees, batch = _near_identical()
+    problem = learned_lib.MixingProblem(learned_lib.Ingredients([lambda t=t: t for t in trees]), apply_linear, mode)
+    shape = (4,) if mode == "global" else (2, 4)
+    logits = jnp.asarray(0.5 * np.random.default_rng(3).normal(size=shape), jnp.float32)
+    _, g_logits, _, _ = problem.loss_and_grad(logits, jnp.float32(1.3), batch)
+    want = _float64_logit_grad(trees, batch, logits, 1.3, mode)
+    assert np.abs(want).max() > 1e-6  # a real gradient to compare against
+    error = np.linalg.norm(np.asarray(g_logits, np.float64) - want) / np.linalg.norm(want)
+    assert error < 1e-3, error
+
+
+def test_temperature_follows_the_loss_and_stays_positive():
+    """Ingredients that are confidently wrong: the held-out loss keeps falling as the temperature goes
+    down through 0 (a negative temperature flips the predictions), so an unconstrained temperature
+    is driven negative. It must stay positive, and move the way the gradient says."""
+    ingredients, batches, _, _ = _toy()
+    wrong = [{"params": {"kernel": -3.0 * t["params"]["kernel"], "bias": t["params"]["bias"]}} for t in ingredients]
+    loaders = [lambda t=t: t for t in wrong]
+    problem = learned_lib.MixingProblem(learned_lib.Ingredients(loaders), apply_linear)
+    first = next(batches())
+    _, _, g_t, _ = problem.loss_and_grad(problem.init_logits(), jnp.float32(1.0), first)
+    assert float(g_t) > 0  # lowering the temperature lowers the loss
+
+    # One Adam step moves log(temperature) by -lr * sign(gradient) (the first step's size is lr).
+    one = learned_lib.learned(loaders, apply_linear, lambda: [first], epochs=1, learning_rate=0.5)
+    np.testing.assert_allclose(np.log(one.temperature), -0.5, rtol=1e-4)
+
+    # Steps that would take a plain temperature from 1 to about 1 - 12 * 0.5 keep it positive.
+    result = learned_lib.learned(loaders, apply_linear, batches, epochs=3, learning_rate=0.5)
+    assert 0.0 < result.temperature < 0.1
+    assert np.isfinite([h["loss"] for h in result.history]).all()
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+# -- BatchNorm: mixing weights trained with the statistics recalibrated for the current soup --------
+
+
+class TrainableMLP(nn.Module):
+    """MLP with a BatchNorm that can run in training mode (the same tree as MLP), for recalibration."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(8)(x)
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        x = nn.relu(x)
+        return nn.Dense(3)(x)
+
+
+def test_learned_soup_trains_with_recalibrated_statistics():
+    from soupjax import batchnorm, recipes
+
+    model = TrainableMLP()
+    trees = _ingredients(k=3)
+    loaders = [lambda t=t: t for t in trees]
+    heldout = [_batch(seed=1)]
+    calibration = [{"image": np.random.default_rng(s).normal(size=(32, 5)).astype(np.float32)} for s in range(2)]
+    seen = []
+
+    def recalibrate(variables):
+        seen.append(variables)
+        return batchnorm.recalibrate(model, variables, iter(calibration), num_batches=2)
+
+    def loss_of(variables, batch, temperature=1.0):
+        out = model.apply(variables, batch["image"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(temperature * out, batch["label"])
+        return float(jnp.sum(ce * batch["mask"]) / jnp.sum(batch["mask"]))
+
+    result = learned_lib.learned(loaders, apply_mlp, lambda: iter(heldout), epochs=2, learning_rate=0.1,
+                                 recalibrate=recalibrate)
+    # Recalibrated for the initial soup and after each epoch; the soup's statistics are its own.
+    assert len(seen) == 3
+    uniform = recalibrate(recipes.uniform(loaders))
+    assert loss_of(uniform, heldout[0]) != pytest.approx(loss_of(recipes.uniform(loaders), heldout[0]), rel=1e-2)
+    assert result.history[0]["loss"] == pytest.approx(loss_of(uniform, heldout[0]), rel=1e-5)
+    # Epoch 1's one step is taken at the uniform soup with those statistics: the same loss.
+    assert result.history[1]["train_loss"] == pytest.approx(result.history[0]["loss"], rel=1e-5)
+    want = recalibrate(learned_lib.MixingProblem(learned_lib.Ingredients(loaders), apply_mlp).mix(
+        jnp.asarray(result.logits)))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), result.variables, want)
+    assert result.history[-1]["loss"] == pytest.approx(loss_of(want, heldout[0], result.temperature), rel=1e-5)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from soupjax.models import MODEL_NAMES, get_model, list_models
+from soupjax.models import get_model, list_models
 from soupjax.pretrained import flatten
 
 KEY = jax.random.key(0, impl='rbg')
@@ -66,15 +66,59 @@ def test_named_variants_shapes_and_sizes(name, size, count):
     assert ('batch_stats' in variables) == name.startswith('resnet')
 
 
-def test_every_listed_name_builds():
-    assert list_models() == list(MODEL_NAMES)
-    for name in MODEL_NAMES:
-        cfg = (dict(hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32, patch_size=8)
-               if name == 'vit' else {})
+# The registry as documented (get_model's docstring, README): ViT (hidden, depth, heads, MLP, patch)
+# and ResNet (blocks per stage, block kind) of the published architectures.
+_VIT_SHAPES = {
+    'vit-ti/16': (192, 12, 3, 768, 16), 'vit-s/16': (384, 12, 6, 1536, 16), 'vit-s/32': (384, 12, 6, 1536, 32),
+    'vit-b/16': (768, 12, 12, 3072, 16), 'vit-b/32': (768, 12, 12, 3072, 32),
+    'vit-l/16': (1024, 24, 16, 4096, 16), 'vit-l/32': (1024, 24, 16, 4096, 32),
+    'vit-h/14': (1280, 32, 16, 5120, 14), 'vit-testing': (32, 2, 2, 64, 4), 'vit': (16, 1, 2, 32, 8),
+}
+_RESNET_SHAPES = {
+    'resnet18': ((2, 2, 2, 2), 'basic'), 'resnet34': ((3, 4, 6, 3), 'basic'),
+    'resnet50': ((3, 4, 6, 3), 'bottleneck'), 'resnet101': ((3, 4, 23, 3), 'bottleneck'),
+    'resnet152': ((3, 8, 36, 3), 'bottleneck'), 'resnet50d': ((3, 4, 6, 3), 'bottleneck'),
+    'resnet-testing': ((1, 1, 1, 1), 'basic'),
+}
+
+
+def test_every_listed_name_builds_its_architecture():
+    assert sorted(list_models()) == sorted([*_VIT_SHAPES, *_RESNET_SHAPES])
+    assert len(set(list_models())) == len(list_models())
+    for name in list_models():
+        cfg = {}
+        if name == 'vit':
+            hidden, layers, heads, mlp, patch = _VIT_SHAPES['vit']
+            cfg = dict(hidden_size=hidden, num_layers=layers, num_heads=heads, mlp_dim=mlp, patch_size=patch)
         model = get_model(name.upper(), 3, **cfg)  # names are case-insensitive
-        assert model.num_classes == 3
-    assert get_model('vit-h/14', 3).patch_size == 14
-    assert get_model('resnet152', 3).stage_sizes == (3, 8, 36, 3)
+        if name in _VIT_SHAPES:
+            assert (model.hidden_size, model.num_layers, model.num_heads, model.mlp_dim,
+                    model.patch_size) == _VIT_SHAPES[name], name
+            # Traced one block deep (tracing cost grows with depth; the depth is the field checked above,
+            # and the full-depth variants are traced in test_named_variants_shapes_and_sizes).
+            shallow, size = get_model(name, 3, **{**cfg, 'num_layers': 1}), 2 * model.patch_size
+        else:
+            assert (tuple(model.stage_sizes), model.block) == _RESNET_SHAPES[name], name
+            shallow, size = get_model(name, 3, stage_sizes=(1, 1, 1, 1)), 32
+        images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+        logits, variables = jax.eval_shape(shallow.init_with_output, KEY, images)
+        assert (logits.shape, logits.dtype) == ((2, 3), jnp.float32), name
+        flat = flatten(variables['params'])
+        if name in _VIT_SHAPES:
+            hidden, _, heads, mlp, patch = _VIT_SHAPES[name]
+            assert set(variables) == {'params'}, name
+            assert flat['embedding/kernel'].shape == (patch, patch, 3, hidden), name
+            block = 'Transformer/encoderblock_0/'
+            assert flat[block + 'MultiHeadDotProductAttention_1/query/kernel'].shape == (
+                hidden, heads, hidden // heads), name
+            assert flat[block + 'MlpBlock_3/Dense_0/kernel'].shape == (hidden, mlp), name
+            assert flat['head/kernel'].shape == (hidden, 3), name
+        else:
+            _, block = _RESNET_SHAPES[name]
+            assert set(variables) == {'params', 'batch_stats'}, name
+            assert ('stage1_block0/conv3/kernel' in flat) == (block == 'bottleneck'), name
+            width = 8 if name == 'resnet-testing' else 64
+            assert flat['head/kernel'].shape == (width * 8 * (4 if block == 'bottleneck' else 1), 3), name
 
 
 def test_vit_patch_size_and_cfg_overrides():
@@ -297,3 +341,42 @@ def test_resnet_batch_stats_update_in_train_and_are_used_in_eval(resnet_testing)
     shifted = jax.tree_util.tree_map(lambda x: x + 0.5, updates['batch_stats'])
     other = evaluate({'params': params, 'batch_stats': shifted}, images)
     assert not np.allclose(full, other)
+
+
+@pytest.mark.parametrize('approximate', [False, True])
+def test_vit_mlp_gelu_is_exact_by_default_and_tanh_when_asked(approximate):
+    """The MLP block's nonlinearity: the exact erf GELU by default (timm, training from scratch),
+    the tanh approximation (vision_transformer / big_vision .npz) with gelu_approximate=True."""
+    from soupjax.models.vit import MlpBlock
+    x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
+    block = MlpBlock(mlp_dim=16, gelu_approximate=True) if approximate else MlpBlock(mlp_dim=16)
+    p = jax.tree_util.tree_map(np.asarray, block.init(KEY, x, train=False)['params'])
+    # Pre-activations up to |4.5|, through |x| ~ 2.7 where the two GELUs differ most (4.7e-4).
+    kernel = p['Dense_0']['kernel'] * 4.5 / np.abs(x @ p['Dense_0']['kernel']).max()
+    p['Dense_0'] = {'kernel': kernel, 'bias': np.zeros(16, np.float32)}
+    hidden = x @ kernel
+
+    def mlp(gelu_approximate: bool) -> np.ndarray:
+        gelu = np.asarray(jax.nn.gelu(hidden, approximate=gelu_approximate))
+        return gelu @ p['Dense_1']['kernel'] + p['Dense_1']['bias']
+
+    out = np.asarray(block.apply({'params': p}, x, train=False))
+    np.testing.assert_allclose(out, mlp(approximate), rtol=1e-6, atol=1e-6)
+    assert np.abs(out - mlp(not approximate)).max() > 1e-5  # the two are told apart at this scale
+
+
+def test_vit_gelu_reaches_every_block_and_is_reported():
+    from soupjax.models import activation, config_keys
+    images = _images(16, batch=1)
+    exact = get_model('vit-testing', 3, head_zero_init=False)
+    tanh = get_model('vit-testing', 3, head_zero_init=False, gelu_approximate=True)
+    assert exact.gelu_approximate is False  # from scratch: the exact GELU
+    variables = jax.jit(exact.init)(KEY, images)
+    assert not np.allclose(_jit_apply(exact)(variables, images), _jit_apply(tanh)(variables, images),
+                           rtol=0, atol=1e-7)
+    assert (activation(exact), activation(tanh)) == ('gelu_exact', 'gelu_tanh')
+    assert activation(get_model('resnet-testing', 3)) == 'relu'
+    assert 'gelu_approximate' in config_keys('vit-b/32') and 'gelu_approximate' in config_keys('vit')
+    assert 'gelu_approximate' not in config_keys('resnet50d')
+    with pytest.raises(ValueError, match='unknown model'):
+        config_keys('vgg16')

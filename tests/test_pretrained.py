@@ -28,6 +28,7 @@ from soupjax.pretrained import (
     load_timm_state_dict,
     merge_params,
     resample_posemb,
+    resize_weights,
     unflatten,
 )
 
@@ -214,8 +215,11 @@ def test_npz_posemb_is_resampled_to_the_model_resolution(tmp_path, vit_init):
     new = loaded['params']['Transformer']['posembed_input']['pos_embedding']
     assert new.shape == (1, 1 + 8 * 8, 32)
     np.testing.assert_array_equal(new[:, :1], old[:, :1])  # the class token's row is kept
-    grid = jax.image.resize(old[0, 1:].reshape(4, 4, 32), (8, 8, 32), 'bilinear')
-    np.testing.assert_allclose(new[0, 1:], np.asarray(grid).reshape(64, 32), atol=1e-6)
+    # What vision_transformer (vit_jax/checkpoint.py) and big_vision (models/vit.py) do to the grid
+    # of their .npz: scipy.ndimage.zoom with order=1.
+    scipy_ndimage = pytest.importorskip('scipy.ndimage')
+    grid = scipy_ndimage.zoom(old[0, 1:].reshape(4, 4, 32), (2, 2, 1), order=1)
+    np.testing.assert_allclose(new[0, 1:], grid.reshape(64, 32), rtol=1e-6, atol=1e-6)
     rest = lambda t: {k: v for k, v in flatten(t).items() if k != f'params/{POSEMB}'}  # noqa
     _assert_trees_equal(rest(loaded), rest(vit_init))
 
@@ -224,11 +228,104 @@ def test_resample_posemb():
     posemb = np.random.default_rng(0).standard_normal((1, 1 + 9, 4), np.float32)
     np.testing.assert_array_equal(resample_posemb(posemb, (1, 10, 4), 1), posemb)
     constant = np.ones((1, 16, 4), np.float32)
-    np.testing.assert_allclose(resample_posemb(constant, (1, 36, 4), 0, method='bicubic'), 1.0,
-                               atol=1e-5)
+    for method in ('bilinear_align_corners', 'bilinear', 'bicubic', 'bicubic_antialias'):
+        resized = resample_posemb(constant, (1, 36, 4), 0, method=method)
+        assert resized.dtype == np.float32
+        np.testing.assert_allclose(resized, 1.0, atol=1e-6)
     assert resample_posemb(constant, (1, 12, 4), 0, new_grid=(3, 4)).shape == (1, 12, 4)
     with pytest.raises(ValueError, match='not a square'):
         resample_posemb(constant, (1, 12, 4), 0)
+    with pytest.raises(ValueError, match='bicubic_antialias'):
+        resample_posemb(constant, (1, 36, 4), 0, method='cubic')
+
+
+# (old grid, new grid): up- and downsampling, odd and even, non-square, down to a single row.
+_GRIDS = [((7, 7), (12, 12)), ((14, 14), (24, 24)), ((24, 24), (14, 14)), ((5, 5), (3, 3)),
+          ((4, 6), (9, 3)), ((5, 5), (1, 1))]
+
+
+@pytest.mark.parametrize('old,new', _GRIDS)
+@pytest.mark.parametrize('method,mode,antialias', [
+    ('bilinear', 'bilinear', False), ('bicubic', 'bicubic', False),
+    ('bicubic_antialias', 'bicubic', True)])
+def test_resample_posemb_is_pytorch_interpolate(old, new, method, mode, antialias):
+    """Each PyTorch-style method against F.interpolate(align_corners=False) itself, in float64
+    (bicubic: Keys a = -0.75 with clamped indices; antialias: a = -0.5 with renormalised edges)."""
+    torch = pytest.importorskip('torch')
+    rng = np.random.default_rng(sum(old) + 10 * sum(new))
+    grid = rng.standard_normal((*old, 5))
+    posemb = np.concatenate([rng.standard_normal((1, 1, 5)), grid.reshape(1, -1, 5)], axis=1)
+    ours = resample_posemb(posemb, (1, 1 + new[0] * new[1], 5), 1, method=method, old_grid=old,
+                           new_grid=new)
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(grid).permute(2, 0, 1)[None], size=new, mode=mode, align_corners=False,
+        antialias=antialias)[0].permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(ours[:, :1], posemb[:, :1])
+    np.testing.assert_allclose(ours[0, 1:].reshape(*new, 5), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('old,new', [((7, 7), (12, 12)), ((24, 24), (14, 14)), ((4, 6), (9, 3))])
+def test_resample_posemb_bilinear_align_corners_is_scipy_zoom(old, new):
+    """The .npz default is vision_transformer's and big_vision's scipy.ndimage.zoom(order=1)."""
+    scipy_ndimage = pytest.importorskip('scipy.ndimage')
+    grid = np.random.default_rng(0).standard_normal((*old, 5))
+    ours = resample_posemb(grid.reshape(1, -1, 5), (1, new[0] * new[1], 5), 0, old_grid=old,
+                           new_grid=new)
+    zoom = (new[0] / old[0], new[1] / old[1], 1)
+    expected = scipy_ndimage.zoom(grid, zoom, order=1)
+    assert expected.shape == (*new, 5)
+    np.testing.assert_allclose(ours.reshape(*new, 5), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_resize_weights_differ_where_the_sources_differ():
+    """The four methods are four different functions (so the tests above can tell them apart),
+    and jax.image.resize's cubic is not PyTorch's plain bicubic."""
+    weights = {m: resize_weights(7, 12, m) for m in
+               ('bilinear_align_corners', 'bilinear', 'bicubic', 'bicubic_antialias')}
+    for a in weights:
+        np.testing.assert_allclose(weights[a].sum(1), 1.0, atol=1e-12)  # constants stay constant
+        for b in weights:
+            assert a == b or np.abs(weights[a] - weights[b]).max() > 1e-2, (a, b)
+    jax_cubic = np.asarray(jax.image.resize(jnp.eye(7), (12, 7), 'cubic'))
+    assert np.abs(jax_cubic - weights['bicubic']).max() > 1e-2
+
+
+def test_timm_posemb_is_resampled_as_timm_does(tmp_path):
+    """A timm ViT state dict loaded into a model for another resolution: the position embedding
+    and then the logits are timm's own (checkpoint_filter_fn: bicubic, antialias=True)."""
+    pytest.importorskip('timm')
+    torch = pytest.importorskip('torch')
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+    shape = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=10)
+    torch.manual_seed(0)
+    source = VisionTransformer(img_size=28, **shape).eval()  # a 7x7 grid
+    _randomise(source, torch)
+    with torch.no_grad():  # a position embedding and a head large enough to show in the logits
+        source.pos_embed.normal_(generator=torch.Generator().manual_seed(2))
+        source.head.weight.normal_(generator=torch.Generator().manual_seed(3))
+    path = tmp_path / 'vit28.safetensors'
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+
+    for size in (48, 16):  # 7x7 -> 12x12 and 7x7 -> 4x4
+        target = VisionTransformer(img_size=size, **shape).eval()
+        target.load_state_dict(checkpoint_filter_fn(source.state_dict(), target))
+        images = _nchw_images(size)
+        with torch.no_grad():
+            expected = target(torch.from_numpy(images)).numpy()
+
+        model = get_model('vit', 10, patch_size=4, hidden_size=32, num_layers=2, num_heads=2,
+                          mlp_dim=64)
+        nhwc = images.transpose(0, 2, 3, 1)
+        abstract = jax.eval_shape(model.init, KEY, jax.ShapeDtypeStruct(nhwc.shape, jnp.float32))
+        variables = load_pretrained(path, abstract)
+        posemb = variables['params']['Transformer']['posembed_input']['pos_embedding']
+        np.testing.assert_allclose(np.asarray(posemb)[0, 1:], target.pos_embed.detach().numpy()[0, 1:],
+                                   rtol=1e-5, atol=1e-5)
+        logits = np.asarray(model.apply(variables, nhwc, train=False))
+        assert np.abs(expected).max() > 0.5
+        np.testing.assert_allclose(logits, expected, atol=1e-4)
 
 
 def _with_head(variables, num_classes: int, seed: int):

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from soupjax.models.resnet import RESNET_CONFIGS, ResNet
 from soupjax.models.vit import VIT_SIZES, VIT_TESTING, VisionTransformer
 
-__all__ = ['MODEL_NAMES', 'ResNet', 'VisionTransformer', 'get_model', 'list_models']
+__all__ = ['MODEL_NAMES', 'ResNet', 'VisionTransformer', 'activation', 'config_keys', 'get_model',
+           'list_models']
 
 # The names get_model knows, with the usual patch sizes; 'vit-{ti,s,b,l,h}/{p}' accepts any p.
 MODEL_NAMES: tuple[str, ...] = (
@@ -38,6 +39,35 @@ def list_models() -> list[str]:
 def _fields(cls: type[nn.Module]) -> set[str]:
     # The dataclass fields a user may set; Flax adds `parent` and `name`, which are not config.
     return {f.name for f in dataclasses.fields(cls)} - {'parent', 'name', 'num_classes'}
+
+
+def _family(name: str) -> type[nn.Module]:
+    """The module class a model name builds (no check of the rest of the name's cfg)."""
+    key = name.lower()
+    if key in ('vit', 'vit-testing') or _VIT_NAME.fullmatch(key):
+        return VisionTransformer
+    if key in RESNET_CONFIGS:
+        return ResNet
+    raise ValueError(f'unknown model {name!r}; known: {", ".join(MODEL_NAMES)} '
+                     "(ViT names take any patch size, e.g. 'vit-b/8')")
+
+
+def config_keys(name: str) -> set[str]:
+    """The cfg keys `get_model(name, ...)` accepts: e.g. whether the model has `gelu_approximate`."""
+    return _fields(_family(name))
+
+
+def activation(model: nn.Module) -> str:
+    """The nonlinearity a built model runs, as meta.json records it.
+
+    'gelu_exact' or 'gelu_tanh' for a ViT (its `gelu_approximate`), 'relu' for a ResNet.
+    soupjax.pretrained.checkpoint_activation reads it back when a run starts from an ingredient.
+    """
+    if isinstance(model, VisionTransformer):
+        return 'gelu_tanh' if model.gelu_approximate else 'gelu_exact'
+    if isinstance(model, ResNet):
+        return 'relu'
+    raise TypeError(f'not a soupjax model: {type(model).__name__}')
 
 
 def _build(cls: type[nn.Module], name: str, num_classes: int, base: dict[str, Any],
@@ -65,8 +95,10 @@ def get_model(name: str, num_classes: int, **cfg: Any) -> nn.Module:
     'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnet50d', 'resnet-testing'.
 
     ViT cfg: patch_size, hidden_size, num_layers, num_heads, mlp_dim, pooling ('token' | 'gap'),
-    dropout_rate, attention_dropout_rate, representation_size, gelu_approximate (default False:
-    exact GELU as timm), head_zero_init (default True), dtype.
+    dropout_rate, attention_dropout_rate, representation_size, gelu_approximate (default False,
+    the exact GELU of timm; True is the tanh approximation that vision_transformer and big_vision
+    trained with: soupjax.pretrained.with_checkpoint_activation picks the init checkpoint's),
+    head_zero_init (default True), dtype.
     ResNet cfg: stem ('imagenet' | 'deep' | 'cifar'), avg_down, width, bn_momentum (default 0.9,
     i.e. PyTorch's 0.1), zero_init_last_bn, stage_sizes, block ('basic' | 'bottleneck'), dtype.
     """

@@ -183,11 +183,15 @@ class VisionTransformer(nn.Module):
       dropout_rate, attention_dropout_rate: need the 'dropout' rng when train=True and > 0.
       representation_size: if set, a Dense+tanh `pre_logits` layer before the head (the i21k
         AugReg checkpoints of the original paper have one); None means none.
-      gelu_approximate: False (default) is the exact erf GELU, as in the ViT paper's formula,
-        PyTorch and timm, so timm checkpoints give timm's logits to float32 rounding.
-        vision_transformer and big_vision use Flax's default tanh approximation; set True to
-        reproduce their numerics bit-for-bit. The two differ by < 1e-3 per activation, and the
-        published checkpoints are used with either (timm runs the AugReg weights with exact GELU).
+      gelu_approximate: the GELU of the MLP blocks. False (default) is the exact erf GELU, as
+        PyTorch and timm compute it: timm checkpoints give timm's logits to float32 rounding, and
+        models trained from scratch here use it. True is the tanh approximation (Flax's nn.gelu
+        default), which vision_transformer and big_vision trained their .npz checkpoints with
+        (AugReg included): with it our logits match vision_transformer's forward pass to float32
+        rounding (tests/test_vit_reference.py); with the exact GELU they move by 4e-4 to 7e-4
+        (the two differ by up to 4.7e-4 per activation). A config that fine-tunes from a
+        checkpoint gets the checkpoint's GELU from soupjax.pretrained.with_checkpoint_activation,
+        which refuses a config asking for the other one unless init_from.allow_activation_mismatch.
       head_zero_init: zero kernel for the head, as vision_transformer: a fine-tuning run starts
         from uniform predictions and the pretrained features, whatever the seed.
       dtype: computation dtype (e.g. jnp.bfloat16 on TPU); parameters stay float32 and the
