@@ -1,11 +1,12 @@
 """The whole model-soups study in one resumable command, on the embedded default data.
 
-    python -m soupjax.experiment                          # Fashion-MNIST, about 20 minutes on 2 CPU cores
-    python -m soupjax.experiment --quick                  # the same story in about 3 minutes
+    python -m soupjax.experiment                          # Fashion-MNIST; README.md gives its time
+    python -m soupjax.experiment --quick                  # a smoke test of the whole job, under 3 minutes
     python -m soupjax.experiment --seed 1 --workdir runs/study-seed1
 
 1. Upstream: there are no downloadable weights here, so the shared pretrained init is made by training
-   the ViT on Fashion-MNIST classes 0-4 (``stage=upstream``). Fine-tuning then moves it to a *new task*,
+   the ViT on Fashion-MNIST classes 0-4 (``stage=upstream``) until its held-out accuracy levels off
+   (``lr_schedule='plateau'``; the ingredients too, up to a cap: configs/fashion_mnist_vit.py). Fine-tuning then moves it to a *new task*,
    classes 5-9, which is what fine-tuning a pretrained model is; pretraining on all classes would
    leave nothing to fine-tune.
 2. A sweep of ingredients fine-tuned from that init on classes 5-9, each with random hyperparameters,
@@ -36,7 +37,7 @@ from soupjax.workdirs import enable_compilation_cache, quiet_logs
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "configs/fashion_mnist_vit.py", "Config file with stage=upstream/downstream options.")
 flags.DEFINE_string("workdir", None, "Work directory (default: $SOUPJAX_WORKDIR/study or ./runs/soupjax/study).")
-flags.DEFINE_bool("quick", False, "A shrunk study (about 3 minutes on 2 cores) that tells the same story less surely.")
+flags.DEFINE_bool("quick", False, "A shrunk study (under 3 minutes on 2 cores): smaller model, short caps, no run reaches the plateau.")
 flags.DEFINE_integer("seed", 0, "Sweep seed: hyperparameter draws and data orders of the ingredients.")
 flags.DEFINE_integer("ingredients", None, "Number of ingredients in the sweep (default 8; 6 with --quick).")
 flags.DEFINE_string("data_dir", None, "TFDS data directory (default: TFDS's own).")

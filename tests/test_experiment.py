@@ -38,6 +38,17 @@ def test_quick_study_runs_end_to_end(tmp_path, fashion_mnist_data_dir):
     assert np.mean([m["metrics"]["test"]["accuracy"] for m in metas]) > 0.4
     report = (tmp_path / "soups-seed0" / "report.md").read_text()
     assert "McNemar" in report
+    # The regime: every run evaluates its held-out curve, and the plateau rule (or the cap) set its length.
+    for meta in [upstream] + metas:
+        assert meta["config"]["lr_schedule"] == "plateau"
+        steps = [s for s, _ in meta["heldout_curve"]]
+        every = meta["config"]["eval_every_steps"]
+        assert steps == list(range(every, meta["steps"], every)), meta["name"]
+        if meta["decay_start"] is not None:
+            # The rule fired: the run ended one cool-down after it.
+            assert meta["steps"] == meta["decay_start"] + meta["config"]["plateau"]["cooldown_steps"]
+    assert (tmp_path / "learning-curves-seed0.png").stat().st_size > 0
+    assert "levelled off" in (tmp_path / "learning-curves-seed0.md").read_text()
     # A rerun resumes: nothing is trained or cooked again.
     again = subprocess.run([sys.executable, "-m", "soupjax.experiment", "--quick", f"--workdir={tmp_path}",
                             f"--data_dir={fashion_mnist_data_dir}"], capture_output=True, text=True, cwd=ROOT,
