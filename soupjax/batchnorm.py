@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
+import flax.core
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -130,8 +131,8 @@ def recalibrate(model: nn.Module, variables: Mapping[str, Any], batches: Iterabl
         count += 1
     if count == 0:
         raise ValueError("BatchNorm recalibration got no batches")
-    new_stats = jax.tree_util.tree_map(np.asarray, dict(variables["batch_stats"]))
-    new_stats = _unfreeze(new_stats)
+    # Plain nested dicts (from a FrozenDict too), so that leaves can be replaced.
+    new_stats = flax.core.unfreeze(jax.tree_util.tree_map(np.asarray, dict(variables["batch_stats"])))
     for path, moments in running.items():
         node = new_stats
         for name in path:
@@ -139,10 +140,3 @@ def recalibrate(model: nn.Module, variables: Mapping[str, Any], batches: Iterabl
         node["mean"] = moments.mean.astype(np.asarray(node["mean"]).dtype)
         node["var"] = moments.variance().astype(np.asarray(node["var"]).dtype)
     return dict(variables, batch_stats=new_stats)
-
-
-def _unfreeze(tree: Any) -> Any:
-    """Plain nested dicts (a FrozenDict or any mapping), so that leaves can be replaced."""
-    if isinstance(tree, Mapping):
-        return {k: _unfreeze(v) for k, v in tree.items()}
-    return tree

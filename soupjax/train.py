@@ -177,9 +177,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.data_mesh()
     sharding.check_global_batch_size(config.batch_size)
-    # The GELU the init checkpoint was trained with; a config that contradicts it is refused here,
-    # before config.json is written.
-    model = build_model(pretrained.with_checkpoint_activation(config))
+    # build_model gives the GELU the init checkpoint was trained with; a config that contradicts it is
+    # refused here, before config.json is written.
+    model = build_model(config)
     check_same_config(workdir / "config.json", config, f"the training state in {workdir}")
 
     base = base_init(config, model)
@@ -301,6 +301,7 @@ class _PlateauSchedule:
         self.max_steps, self.hparams = max_steps, hparams
         self.path = workdir / "plateau.json"
         self.decay_start: int | None = None
+        self.length = max_steps  # the run's length as decided so far
         if not self.active:
             return
         if config.eval_every_steps <= 0:
@@ -314,13 +315,14 @@ class _PlateauSchedule:
         start = decay_start if decay_start is not None else self.max_steps - self.cooldown
         self.hparams["decay_start"] = np.float32(start)
         self.hparams["decay_steps"] = np.float32(max(self.cooldown, 1))
-        return min(self.max_steps, start + self.cooldown)
+        self.length = min(self.max_steps, start + self.cooldown)
+        return self.length
 
     def resume(self, start_step: int) -> int:
         """The run's length after a restart at ``start_step``."""
         from soupjax.plateau import read_decision
         if not self.active:
-            return self.max_steps
+            return self.length
         decided = read_decision(self.path)
         # A decision taken after the checkpoint we resume from is taken again, on the same curve.
         return self._set(decided if decided is not None and decided <= start_step else None)
@@ -328,20 +330,13 @@ class _PlateauSchedule:
     def update(self, step: int, points: list[tuple[int, float]]) -> int:
         """After an evaluation at ``step``: the run's length, cooling down from here if the curve levelled off."""
         from soupjax.plateau import write_decision
-        if not self.active or self.decay_start is not None:
-            return self._length()
-        if self.rule.levelled_off([a for _, a in points]) and step < self.max_steps - self.cooldown:
+        if (self.active and self.decay_start is None and step < self.max_steps - self.cooldown
+                and self.rule.levelled_off([a for _, a in points])):
             write_decision(self.path, step, points)
             logging.info("held-out accuracy levelled off at step %d: cooling down over %d steps", step,
                          self.cooldown)
-            return self._set(step)
-        return self._length()
-
-    def _length(self) -> int:
-        if not self.active:
-            return self.max_steps
-        start = self.decay_start if self.decay_start is not None else self.max_steps - self.cooldown
-        return min(self.max_steps, start + self.cooldown)
+            self._set(step)
+        return self.length
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
