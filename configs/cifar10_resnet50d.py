@@ -10,7 +10,7 @@ BatchNorm statistics recovers them.
 Options: init=PATH (timm resnet50d .safetensors/.pth; required outside testing), data_dir=DIR,
 testing (resnet-testing on 32 px images, a few steps), seeds=N (default 6).
 """
-from soupjax.config_base import base_config, check_options, parse_options
+from soupjax.config_base import base_config, check_options, int_option, parse_options
 
 
 def get_config(arg: str | None = None):
@@ -40,7 +40,7 @@ def get_config(arg: str | None = None):
     c.grad_clip_norm = 0.0
     c.checkpoint_every_steps = 500
 
-    c.sweep.count = int(opts.get("seeds", 6))
+    c.sweep.count = int_option(opts, "seeds", 6, "cifar10_resnet50d", minimum=1)
     c.sweep.seed = 0
     c.sweep.space = {}
 
@@ -54,5 +54,5 @@ def get_config(arg: str | None = None):
         c.eval_batch_size = 8
         c.log_every_steps = 1
         c.checkpoint_every_steps = 1
-        c.sweep.count = int(opts.get("seeds", 2))
+        c.sweep.count = int_option(opts, "seeds", 2, "cifar10_resnet50d", minimum=1)
     return c

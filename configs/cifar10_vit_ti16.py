@@ -18,7 +18,7 @@ Options: init=PATH (the AugReg .npz; required outside testing), data_dir=DIR (TF
 testing (a tiny model on 32 px images, a few steps: for tests under tfds.testing.mock_data),
 seeds=N (number of ingredients, default 6).
 """
-from soupjax.config_base import base_config, check_options, parse_options
+from soupjax.config_base import base_config, check_options, int_option, parse_options
 from soupjax.pretrained import checkpoint_activation
 
 
@@ -50,7 +50,7 @@ def get_config(arg: str | None = None):
     c.checkpoint_every_steps = 500
 
     # Seeds 0-5: the same hyperparameters, different data order and augmentation (seed = index).
-    c.sweep.count = int(opts.get("seeds", 6))
+    c.sweep.count = int_option(opts, "seeds", 6, "cifar10_vit_ti16", minimum=1)
     c.sweep.seed = 0
     c.sweep.space = {}
 
@@ -65,7 +65,7 @@ def get_config(arg: str | None = None):
         c.eval_batch_size = 8
         c.log_every_steps = 1
         c.checkpoint_every_steps = 1
-        c.sweep.count = int(opts.get("seeds", 2))
+        c.sweep.count = int_option(opts, "seeds", 2, "cifar10_vit_ti16", minimum=1)
     return c
 
 

@@ -23,7 +23,8 @@ then decays linearly to 0 over a cool-down (one epoch upstream, half an epoch fo
 num_epochs is only the most a run may take. Measured figures are in README.md (with the command and
 machine that produced them).
 """
-from soupjax.config_base import base_config, check_options, parse_options
+from soupjax.cli_errors import InputError
+from soupjax.config_base import base_config, check_options, int_option, parse_options
 
 UPSTREAM_CLASSES = [0, 1, 2, 3, 4]
 DOWNSTREAM_CLASSES = [5, 6, 7, 8, 9]
@@ -56,8 +57,8 @@ def get_config(arg: str | None = None):
     c.eval_batch_size = 64
     c.init_from.path = opts.get("init", "")
 
-    c.sweep.seed = int(opts.get("seed", 0))
-    c.sweep.count = int(opts.get("sweep", 0))
+    c.sweep.seed = int_option(opts, "seed", 0, "fashion_mnist_vit")
+    c.sweep.count = int_option(opts, "sweep", 0, "fashion_mnist_vit")
     c.sweep.space = {
         "learning_rate": ["log_uniform", 1e-4, 2e-3],
         "weight_decay": ["log_uniform", 1e-5, 1e-2],
@@ -103,7 +104,7 @@ def get_config(arg: str | None = None):
             "data": {"aug_strength": ["choice", [0.0, 0.5, 1.0]], "mixup_alpha": ["choice", [0.0, 0.2]]},
         }
     elif stage != "all":
-        raise ValueError(f"fashion_mnist_vit: stage must be all, upstream or downstream, got {stage!r}")
+        raise InputError(f"fashion_mnist_vit: stage must be all, upstream or downstream, got {stage!r}")
 
     if opts.get("quick"):
         # The same study shrunk to under 3 minutes: a narrower ViT, far fewer steps (and, by default,

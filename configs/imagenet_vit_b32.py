@@ -16,7 +16,7 @@ experiments/reference_runs.md.
 
 Options: init=PATH, data_dir=DIR, sweep=K (default 32), seed=N, testing.
 """
-from soupjax.config_base import base_config, check_options, parse_options
+from soupjax.config_base import base_config, check_options, int_option, parse_options
 from soupjax.pretrained import checkpoint_activation
 
 
@@ -46,8 +46,8 @@ def get_config(arg: str | None = None):
     c.grad_clip_norm = 1.0
     c.checkpoint_every_steps = 1000
 
-    c.sweep.count = int(opts.get("sweep", 32))
-    c.sweep.seed = int(opts.get("seed", 0))
+    c.sweep.count = int_option(opts, "sweep", 32, "imagenet_vit_b32")
+    c.sweep.seed = int_option(opts, "seed", 0, "imagenet_vit_b32")
     c.sweep.space = {
         "learning_rate": ["log_uniform", 1e-5, 3e-4],
         "weight_decay": ["log_uniform", 1e-4, 0.1],
@@ -69,7 +69,7 @@ def get_config(arg: str | None = None):
         c.eval_batch_size = 8
         c.log_every_steps = 1
         c.checkpoint_every_steps = 1
-        c.sweep.count = int(opts.get("sweep", 2))
+        c.sweep.count = int_option(opts, "sweep", 2, "imagenet_vit_b32")
         del c.sweep.space["num_epochs"]
     return c
 

@@ -9,7 +9,13 @@ An ingredient directory looks like::
       variables/       orbax StandardCheckpointer: {'params': ..., 'batch_stats': ...}
 
 It is written under a temporary name and renamed into place, so a crash never leaves a half-written
-ingredient that a later sweep would skip as finished or a soup would cook with.
+ingredient that a later sweep would skip as finished or a soup would cook with. ``meta.json`` carries a
+``format_version``; a reader refuses a newer one than it knows (ingredients written before the field
+existed are version 1). An ingredient that cannot be read (a missing or malformed meta.json, a
+truncated or deleted checkpoint file) raises ``IngredientError``, an ``InputError`` that names it.
+
+``meta.json`` and ``eval_logits.npz`` are written through ``soupjax.files`` (under a temporary name,
+renamed into place); the variables by orbax, into the staging directory that is renamed as a whole.
 
 An ingredient is read whole (``load_variables``, an orbax restore of the tree) or one array at a time
 (``IngredientTensors``: each array is opened through orbax's own TensorStore spec and read on its own),
@@ -33,11 +39,22 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
+from soupjax import files
+from soupjax.cli_errors import InputError
+# Re-exported: scripts in experiments/ write an ingredient's meta.json through checkpoints.
+from soupjax.files import write_json_atomic  # noqa: F401
 from soupjax.recipes import path_str  # parameters are named as every soup error names them
 
 META_FILE = "meta.json"
 VARIABLES_DIR = "variables"
 EVAL_FILE = "eval_logits.npz"   # held-out/test logits from training time, reused when cooking
+# The layout of an ingredient (this docstring's). Raise it when a reader of the old layout would
+# misread the new one; a reader refuses versions above its own rather than guess.
+FORMAT_VERSION = 1
+
+
+class IngredientError(InputError):
+    """An ingredient on disk that cannot be used (unreadable, incomplete or of an unknown format)."""
 
 
 def _to_host(tree: Any) -> Any:
@@ -45,35 +62,14 @@ def _to_host(tree: Any) -> Any:
     return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-        f.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; metadata is meant to be read by everyone
-    os.replace(tmp, path)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
 def save_ingredient(directory: str | os.PathLike, variables: Mapping[str, Any], meta: Mapping[str, Any],
                     arrays: Mapping[str, np.ndarray] | None = None) -> Path:
     """Write ``variables`` and ``meta`` as an ingredient at ``directory`` (atomically, replacing it).
 
-    ``arrays`` (optional) are saved beside them as ``eval_logits.npz``.
+    ``arrays`` (optional) are saved beside them as ``eval_logits.npz``. ``meta`` gets this layout's
+    ``format_version``. On any failure (a full disk included) the staging directory is removed and an
+    ingredient already at ``directory`` is left as it was; a kill while the new one is swapped in leaves
+    a complete one at ``directory`` or at ``files.replaced_name(directory)``.
     """
     directory = Path(directory).absolute()
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -96,10 +92,10 @@ def save_ingredient(directory: str | os.PathLike, variables: Mapping[str, Any], 
         if primary:
             if arrays:
                 np.savez(staging / EVAL_FILE, **arrays)
-            write_json_atomic(staging / META_FILE, dict(meta))
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(staging, directory)
+            files.write_json_atomic(staging / META_FILE, {**meta, "format_version": FORMAT_VERSION})
+            # The old ingredient is moved aside, not deleted, before the new one is renamed in: a kill
+            # between the two renames leaves both whole (see sweep.plan_run's recovery).
+            files.replace_directory(staging, directory)
     except BaseException:
         if primary:
             shutil.rmtree(staging, ignore_errors=True)
@@ -116,14 +112,41 @@ def is_ingredient(directory: str | os.PathLike) -> bool:
 
 
 def load_meta(directory: str | os.PathLike) -> dict[str, Any]:
-    """The ``meta.json`` of an ingredient, with a clear error when it is missing or unreadable."""
+    """The ``meta.json`` of an ingredient; ``IngredientError`` naming the file when it is missing,
+    not a JSON object, or of a newer ``format_version`` than this soupjax reads."""
     path = Path(directory) / META_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a soupjax ingredient: {path} is missing")
+        raise IngredientError(f"{directory} is not a soupjax ingredient: {path} is missing")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IngredientError(f"{path} is not valid JSON ({e}): the ingredient's metadata is corrupt; "
+                              "fine-tune it again or move it out of the ingredients directory") from e
+    if not isinstance(meta, dict):
+        raise IngredientError(f"{path} holds a JSON {type(meta).__name__}, not the object of an ingredient's metadata")
+    version = meta.get("format_version", 1)  # written before the field existed: the first layout
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise IngredientError(f"{path}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise IngredientError(f"{path} has format_version {version}, but this soupjax reads ingredients up to "
+                              f"version {FORMAT_VERSION}: update soupjax to cook it")
+    return meta
+
+
+def _unreadable(directory: str | os.PathLike, error: Exception, action: str = "read its") -> IngredientError:
+    """The error for a checkpoint orbax or TensorStore could not read (truncated, a file deleted);
+    ``action`` says what failed (``"open parameter 'params/head/bias' of its"``)."""
+    what = " ".join(_short(error).split())
+    return IngredientError(f"ingredient {directory}: cannot {action} {VARIABLES_DIR}/ checkpoint, which is truncated "
+                           f"or corrupt ({type(error).__name__}: {what[:300]}); fine-tune it again or move it "
+                           "out of the ingredients directory")
+
+
+# What orbax and TensorStore raise for a checkpoint with a missing, cut or garbled file: these, and
+# only these, are reported as an unreadable ingredient (anything else is a bug and keeps its traceback).
+# TensorStore reports every failed open or read (NOT_FOUND, DATA_LOSS, ...) as a ValueError. A TypeError
+# or KeyError (a tree that does not match its metadata) is not corruption a user can fix by fine-tuning again.
+_READ_ERRORS = (OSError, ValueError, EOFError)
 
 
 def variables_structure(directory: str | os.PathLike) -> Any:
@@ -131,7 +154,15 @@ def variables_structure(directory: str | os.PathLike) -> Any:
     path = Path(directory).absolute() / VARIABLES_DIR
     if not path.is_dir():
         raise FileNotFoundError(f"{directory} has no {VARIABLES_DIR}/ checkpoint")
-    metadata = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    try:
+        item = ocp.StandardCheckpointer().metadata(path).item_metadata
+    except PermissionError:
+        raise  # not corrupt: the command line says which file it may not read
+    except _READ_ERRORS as e:
+        raise _unreadable(directory, e) from e
+    if item is None:  # orbax logs a warning and returns None when its _METADATA file does not parse
+        raise _unreadable(directory, ValueError("orbax found no tree metadata"))
+    metadata = item.tree
     return jax.tree_util.tree_map(
         lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)), metadata,
         is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
@@ -156,7 +187,12 @@ def load_variables(directory: str | os.PathLike, structure: Any = None) -> dict[
     structure = structure if structure is not None else variables_structure(directory)
     target = jax.tree_util.tree_map(lambda s: np.empty(s.shape, s.dtype), structure)
     path = Path(directory).absolute() / VARIABLES_DIR
-    variables = _restorer().restore(path, target)
+    try:
+        variables = _restorer().restore(path, target)
+    except PermissionError:
+        raise  # not corrupt: the command line says which file it may not read
+    except _READ_ERRORS as e:
+        raise _unreadable(directory, e) from e
     _release_freed_memory()
     return variables
 
@@ -293,8 +329,8 @@ class IngredientTensors:
         for (path, _), spec, future in zip(names, specs, opening):
             try:
                 store = future.result()
-            except Exception as e:
-                raise ValueError(f"ingredient {self.directory}: cannot open parameter {path!r}: {_short(e)}") from e
+            except _READ_ERRORS as e:
+                raise _unreadable(self.directory, e, f"open parameter {path!r} of its") from e
             self._structs[path] = jax.ShapeDtypeStruct(tuple(store.shape), np.dtype(store.dtype.numpy_dtype))
             self._specs[path] = json.dumps(spec)
         self.structure = jax.tree_util.tree_unflatten(treedef, list(self._structs.values()))
@@ -333,8 +369,8 @@ class IngredientTensors:
                              f"cannot read it into {getattr(out, 'shape', None)} {getattr(out, 'dtype', type(out))}")
         try:
             store = ts.open(json.loads(self._specs[path]), context=_ts_context(), open=True, read=True).result()
-        except Exception as e:  # TensorStore reports a missing or corrupt array as ValueError and others
-            raise ValueError(f"ingredient {self.directory}: cannot open parameter {path!r}: {_short(e)}") from e
+        except _READ_ERRORS as e:
+            raise _unreadable(self.directory, e, f"open parameter {path!r} of its") from e
         stored = (tuple(store.shape), np.dtype(store.dtype.numpy_dtype))
         if stored != (struct.shape, struct.dtype):
             raise ValueError(f"ingredient {self.directory}: parameter {path!r} is stored as {stored[0]} "
@@ -342,8 +378,8 @@ class IngredientTensors:
         try:
             # ts.array wraps ``out`` without copying it, so the stored array is written into ``out``.
             ts.array(out).write(store).result()
-        except Exception as e:
-            raise ValueError(f"ingredient {self.directory}: cannot read parameter {path!r}: {_short(e)}") from e
+        except _READ_ERRORS as e:
+            raise _unreadable(self.directory, e, f"read parameter {path!r} of its") from e
         _count_read(out.nbytes)
 
     def _struct(self, path: str) -> jax.ShapeDtypeStruct:

@@ -1,14 +1,22 @@
-"""The fields every training config has, and the ``:key=value`` options of config files.
+"""The fields every training config has, the ``:key=value`` options of config files, and loading them.
 
 Config files in ``configs/`` start from ``base_config()`` and change what they need, so train.py can
 rely on every field being present and ``--config.key=value`` overrides always find their key.
+
+Nothing here imports TensorFlow or JAX: a bad config file, option or field value is refused (with an
+``InputError`` naming it) in the first second of a command, before anything is started or written.
 """
 from __future__ import annotations
 
 import ast
+import difflib
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 import ml_collections
+
+from soupjax.cli_errors import InputError
 
 
 def parse_options(arg: str | None) -> dict[str, Any]:
@@ -39,13 +47,52 @@ def check_options(options: dict[str, Any], known: set[str], config_name: str) ->
     """Refuse unknown config options by name instead of silently ignoring a typo."""
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ValueError(f"{config_name}: unknown option(s) {unknown}; known: {sorted(known)}")
+        raise InputError(f"{config_name}: unknown option(s) {unknown}; known: {sorted(known)}")
+
+
+def int_option(options: dict[str, Any], key: str, default: int, config_name: str, *, minimum: int = 0) -> int:
+    """The integer option ``key`` (``default`` when absent), refused by name when it is not a whole
+    number or is below ``minimum`` (``sweep=-2`` must not quietly mean one ingredient)."""
+    value = options.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{config_name}: option {key}={value!r} must be a whole number")
+    if value < minimum:
+        raise InputError(f"{config_name}: option {key}={value} must be at least {minimum}")
+    return value
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """The data config with its defaults: Fashion-MNIST at 32x32 RGB, CIFAR-style augmentation.
+
+    It lives here, not in ``soupjax.data``, so that building a config does not import TensorFlow;
+    ``soupjax.data.default_data_config`` is this function.
+    """
+    return ml_collections.ConfigDict(dict(
+        name="fashion_mnist_local",  # soupjax.data.fashion_mnist_local.NAME: the offline default
+        # None -> TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR); typed str, so a path can be set.
+        data_dir=ml_collections.config_dict.placeholder(str),
+        download=False,         # let TFDS download and prepare missing data sets
+        heldout=0.1,            # fraction in (0, 1) or count (>= 1) of the train split held out; 0 = none
+        classes=None,           # None, or original label ids to keep, relabelled 0..n-1 in this order
+        image_size=32,
+        channels=3,             # 3: grayscale tiled to RGB; 1: RGB converted to grayscale
+        normalize="inception",  # 'inception' [-1, 1] | 'imagenet' mean/std | 'unit' [0, 1]
+        train_crop="pad_crop",  # 'random_resized' (Inception) | 'pad_crop' (CIFAR) | 'resize'
+        pad=4,
+        flip=True,
+        aug_strength=1.0,       # 0 = resize (+ flip) only; scales crop area/aspect ranges and pad
+        mixup_alpha=0.0,        # 0 = off
+        shuffle_buffer=50_000,
+        eval_crop_pct=1.0,      # 1.0 = plain resize; 0.875 = resize shorter side to size/0.875, centre crop
+        # 'default', a list of split names, or the names comma-separated. A FieldReference typed `object`
+        # so that a list can replace the string; after a to_dict() round trip use the comma form.
+        shifts=ml_collections.FieldReference("default", field_type=object),
+        cache=True,             # decode splits of one image shape into memory (else cache raw records)
+    ))
 
 
 def base_config() -> ml_collections.ConfigDict:
     """Defaults for one fine-tuning run (one ingredient) and for a sweep of them."""
-    from soupjax.data import default_data_config
-
     c = ml_collections.ConfigDict()
     c.name = "ingredient"          # the ingredient's directory name when this is not a sweep
     c.seed = 0                     # data order, augmentation, dropout, mixup
@@ -120,13 +167,26 @@ def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return []
 
 
-def refuse_changed(stored: Any, config: Any, what: str, *, ignore: tuple[str, ...] = ()) -> None:
-    """Raise ValueError when ``config`` differs from ``stored`` (the config ``what`` was made with),
+# Fields in which finished work (an ingredient, a training state) may differ from the config asked for
+# and still be the same work: where the data files live (it changes between machines; what they contain
+# may not), and how many ingredients the sweep has (a draw depends only on the sweep seed and its index,
+# so a sweep can be extended, even while one of its ingredients is half trained).
+MAY_DIFFER = ("data.data_dir", "sweep.count")
+
+
+def changed_fields(stored: Any, config: Any, *, ignore: tuple[str, ...] = ()) -> list[str]:
+    """``differences`` less the dotted fields in ``ignore``."""
+    return [d for d in differences(stored, config) if d.split(":", 1)[0] not in ignore]
+
+
+def refuse_changed(stored: Any, config: Any, what: str, *, ignore: tuple[str, ...] = (),
+                   remedy: str = "Use another work directory, or remove it to start over.") -> None:
+    """Raise ``InputError`` when ``config`` differs from ``stored`` (the config ``what`` was made with),
     naming the differing fields; dotted fields in ``ignore`` may differ."""
-    diff = [d for d in differences(stored, config) if d.split(":", 1)[0] not in ignore]
+    diff = changed_fields(stored, config, ignore=ignore)
     if diff:
-        raise ValueError(f"{what} was made with a different config; differing fields: " + "; ".join(diff[:8])
-                         + ". Use another work directory, or remove it to start over.")
+        raise InputError(f"{what} was made with a different config; differing fields: " + "; ".join(diff[:8])
+                         + (f" (and {len(diff) - 8} more)" if len(diff) > 8 else "") + f". {remedy}")
 
 
 def fingerprint(config: Any) -> str:
@@ -134,3 +194,128 @@ def fingerprint(config: Any) -> str:
     import hashlib
     import json
     return hashlib.sha256(json.dumps(as_plain(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------ loading config files
+
+
+def load_config_module(path: str):
+    """Import the config file at ``path`` (configs/ is not a package).
+
+    ``InputError`` when the file is missing, does not run, or defines no ``get_config``: the message
+    names the file, so a typo in a path never ends in an import traceback.
+    """
+    if not path:
+        raise InputError("no config file given: expected FILE[:options], e.g. configs/fashion_mnist_vit.py")
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"config file {path} not found" + (": it is a directory" if file.is_dir() else ""))
+    spec = importlib.util.spec_from_file_location(f"soupjax_config_{file.stem}", file)
+    if spec is None or spec.loader is None:
+        raise InputError(f"config file {path} is not a Python file (expected a .py file defining get_config)")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except InputError:
+        raise
+    except Exception as e:  # the user's file: a syntax error or a failing import is bad input, not our bug
+        raise InputError(f"config file {path} cannot be loaded: {type(e).__name__}: {e}") from e
+    if not callable(getattr(module, "get_config", None)):
+        raise InputError(f"config file {path} defines no get_config(options) function")
+    return module
+
+
+def config_from_module(module, path: str, options: str | None) -> ml_collections.ConfigDict:
+    """``module.get_config(options)`` (``get_config()`` without options, as ml_collections calls it),
+    with whatever it raises turned into an ``InputError`` that names the file and the options."""
+    shown = f"{path}:{options}" if options else path
+    try:
+        config = module.get_config(options) if options else module.get_config()
+    except InputError:
+        raise  # the config names itself and the option
+    except Exception as e:
+        raise InputError(f"{shown}: get_config failed: {type(e).__name__}: {e}") from e
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise InputError(f"{shown}: get_config returned {type(config).__name__}, not an ml_collections ConfigDict")
+    return config
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """``FILE[:options]`` -> the checked ConfigDict its ``get_config(options)`` returns."""
+    path, _, options = spec.partition(":")
+    config = config_from_module(load_config_module(path), path, options or None)
+    check_config(config)
+    return config
+
+
+def check_override_paths(config: ml_collections.ConfigDict, paths: list[str]) -> None:
+    """Refuse a ``--config.PATH=value`` whose PATH is not a field of ``config``, naming the closest
+    fields (ml_collections would raise a bare KeyError deep inside absl's flag parsing)."""
+    for path in paths:
+        node, walked = config, []
+        for part in path.split("."):
+            if not part.isidentifier():
+                break  # an index (``classes[0]``): left to ml_collections, which reports it in its words
+            fields = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            if part not in fields:
+                where = f"config.{'.'.join(walked)}" if walked else "the config"
+                close = difflib.get_close_matches(part, fields, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else f"; its fields: {', '.join(sorted(fields))}"
+                raise InputError(f"--config.{path}: {where} has no field {part!r}{hint}")
+            node, walked = node[part], walked + [part]
+
+
+# Allowed values of the shared fields: checked once, before anything is imported or written, so that a
+# value out of range is refused with its name instead of failing (or, worse, running) deep in training.
+_CHOICES = {"optimizer": ("sgd", "adamw"), "lr_schedule": ("cosine", "plateau"),
+            "head_init": ("default", "linear_probe")}
+_AT_LEAST = {"batch_size": 1, "eval_batch_size": 1, "total_steps": 0, "warmup_steps": 0, "eval_every_steps": 0,
+             "log_every_steps": 1, "checkpoint_every_steps": 1, "weight_decay": 0, "label_smoothing": 0,
+             "grad_clip_norm": 0, "sweep.count": 0, "sweep.seed": 0, "seed": 0, "init_seed": 0,
+             "data.image_size": 1, "data.heldout": 0, "data.pad": 0, "data.aug_strength": 0, "data.mixup_alpha": 0,
+             "linear_probe.num_examples": 1, "linear_probe.steps": 1}
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Refuse values of the shared fields that are out of range, naming the field, the value and the range.
+
+    ``sweep.count=0`` is one ingredient (no sweep); a negative count, a zero batch size, an unknown
+    optimizer... are errors, never quietly read as something else.
+    """
+    def value(path: str):
+        node = config
+        for part in path.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                return None  # a config that lacks the field: nothing to check
+            node = node[part]
+        return node
+
+    for path, lowest in _AT_LEAST.items():
+        v = value(path)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise InputError(f"config.{path}={v!r} must be a number")
+        if v < lowest:
+            raise InputError(f"config.{path}={v!r} must be at least {lowest}"
+                             + (" (0 fine-tunes one ingredient, without a sweep)" if path == "sweep.count" else ""))
+    for path, choices in _CHOICES.items():
+        v = value(path)
+        if v is not None and v not in choices:
+            raise InputError(f"config.{path}={v!r} must be one of {', '.join(map(repr, choices))}")
+    lr = value("learning_rate")
+    if lr is not None and not lr > 0:
+        raise InputError(f"config.learning_rate={lr!r} must be above 0")
+    steps, epochs = value("total_steps"), value("num_epochs")
+    if steps == 0 and epochs is not None and not epochs > 0:
+        raise InputError(f"config.num_epochs={epochs!r} must be above 0 when config.total_steps is 0")
+    heldout = value("data.heldout")
+    if heldout == 0:
+        # Every ingredient is evaluated on it (soups rank by it): refused here, before TensorFlow loads,
+        # and again by soupjax.data.check_heldout with the data set's numbers.
+        raise InputError("config.data.heldout=0: fine-tuning needs a held-out split, carved from the training "
+                         "split (a fraction in (0, 1) or a count of examples), for the held-out accuracy that "
+                         "soups rank ingredients by")
+    if heldout is not None and heldout >= 1 and not float(heldout).is_integer():
+        raise InputError(f"config.data.heldout={heldout!r} must be a fraction in (0, 1) or a whole count of "
+                         "training examples")

@@ -15,7 +15,9 @@
 4. The report: the table is printed at the end, with a paired McNemar test of each soup against the
    best ingredient (chosen on held-out data) on the test images and on the shifted test images.
 
-Rerunning the command skips every finished step.
+Rerunning the command skips every finished step. Work made with another config (another ``--quick``,
+an edited config file) is refused with the differing fields named; ``--overwrite`` makes it again
+aside and swaps it in only once complete.
 
 The reference-scale studies (CIFAR-10 ViT-Ti/16 and resnet50d, ImageNet ViT-B/32) are a sweep and
 every recipe, nothing more; ``--sweep_config`` runs that for any config (see experiments/):
@@ -24,90 +26,104 @@ every recipe, nothing more; ``--sweep_config`` runs that for any config (see exp
 """
 from __future__ import annotations
 
-import importlib.util
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from absl import app, flags
 
+from soupjax import command_line, config_base
+from soupjax.cli_errors import InputError, exit_on_input_error
 from soupjax.workdirs import enable_compilation_cache, quiet_logs
 
+PROGRAM = "soupjax.experiment"
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "configs/fashion_mnist_vit.py", "Config file with stage=upstream/downstream options.")
 flags.DEFINE_string("workdir", None, "Work directory (default: $SOUPJAX_WORKDIR/study or ./runs/soupjax/study).")
 flags.DEFINE_bool("quick", False, "A shrunk study (under 3 minutes on 2 cores): smaller model, short caps, no run reaches the plateau.")
-flags.DEFINE_integer("seed", 0, "Sweep seed: hyperparameter draws and data orders of the ingredients.")
-flags.DEFINE_integer("ingredients", None, "Number of ingredients in the sweep (default 8; 6 with --quick).")
+flags.DEFINE_integer("seed", 0, "Sweep seed: hyperparameter draws and data orders of the ingredients.", lower_bound=0)
+flags.DEFINE_integer("ingredients", None, "Number of ingredients in the sweep (default 8; 6 with --quick).",
+                     lower_bound=1)
 flags.DEFINE_string("data_dir", None, "TFDS data directory (default: TFDS's own).")
 flags.DEFINE_bool("ingredients_only", False, "Stop after the ingredients, cooking nothing: the pilot sweep whose "
                   "learning curves fix the regime is looked at before any soup exists (experiments/RESULTS.md).")
 flags.DEFINE_string("sweep_config", None, "Instead of the default study: fine-tune the sweep of this config "
                     "(FILE[:options]) and cook every recipe from it.")
 flags.DEFINE_integer("recalibrate_bn", 0, "With --sweep_config: also cook every soup with BatchNorm statistics "
-                     "recomputed on this many training batches (into soups-recalibrated/).")
+                     "recomputed on this many training batches (into soups-recalibrated/).", lower_bound=0)
+flags.DEFINE_bool("overwrite", False, "Replace work made with another config (the upstream model, ingredients, "
+                  "the soups cooked from them): each is made again aside and swapped in only once complete. "
+                  "Without it, such work is refused.")
 
-
-def load_config_module(path: str):
-    """Import a config file by path (configs/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"soupjax_config_{Path(path).stem}", path)
-    if spec is None or not Path(path).is_file():
-        raise FileNotFoundError(f"config file {path} not found")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def load_config(spec: str):
-    """``FILE[:options]`` -> the ConfigDict its ``get_config(options)`` returns."""
-    path, _, arg = spec.partition(":")
-    return load_config_module(path).get_config(arg or None)
+# Kept under this name for the scripts in experiments/ (and tests) that load configs through it; the
+# loading lives in config_base.
+load_config = config_base.load_config
 
 
 def run_sweep_study(config, workdir: Path, *, recipe: str = "all", recalibrate_bn: int = 0,
-                    learned_epochs: int = 5) -> dict:
+                    learned_epochs: int = 5, overwrite: bool = False) -> dict:
     """A reference-scale study: the config's sweep, then ``recipe`` (and, for BatchNorm models, the
     same again with recalibrated statistics, so the two can be compared)."""
-    from soupjax import kitchen, sweep
+    from soupjax import sweep
     ingredients_dir = workdir / "ingredients"
-    sweep.finetune_all(sweep.ingredient_configs(config), workdir, ingredients_dir)
-    results = {"plain": kitchen.cook(recipe, ingredients_dir, workdir / "soups", learned_epochs=learned_epochs,
-                                     command=" ".join(sys.argv))}
+    plan = sweep.plan_runs(sweep.ingredient_configs(config), ingredients_dir, workdir / "train", overwrite=overwrite)
+    sweep.run_plan(plan)
+    results = {"plain": _cook(recipe, ingredients_dir, workdir / "soups", overwrite, learned_epochs=learned_epochs)}
     if recalibrate_bn:
-        results["recalibrated"] = kitchen.cook(recipe, ingredients_dir, workdir / "soups-recalibrated",
-                                               recalibrate_bn=recalibrate_bn, learned_epochs=learned_epochs,
-                                               command=" ".join(sys.argv))
+        results["recalibrated"] = _cook(recipe, ingredients_dir, workdir / "soups-recalibrated", overwrite,
+                                        recalibrate_bn=recalibrate_bn, learned_epochs=learned_epochs)
     return results
 
 
-def run_study(config_path: str, workdir: Path, *, quick: bool, seed: int, count: int,
-              data_dir: str | None = None, ingredients_only: bool = False) -> dict:
-    """Upstream run, sweep, every recipe; returns the soup results (also written as a report), or
-    ``{}`` with ``ingredients_only``."""
-    from soupjax import checkpoints, kitchen, sweep, train
-
-    module = load_config_module(config_path)
+def study_configs(config_path: str, workdir: Path, *, quick: bool, seed: int, count: int,
+                  data_dir: str | None = None):
+    """The (upstream, downstream) configs of the default study, checked: bad options fail here, before
+    anything is imported or written."""
+    module = config_base.load_config_module(config_path)
     extra = ",quick" if quick else ""
-    start = time.time()
+    configs = []
+    for options in (f"stage=upstream{extra}",
+                    f"stage=downstream,sweep={count},seed={seed},init={workdir / 'upstream' / 'ingredient'}{extra}"):
+        config = config_base.config_from_module(module, config_path, options)
+        if data_dir:
+            config.data.data_dir = data_dir
+        config_base.check_config(config)
+        configs.append(config)
+    return tuple(configs)
 
+
+def run_study(configs, workdir: Path, *, seed: int, quick: bool, ingredients_only: bool = False,
+              overwrite: bool = False) -> dict:
+    """Upstream run, sweep, every recipe, from the ``(upstream, downstream)`` configs of
+    ``study_configs``; returns the soup results (also written as a report), or ``{}`` with
+    ``ingredients_only``."""
+    from soupjax import sweep
+
+    upstream, downstream = configs
+    start = time.time()
     upstream_dir = workdir / "upstream" / "ingredient"
-    upstream = module.get_config(f"stage=upstream{extra}")
-    if data_dir:
-        upstream.data.data_dir = data_dir
-    if checkpoints.is_ingredient(upstream_dir):
+    ingredients_dir = workdir / f"ingredients-seed{seed}"
+    runs = sweep.ingredient_configs(downstream)
+    # Everything that can be refused is refused before the upstream model trains: work made with another
+    # config, unwritable directories, data not there. (Whether the ingredients' init was replaced since
+    # is known only once the upstream model exists: the sweep's own plan below checks it.)
+    up = [sweep.plan_run("ingredient", upstream, {}, upstream_dir, workdir / "upstream" / "train", overwrite=overwrite)]
+    sweep.check_plan(up)
+    sweep.check_plan([sweep.plan_run(name, config, hparams, ingredients_dir / name, workdir / "train" / name,
+                                     overwrite=overwrite, check_init=False) for name, config, hparams in runs],
+                     check_init=False)
+
+    if up[0].meta is not None:
         print(f"[1/3] upstream: finished earlier ({upstream_dir})", flush=True)
     else:
         print(f"[1/3] upstream: training the shared init on classes {list(upstream.data.classes)}", flush=True)
-        meta = train.train_and_evaluate(upstream, workdir / "upstream" / "train", upstream_dir)
+        meta = sweep.run_plan(up, "1/3 upstream")[0]
         print(f"[1/3] upstream: test accuracy {meta['metrics']['test']['accuracy']:.4f} "
               f"({meta['train_seconds']:.0f}s)", flush=True)
 
-    downstream = module.get_config(f"stage=downstream,sweep={count},seed={seed},init={upstream_dir}{extra}")
-    if data_dir:
-        downstream.data.data_dir = data_dir
-    ingredients_dir = workdir / f"ingredients-seed{seed}"
-    sweep.finetune_all(sweep.ingredient_configs(downstream), workdir, ingredients_dir, label="2/3 ingredient")
+    sweep.finetune_all(runs, workdir, ingredients_dir, label="2/3 ingredient", overwrite=overwrite)
     if downstream.eval_every_steps > 0:
         from soupjax import learning_curves
         out = workdir / f"learning-curves-seed{seed}"
@@ -118,38 +134,59 @@ def run_study(config_path: str, workdir: Path, *, quick: bool, seed: int, count:
         return {}
 
     print(f"[3/3] cooking every recipe ({time.time() - start:.0f}s so far)", flush=True)
-    results = kitchen.cook("all", ingredients_dir, workdir / f"soups-seed{seed}",
-                           learned_epochs=2 if quick else 3, command=" ".join(sys.argv))
-    print(f"study finished in {time.time() - start:.0f}s; report in {workdir / f'soups-seed{seed}'}", flush=True)
+    out = workdir / f"soups-seed{seed}"
+    results = _cook("all", ingredients_dir, out, overwrite, learned_epochs=2 if quick else 3)
+    print(f"study finished in {time.time() - start:.0f}s; report in {out}", flush=True)
     return results
 
 
+def _cook(recipe: str, ingredients_dir: Path, out: Path, overwrite: bool, **kwargs) -> dict:
+    """``kitchen.cook`` into ``out``: soups there cooked from other ingredients (some were replaced with
+    --overwrite) are refused by the kitchen, or with ``overwrite`` cooked again."""
+    from soupjax import kitchen
+    return kitchen.cook(recipe, ingredients_dir, out, command=" ".join(sys.argv), overwrite=overwrite, **kwargs)
+
+
 def main(argv) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # the flags parser refused positional arguments
     from soupjax.workdirs import default_workdir
     workdir = Path(FLAGS.workdir or os.path.join(default_workdir(), "study")).absolute()
-    print(f"soupjax.experiment: work directory {workdir}", flush=True)
-    enable_compilation_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(workdir / ".jax_cache"))
     if FLAGS.sweep_config:
         ignored = [f"--{name}" for name in ("quick", "seed", "ingredients", "config") if FLAGS[name].present]
         if ignored:
-            raise app.UsageError(f"{', '.join(ignored)} belong to the default study, not to --sweep_config "
-                                 "(set them in the config's options instead)")
+            raise InputError(f"{', '.join(ignored)} belong to the default study, not to --sweep_config "
+                             "(set them in the config's options instead)")
         config = load_config(FLAGS.sweep_config)
         if FLAGS.data_dir:
             config.data.data_dir = FLAGS.data_dir
-        run_sweep_study(config, workdir, recalibrate_bn=FLAGS.recalibrate_bn)
+        study = lambda: run_sweep_study(config, workdir, recalibrate_bn=FLAGS.recalibrate_bn,
+                                        overwrite=FLAGS.overwrite)
     else:
+        if FLAGS.recalibrate_bn:
+            raise InputError("--recalibrate_bn belongs to --sweep_config; the default study's ViT has no BatchNorm")
         count = FLAGS.ingredients or (6 if FLAGS.quick else 8)
-        run_study(FLAGS.config, workdir, quick=FLAGS.quick, seed=FLAGS.seed, count=count,
-                  data_dir=FLAGS.data_dir, ingredients_only=FLAGS.ingredients_only)
+        # Loaded and checked here, before the work directory exists: bad options leave nothing behind.
+        configs = study_configs(FLAGS.config, workdir, quick=FLAGS.quick, seed=FLAGS.seed, count=count,
+                                data_dir=FLAGS.data_dir)
+        study = lambda: run_study(configs, workdir, seed=FLAGS.seed, quick=FLAGS.quick,
+                                  ingredients_only=FLAGS.ingredients_only, overwrite=FLAGS.overwrite)
+    print(f"{PROGRAM}: work directory {workdir}", flush=True)
+    fresh = not workdir.exists()
+    enable_compilation_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(workdir / ".jax_cache"))
+    try:
+        study()
+    except InputError:
+        # Refused before any work (the study checks everything first): a work directory this command
+        # created holds only the compilation cache, and bad input must leave nothing behind.
+        if fresh and workdir.is_dir() and {p.name for p in workdir.iterdir()} <= {".jax_cache"}:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
     return 0
 
 
 def run() -> None:
     quiet_logs()
-    app.run(main)
+    app.run(exit_on_input_error(PROGRAM, main), flags_parser=command_line.flags_parser(PROGRAM))
 
 
 if __name__ == "__main__":

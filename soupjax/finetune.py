@@ -2,12 +2,17 @@
 
     python -m soupjax.finetune --config configs/fashion_mnist_vit.py [--workdir DIR]
     python -m soupjax.finetune --config configs/fashion_mnist_vit.py:sweep=8 --config.batch_size=64
+    python -m soupjax.finetune --config configs/fashion_mnist_vit.py:sweep=8 --only 2,3   # a share of it
 
 In a sweep, the hyperparameters it draws (config.sweep.space) replace the same fields given on the
 command line.
 
 Each ingredient lands in ``WORKDIR/ingredients/NAME/`` (training state in ``WORKDIR/train/NAME/``).
-Rerunning the same command resumes the unfinished ingredient and skips finished ones. Without
+Rerunning the same command resumes the unfinished ingredient and skips finished ones; a changed config
+over finished work is refused with the differing fields named, unless ``--overwrite`` is given (each
+such ingredient is fine-tuned again aside and swapped in once complete). Bad input (a config file,
+option or field, data that is not there offline, a directory that cannot be written) ends in one line,
+``soupjax.finetune: error: ...``, exit status 2, before anything is written. Without
 ``--workdir`` the default below is used, the same one ``python -m soupjax.soup`` looks in.
 """
 from __future__ import annotations
@@ -15,34 +20,46 @@ from __future__ import annotations
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from soupjax import sharding, sweep
+from soupjax import command_line
+from soupjax.cli_errors import exit_on_input_error
 from soupjax.workdirs import default_workdir, enable_compilation_cache, quiet_logs
 
+PROGRAM = "soupjax.finetune"
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/fashion_mnist_vit.py[:options].",
-                                lock_config=True)
+command_line.define_config_file("config", "Training config file, e.g. configs/fashion_mnist_vit.py[:options].")
 flags.DEFINE_string("workdir", None, "Work directory (default: $SOUPJAX_WORKDIR or ./runs/soupjax).")
+flags.DEFINE_bool("overwrite", False, "Replace finished ingredients (and training state) made with another "
+                  "config: each is fine-tuned again aside and swapped in only once complete. Without it, "
+                  "such work is refused.")
+flags.DEFINE_list("only", None, "Fine-tune only these ingredients of the sweep, by index (e.g. 0,3): one "
+                  "machine's share when a sweep is split over several (docs/multihost.md).")
 
 
 def main(argv) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.config is None:
-        raise app.UsageError("--config is required, e.g. --config configs/fashion_mnist_vit.py")
+    del argv  # the flags parser refused positional arguments
+    # JAX and TensorFlow are imported only now: a bad flag or config was refused in the first second.
+    from soupjax import sharding, sweep
     sharding.initialize_multihost()
 
     workdir = os.path.abspath(FLAGS.workdir or default_workdir())
-    print(f"soupjax.finetune: work directory {workdir}", flush=True)
-    enable_compilation_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(workdir, ".jax_cache"))
-    sweep.finetune_all(sweep.ingredient_configs(FLAGS.config), workdir)
+    print(f"{PROGRAM}: work directory {workdir}", flush=True)
+    runs = sweep.ingredient_configs(FLAGS.config)
+    if FLAGS.only:
+        runs = sweep.select(runs, FLAGS.only)
+    # Every check that needs no training (conflicting finished work, a directory that cannot be
+    # written, data not available offline, an empty held-out split) comes before anything is written.
+    plan = sweep.plan_runs(runs, os.path.join(workdir, "ingredients"), os.path.join(workdir, "train"),
+                           overwrite=FLAGS.overwrite)
+    if any(run.meta is None for run in plan):
+        enable_compilation_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(workdir, ".jax_cache"))
+    sweep.run_plan(plan)
     return 0
 
 
 def run() -> None:
     quiet_logs()
-    app.run(main)
+    app.run(exit_on_input_error(PROGRAM, main), flags_parser=command_line.flags_parser(PROGRAM, "config"))
 
 
 if __name__ == "__main__":

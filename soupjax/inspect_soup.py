@@ -56,11 +56,24 @@ def inspect(ingredients_dir: Path, out: Path, *, config: ConfigDict | None = Non
             allow_mixed_init: bool = False,
             pairs: int = 3, points: int = 11, eval_batch_size: int = 0, recalibrate_bn: int = 0) -> dict[str, Any]:
     """Compute the angles, distances and interpolation curves; write inspect.md/.json and plots."""
-    from soupjax import pretrained, preflight, recipes, report, train
-    from soupjax.kitchen import Kitchen, load_config
+    from soupjax import preflight
+    from soupjax.cli_errors import InputError
+    from soupjax.kitchen import Kitchen, check_options, check_writable, load_config
 
+    check_options(eval_batch_size=eval_batch_size, recalibrate_bn=recalibrate_bn)
+    if pairs < 1 or points < 2:
+        raise InputError(f"--inspect_pairs={pairs} --inspect_points={points}: need at least 1 pair and 2 points")
     ingredients = preflight.gather(ingredients_dir, allow_mixed_init=allow_mixed_init)
+    possible = len(ingredients) * (len(ingredients) - 1) // 2
+    if possible == 0:
+        raise InputError(f"inspect compares ingredients pairwise, and {ingredients_dir} has one usable ingredient "
+                         f"({ingredients[0].name}): fine-tune at least two")
+    if pairs > possible:
+        raise InputError(f"--inspect_pairs={pairs}: {len(ingredients)} ingredients make only {possible} pair(s)")
     config = load_config(ingredients, config, data_dir)
+    check_writable(out)
+    # Only now: the model and data modules take seconds to import, the checks above none.
+    from soupjax import pretrained, recipes, report, train
     model = train.build_model(config)
     base = train.base_init(config, model)
     fingerprint = pretrained.fingerprint(base["params"])

@@ -4,6 +4,20 @@ The library behind ``python -m soupjax.soup`` (and ``soupjax.experiment``): ``co
 does the whole job and returns the results the report is made from. Every evaluation of an
 ingredient and every cooked soup is kept under ``out`` (``cache/`` and one directory per soup), so an
 interrupted run resumes where it stopped.
+
+What each soup was cooked from (the ingredients' names and a fingerprint of each one's meta.json, the
+data and the recipe's options) is stored in its meta.json, and that of the whole run in the report's
+``meta.provenance``. A rerun into the same ``out`` with the same ingredients and options resumes; with
+others, it is refused before any work, naming what differs, unless ``overwrite`` is given: a soup or
+report is never silently replaced by a different one. Every file is written under a temporary name
+and renamed into place (``soupjax.files``).
+
+Bad options and unusable inputs raise ``InputError`` before anything is written; ``check_options``
+needs no import of JAX, so the command line refuses a bad flag at once.
+
+With one ingredient (or one left after NaN/Inf ingredients are dropped) every recipe is that
+ingredient: the uniform, greedy and pruned soups are it, the learned soup is it with weight 1 and the
+ensemble is that one model. A note says so; the report is written as usual.
 """
 from __future__ import annotations
 
@@ -11,13 +25,102 @@ import copy
 import dataclasses
 import datetime
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from ml_collections import ConfigDict
+
+from soupjax.cli_errors import InputError
+
+RECIPES = ("uniform", "greedy", "pruned", "learned", "ensemble", "all")
+GREEDY_ORDERS = ("sorted", "random")
+LEARNED_MODES = ("global", "layer", "both")
+# A soup's stored options use short names; a refusal names the option as the command line spells it.
+_OPTION_NAMES = {"strict": "greedy_strict", "order": "greedy_order", "passes": "pruned_passes",
+                 "epochs": "learned_epochs", "lr": "learned_lr"}
+
+
+def check_options(*, recipe: str | None = None, greedy_order: str = "sorted", pruned_passes: int = 1,
+                  learned_mode: str = "both", learned_epochs: int = 5, learned_lr: float = 0.05,
+                  memory_budget_mb: float = 0, recalibrate_bn: int = 0, eval_batch_size: int = 0) -> None:
+    """``InputError`` naming the first option out of its range (the names are ``cook``'s and the flags').
+
+    Imports nothing heavy: the command line calls it before JAX loads. ``recipe=None`` skips that check.
+    """
+    def bad(name: str, value: Any, want: str) -> InputError:
+        return InputError(f"--{name}={value!r}: must be {want}")
+
+    if recipe is not None and recipe not in RECIPES:
+        raise bad("recipe", recipe, "one of " + ", ".join(RECIPES))
+    if greedy_order not in GREEDY_ORDERS:
+        raise bad("greedy_order", greedy_order, "one of " + ", ".join(GREEDY_ORDERS))
+    if learned_mode not in LEARNED_MODES:
+        raise bad("learned_mode", learned_mode, "one of " + ", ".join(LEARNED_MODES))
+    # Pruning makes at least one pass: zero passes would be the uniform soup under another name.
+    for name, value, low, note in (("pruned_passes", pruned_passes, 1, ""),
+                                   ("learned_epochs", learned_epochs, 1, ""),
+                                   ("recalibrate_bn", recalibrate_bn, 0, " (0: no recalibration)"),
+                                   ("eval_batch_size", eval_batch_size, 0, " (0: the config's)")):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            raise bad(name, value, f"an integer >= {low}{note}")
+    if not (np.isfinite(learned_lr) and learned_lr > 0):
+        raise bad("learned_lr", learned_lr, "a positive number")
+    if not (np.isfinite(memory_budget_mb) and memory_budget_mb >= 0):
+        raise bad("memory_budget_mb", memory_budget_mb, "a number of MiB >= 0 (0: keep every ingredient in memory)")
+
+
+def check_writable(out: Path) -> None:
+    """Create ``out`` and prove a file can be made in it (``files.writable_problem``), or ``InputError``
+    saying why not.
+
+    Checked before any work: hours of cooking must not end at the first write.
+    """
+    from soupjax import files
+    if out.exists() and not out.is_dir():
+        raise InputError(f"the output directory {out} (--out) is a file, not a directory")
+    problem = files.writable_problem(out, create=True)
+    if problem:
+        raise InputError(f"the output directory {out} (--out) is not writable: {problem}; choose another --out")
+
+
+def _what_differs(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """The options that differ between what an output was made from and what is asked now.
+
+    Fields the stored record lacks were added to soupjax since it was written: they are not compared,
+    so outputs of an older soupjax resume. Ingredients are compared by name and meta fingerprint
+    (``ingredient_meta``) where both have it, so a moved ingredients directory is the same one; per-recipe
+    options only for the recipes both cooked.
+    """
+    from soupjax.config_base import differences
+    stored, wanted = dict(stored), {k: v for k, v in wanted.items() if k in stored}
+    out = []
+    if "ingredient_meta" in wanted:
+        old, new = stored.pop("ingredient_meta") or {}, wanted.pop("ingredient_meta") or {}
+        stored.pop("ingredients", None), wanted.pop("ingredients", None)
+        for what, names in (("ingredients no longer there", sorted(set(old) - set(new))),
+                            ("new ingredients", sorted(set(new) - set(old))),
+                            ("ingredients changed since (another meta.json)",
+                             sorted(n for n in set(old) & set(new) if old[n] != new[n]))):
+            if names:
+                out.append(f"{what}: {', '.join(names)}")
+    if isinstance(stored.get("options"), dict) and isinstance(wanted.get("options"), dict):
+        common = set(stored["options"]) & set(wanted["options"])
+        stored["options"] = {k: v for k, v in stored["options"].items() if k in common}
+        wanted["options"] = {k: v for k, v in wanted["options"].items() if k in common}
+    for line in differences(stored, wanted):
+        key, _, rest = line.partition(":")
+        *head, last = key.split(".")
+        out.append(".".join([*head, _OPTION_NAMES.get(last, last)]) + f":{rest.replace(' != ', ' -> ')}")
+    return out
+
+
+def _refuse_different(what: str, differing: list[str]) -> None:
+    shown = "; ".join(differing[:6]) + (f" (and {len(differing) - 6} more)" if len(differing) > 6 else "")
+    raise InputError(f"{what} was cooked from other ingredients or options ({shown}); pass --overwrite to "
+                     "replace it, or choose another --out")
+
 
 @dataclasses.dataclass
 class ModelEval:
@@ -164,9 +267,8 @@ def _known_logits(variables: dict[str, Any], weights: Sequence[float], loaders: 
 
 
 def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    from soupjax import files
+    files.write_atomic(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def _row(name: str, kind: str, ev: ModelEval, kitchen: Kitchen, *, n: int, passes: int, seconds: float,
@@ -202,42 +304,37 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
          seed: int = 0, pruned_passes: int = 1, learned_mode: str = "both", learned_epochs: int = 5,
          learned_lr: float = 0.05, memory_budget_mb: float = 0, recalibrate_bn: int = 0,
          shifts: Sequence[str] | None = None, eval_batch_size: int = 0, data_dir: str | None = None,
-         command: str = "") -> dict[str, Any]:
+         command: str = "", overwrite: bool = False) -> dict[str, Any]:
     """Run ``recipe`` on the ingredients in ``ingredients_dir``; write soups and the report to ``out``.
 
-    Returns the results dict that the report is made from.
+    Soups and a report already in ``out`` are reused when they were cooked from the same ingredients
+    and options, refused (``InputError``) when not, unless ``overwrite``. Every check runs before the
+    first write. Returns the results dict that the report is made from.
     """
-    from soupjax import checkpoints, config_base, data, learned, preflight, recipes, report
-    from soupjax.config_base import fingerprint as config_fingerprint
-
+    check_options(recipe=recipe, greedy_order=greedy_order, pruned_passes=pruned_passes,
+                  learned_mode=learned_mode, learned_epochs=learned_epochs, learned_lr=learned_lr,
+                  memory_budget_mb=memory_budget_mb, recalibrate_bn=recalibrate_bn, eval_batch_size=eval_batch_size)
+    out = Path(out)
+    from soupjax import preflight
+    # First, as it imports only JAX and orbax: unusable ingredients are refused before TensorFlow loads.
     ingredients = preflight.gather(ingredients_dir, allow_mixed_init=allow_mixed_init)
+
+    from soupjax import checkpoints, config_base, data, learned, recipes, report
+    from soupjax.config_base import fingerprint as config_fingerprint
     config = load_config(ingredients, config, data_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    kitchen = Kitchen(config, out, shifts=shifts, eval_batch_size=eval_batch_size, recalibrate_batches=recalibrate_bn)
+    shift_names = _check_shifts(data, config, shifts)
     names = [ing.name for ing in ingredients]
     loaders = [ing.load for ing in ingredients]
-    print(f"soupjax.soup: {len(ingredients)} ingredients from {ingredients_dir}; model {config.model.name}, "
-          f"data {config.data.name}; report splits: {', '.join(kitchen.report_splits)}", flush=True)
 
-    # 1. Every ingredient on every split, one at a time (cached). Recalibration applies to soups only.
-    evals = [kitchen.evaluate_ingredient(ing) for ing in ingredients]
-    heldout = [ev.accuracy("heldout") for ev in evals]
-    best = int(np.argmax(heldout))  # chosen on held-out data, never on test
-    rows: list[dict[str, Any]] = []
-    ingredient_rows = []
-    for ing, ev in zip(ingredients, evals):
-        r = _row(ing.name, "individual", ev, kitchen, n=1, passes=1, seconds=0.0, path=str(ing.path), weights=None)
-        ingredient_rows.append({k: r[k] for k in ("name", "path", "heldout", "test", "shifts", "shift_mean")}
-                               | {"hparams": ing.meta.get("hparams", {})})
-    one_hot = [1.0 if i == best else 0.0 for i in range(len(names))]
-    rows.append(_row("best_ingredient", "individual", evals[best], kitchen, n=1, passes=1, seconds=0.0,
-                     path=str(ingredients[best].path), weights=one_hot) | {"ingredient": names[best]})
     progressions: dict[str, list] = {}
     histories: dict[str, list] = {}
     fingerprint = ingredients[0].meta.get("init_fingerprint")
 
-    common = {"ingredients": [str(ing.path) for ing in ingredients], "init": fingerprint,
-              "data": data.eval_fingerprint(config.data), "recalibrate_bn": recalibrate_bn}
+    # What a soup is made from: the ingredients by name and meta.json fingerprint (a retrained
+    # ingredient of the same name is another ingredient), the init, the evaluation data.
+    ingredient_meta = {ing.name: config_fingerprint(ing.meta) for ing in ingredients}
+    common = {"ingredients": [str(ing.path) for ing in ingredients], "ingredient_meta": ingredient_meta,
+              "init": fingerprint, "data": data.eval_fingerprint(config.data), "recalibrate_bn": recalibrate_bn}
     # With recalibration, greedy scores its first ingredient recalibrated and learned soups train with
     # recalibrated statistics; soups cooked before that (same options otherwise) are cooked again.
     recalibrated = {"recalibrated": "first_and_candidates"} if recalibrate_bn else {}
@@ -253,6 +350,40 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
 
     def key_of(name: str) -> dict[str, Any]:
         return config_base.as_plain({**common, **options[name], "recipe": name})
+
+    wanted = {"uniform", "greedy", "pruned", "learned", "ensemble"} if recipe == "all" else {recipe}
+    learned_modes = ["global", "layer"] if learned_mode == "both" else [learned_mode]
+    soup_names = [n for n in ("uniform", "greedy", "pruned") if n in wanted]
+    soup_names += [f"learned_{m}" for m in learned_modes] if "learned" in wanted else []
+    provenance = config_base.as_plain({
+        "recipe": recipe, "ingredients": sorted(names), "ingredient_meta": ingredient_meta, "init": fingerprint,
+        "data": data.eval_fingerprint(config.data), "model": config_fingerprint(config.model),
+        "shifts": shift_names, "recalibrate_bn": recalibrate_bn, "learned_mode": learned_mode,
+        "options": {name: options[name] for name in soup_names}})
+    if not overwrite:
+        _refuse_changed_outputs(out, provenance, {name: key_of(name) for name in soup_names})
+    check_writable(out)
+    if len(ingredients) == 1:
+        print(f"soupjax.soup: note: one ingredient ({names[0]}): every soup is that ingredient (uniform, greedy "
+              "and pruned: itself; learned: itself with weight 1; ensemble: that one model)", flush=True)
+
+    kitchen = Kitchen(config, out, shifts=shift_names, eval_batch_size=eval_batch_size,
+                      recalibrate_batches=recalibrate_bn)
+    print(f"soupjax.soup: {len(ingredients)} ingredients from {ingredients_dir}; model {config.model.name}, "
+          f"data {config.data.name}; report splits: {', '.join(kitchen.report_splits)}", flush=True)
+    # 1. Every ingredient on every split, one at a time (cached). Recalibration applies to soups only.
+    evals = [kitchen.evaluate_ingredient(ing) for ing in ingredients]
+    heldout = [ev.accuracy("heldout") for ev in evals]
+    best = int(np.argmax(heldout))  # chosen on held-out data, never on test
+    rows: list[dict[str, Any]] = []
+    ingredient_rows = []
+    for ing, ev in zip(ingredients, evals):
+        r = _row(ing.name, "individual", ev, kitchen, n=1, passes=1, seconds=0.0, path=str(ing.path), weights=None)
+        ingredient_rows.append({k: r[k] for k in ("name", "path", "heldout", "test", "shifts", "shift_mean")}
+                               | {"hparams": ing.meta.get("hparams", {})})
+    one_hot = [1.0 if i == best else 0.0 for i in range(len(names))]
+    rows.append(_row("best_ingredient", "individual", evals[best], kitchen, n=1, passes=1, seconds=0.0,
+                     path=str(ingredients[best].path), weights=one_hot) | {"ingredient": names[best]})
 
     def finish(name: str, variables: dict[str, Any], weights: Sequence[float], seconds: float, extra: dict):
         """Evaluate a cooked soup, save it as an ingredient-format checkpoint, add its report row."""
@@ -277,9 +408,10 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
         if not checkpoints.is_ingredient(soup_dir):
             return False
         meta = checkpoints.load_meta(soup_dir)
-        if meta.get("options") != key_of(name):
-            print(f"{name}: the soup in {soup_dir} was cooked with other ingredients or options; cooking again",
-                  flush=True)
+        differing = _what_differs(meta.get("options") or {}, key_of(name))
+        if differing:  # refused before any work unless overwrite was asked for
+            print(f"{name}: the soup in {soup_dir} was cooked from other ingredients or options "
+                  f"({'; '.join(differing[:3])}); cooking it again (overwrite)", flush=True)
             return False
         ev = kitchen.evaluate(f"soup-{name}", None, lambda: checkpoints.load_variables(soup_dir),
                               key=config_fingerprint(key_of(name)), prepared=True)
@@ -293,7 +425,6 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
         print(f"{name}: cooked earlier, reused ({soup_dir})", flush=True)
         return True
 
-    wanted = {"uniform", "greedy", "pruned", "learned", "ensemble"} if recipe == "all" else {recipe}
     if "uniform" in wanted and not already("uniform"):
         t = time.time()
         # Per tensor from disk: memory for the soup and a few tensors, never a second whole model.
@@ -347,7 +478,7 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
     results = {
         "meta": {"ingredients_dir": str(ingredients_dir), "recipes": sorted(wanted), "dataset": config.data.name,
                  "model": config.model.name, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                 "command": command, "best_ingredient": names[best],
+                 "command": command, "best_ingredient": names[best], "provenance": provenance,
                  "splits": {"heldout": int(evals[0].labels["heldout"].size), "test": int(evals[0].labels["test"].size),
                             "shifts": kitchen.shifts}},
         "ingredients": ingredient_rows, "soups": rows, "progressions": progressions, "learned_history": histories,
@@ -356,6 +487,51 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
     print(report.markdown_table(results), flush=True)
     print(f"report: {paths.get('markdown', out / 'report.md')}", flush=True)
     return results
+
+
+def _check_shifts(data: Any, config: ConfigDict, shifts: Sequence[str] | None) -> list[str]:
+    """The shift splits to report (``shifts``, or the data set's); ``InputError`` for an unknown name."""
+    if shifts is None:
+        return list(data.shift_splits(config.data))
+    for split in shifts:
+        try:
+            data.logit_projection(config.data, split)  # validates the name, reads nothing
+        except ValueError as e:
+            raise InputError(f"--shifts: {e}") from e
+    return list(shifts)
+
+
+# What a report in ``out`` and a new run into it must share: what every soup is cooked from and evaluated
+# on. The recipe and its options are left out: cooking another recipe into the same ``out`` (uniform,
+# then greedy) writes a report of that recipe, and each soup's own options are compared per soup.
+REPORT_PROVENANCE = ("ingredients", "ingredient_meta", "init", "data", "model", "shifts", "recalibrate_bn")
+
+
+def _refuse_changed_outputs(out: Path, provenance: Mapping[str, Any], soup_keys: Mapping[str, Any]) -> None:
+    """``InputError`` when ``out`` holds a report made from other ingredients or data
+    (``REPORT_PROVENANCE``), or a soup made from other ingredients or options.
+
+    A report or soup written by a soupjax that did not record its provenance is not compared.
+    """
+    from soupjax import checkpoints
+    report_file = out / "report.json"
+    if report_file.is_file():
+        try:
+            stored = json.loads(report_file.read_text()).get("meta", {}).get("provenance")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise InputError(f"{report_file} is not a soupjax report ({e}); pass --overwrite to replace it, "
+                             "or choose another --out") from e
+        if isinstance(stored, dict):
+            differing = _what_differs({k: v for k, v in stored.items() if k in REPORT_PROVENANCE},
+                                      {k: v for k, v in provenance.items() if k in REPORT_PROVENANCE})
+            if differing:
+                _refuse_different(f"the report in {out}", differing)
+    for name, key in soup_keys.items():
+        if checkpoints.is_ingredient(out / name):
+            stored = checkpoints.load_meta(out / name).get("options") or {}
+            differing = _what_differs(stored, key)
+            if differing:
+                _refuse_different(f"the {name} soup in {out / name}", differing)
 
 
 def load_config(ingredients, config: ConfigDict | None, data_dir: str | None) -> ConfigDict:

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from soupjax import data
+from soupjax import data, files
 from soupjax.checkpoints import list_ingredients, load_meta
 from soupjax.config_base import as_plain
 
@@ -99,9 +99,8 @@ def write(workdir: Path, seeds: list[int], out: Path) -> str:
         raise ValueError(f"no finished runs with learning curves under {workdir}")
     out.parent.mkdir(parents=True, exist_ok=True)
     table = markdown(rows)
-    from soupjax.report import _atomic_write
-    _atomic_write(out.with_suffix(".md"), lambda tmp: tmp.write_text(table))
-    plot(rows, out.with_suffix(".png"))
+    files.write_files_atomic({out.with_suffix(".md"): lambda tmp: tmp.write_text(table),
+                              out.with_suffix(".png"): lambda tmp: plot(rows, tmp)})
     return table
 
 

@@ -1,14 +1,23 @@
 """Checks before cooking: the ingredients must be soupable, and the user is told exactly why not.
 
+* The directory exists and holds ingredients; a sub-directory with only half an ingredient (meta.json
+  without variables/ or the reverse) is named, not skipped: it is an ingredient the user expects.
+* Every ingredient reads: a malformed or future-format meta.json, a truncated or deleted checkpoint
+  file is an ``IngredientError`` naming it (from ``checkpoints``).
+* Same number of classes (the heads' sizes): ingredients of two tasks are named as such.
 * Same tree, shapes and dtypes everywhere (read from checkpoint metadata, nothing loaded): the first
   mismatching parameter path is named with both shapes.
 * Same init fingerprint: ingredients fine-tuned from different inits do not share a loss basin, and
   their average collapses (the paper's Figure/Appendix on models trained from scratch).
-* No NaN or Inf: such an ingredient is named and left out, with a warning.
+* No NaN or Inf: such an ingredient is named and left out, with a warning (an ``IngredientWarning``,
+  which the soup command prints as one line); when none is left, an error.
+
+Every refusal is a ``PreflightError``, an ``InputError``: the command line shows its one-line message.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,10 +26,15 @@ import jax
 import numpy as np
 
 from soupjax import checkpoints
+from soupjax.cli_errors import InputError
 
 
-class PreflightError(ValueError):
+class PreflightError(InputError):
     """Ingredients that cannot be souped together; the message says which and why."""
+
+
+class IngredientWarning(UserWarning):
+    """An ingredient left out of every soup (the message says which and why)."""
 
 
 @dataclasses.dataclass
@@ -46,11 +60,27 @@ def _flat(tree: Any) -> dict[str, Any]:
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _classes(flat: dict[str, Any]) -> tuple[str, int] | None:
+    """``(path, number of classes)`` of a classifier's head (its bias: ``.../head/bias``), if any."""
+    heads = sorted(path for path in flat if path.endswith("head/bias"))
+    return (heads[0], int(flat[heads[0]].shape[-1])) if heads and flat[heads[0]].shape else None
+
+
 def check_structures(ingredients: Sequence[Ingredient]) -> None:
-    """Raise ``PreflightError`` at the first parameter whose path, shape or dtype differs."""
+    """Raise ``PreflightError`` at the first parameter whose path, shape or dtype differs.
+
+    Heads of different sizes are reported first, as different numbers of classes: that is what the
+    user did (fine-tuned on two tasks), not a different architecture.
+    """
     reference = _flat(checkpoints.variables_structure(ingredients[0].path))
+    classes = _classes(reference)
     for other in ingredients[1:]:
         flat = _flat(checkpoints.variables_structure(other.path))
+        theirs = _classes(flat)
+        if classes and theirs and theirs[0] == classes[0] and theirs[1] != classes[1]:
+            raise PreflightError(
+                f"ingredient {other.name} has {theirs[1]} classes, {ingredients[0].name} has {classes[1]} "
+                f"({classes[0]}): a soup averages models of one task; fine-tune every ingredient on the same classes")
         for path in sorted(set(reference) | set(flat)):
             a, b = reference.get(path), flat.get(path)
             if a is None or b is None:
@@ -79,31 +109,71 @@ def check_init(ingredients: Sequence[Ingredient], allow_mixed_init: bool) -> Non
         warnings.warn(message + " Cooking anyway (--allow_mixed_init).", stacklevel=2)
 
 
-def finite(variables: Any) -> list[str]:
-    """Paths of leaves that hold a NaN or an Inf (empty when all are finite)."""
-    return [path for path, leaf in _flat(variables).items()
-            if np.issubdtype(np.asarray(leaf).dtype, np.floating) and not np.isfinite(np.asarray(leaf, np.float32)).all()]
+def non_finite_tensors(directory: str | os.PathLike) -> list[str]:
+    """Paths of an ingredient's floating-point arrays that hold a NaN or an Inf, read one at a time.
+
+    Every array is read, so this is also the check that the checkpoint is whole: a truncated or
+    missing array file is an ``IngredientError`` naming the parameter. Reading through TensorStore
+    one array at a time (not an orbax restore of the tree) keeps memory at one tensor and lets a
+    failed read end cleanly: a failed orbax restore leaves reads in flight on its event loop, which
+    print a traceback when they finish after it closed.
+    """
+    source = checkpoints.tensor_source(directory)
+    return [path for path, dtype in zip(source.paths, source.dtypes)
+            if np.issubdtype(dtype, np.floating) and not np.isfinite(source.read(path).astype(np.float32)).all()]
 
 
 def drop_non_finite(ingredients: Sequence[Ingredient]) -> list[Ingredient]:
-    """Load each ingredient once (one at a time) and leave out, with a warning, those with NaN/Inf."""
+    """Read each ingredient once (one tensor at a time) and leave out, with a warning, those with NaN/Inf."""
     kept = []
     for ing in ingredients:
-        bad = finite(ing.load())
+        bad = non_finite_tensors(ing.path)
         if bad:
             warnings.warn(f"ingredient {ing.name} ({ing.path}) has NaN or Inf in {len(bad)} tensor(s), "
-                          f"first {bad[0]}; it is left out of every soup", stacklevel=2)
+                          f"first {bad[0]}; it is left out of every soup", IngredientWarning, stacklevel=2)
         else:
             kept.append(ing)
     return kept
 
 
-def gather(root: str | Path, *, allow_mixed_init: bool = False, check_finite: bool = True) -> list[Ingredient]:
-    """Find the ingredients under ``root`` and run every pre-flight check; returns the usable ones."""
-    paths = checkpoints.list_ingredients(root)
+def find(root: str | os.PathLike) -> list[Path]:
+    """The ingredient directories under ``root``; ``PreflightError`` when it is missing, holds none,
+    or holds a half-written one (meta.json without variables/ or the reverse).
+
+    Hidden entries (``.NAME.tmp-*``, a save that was interrupted) are not ingredients and are skipped.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise PreflightError(f"the ingredients directory {root} does not exist (python -m soupjax.finetune "
+                             "writes WORKDIR/ingredients; pass --ingredients DIR)")
+    if not root.is_dir():
+        raise PreflightError(f"the ingredients directory {root} is not a directory")
+    candidates = [root] if _partial(root) is not None or checkpoints.is_ingredient(root) else sorted(
+        p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for path in candidates:
+        missing = _partial(path)
+        if missing is not None:
+            raise PreflightError(f"ingredient {path} is incomplete: {missing} is missing; fine-tune it again "
+                                 "or move it out of the ingredients directory")
+    paths = [p for p in candidates if checkpoints.is_ingredient(p)]
     if not paths:
         raise PreflightError(f"no ingredients found in {root} (expected sub-directories with meta.json and "
                              "variables/, as written by python -m soupjax.finetune)")
+    return paths
+
+
+def _partial(path: Path) -> str | None:
+    """What a half ingredient lacks (``meta.json`` or ``variables/``); None for a whole one or none."""
+    has_meta = (path / checkpoints.META_FILE).exists()
+    has_variables = (path / checkpoints.VARIABLES_DIR).exists()
+    if has_meta == has_variables:
+        return None
+    return checkpoints.VARIABLES_DIR + "/" if has_meta else checkpoints.META_FILE
+
+
+def gather(root: str | Path, *, allow_mixed_init: bool = False, check_finite: bool = True) -> list[Ingredient]:
+    """Find the ingredients under ``root`` and run every pre-flight check; returns the usable ones."""
+    paths = find(root)
     ingredients = [Ingredient(p, checkpoints.load_meta(p)) for p in paths]
     check_structures(ingredients)
     check_init(ingredients, allow_mixed_init)

@@ -23,6 +23,7 @@ import hashlib
 import logging
 import math
 import re
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from soupjax.cli_errors import InputError
 
 if TYPE_CHECKING:
     from ml_collections import ConfigDict
@@ -99,11 +102,50 @@ def load_npz(path: str | Path) -> Tree:
     a scanned `Transformer/encoderblock` (layers stacked on axis 0) is split into
     `encoderblock_{i}`.
     """
-    with np.load(path, allow_pickle=False) as f:
-        flat = {key: f[key] for key in f.files}
+    flat = _read_npz(path)
     if any(k.startswith('params/') for k in flat):
         flat = {k[len('params/'):]: v for k, v in flat.items() if k.startswith('params/')}
     return unflatten(_big_vision_to_vit_names(flat))
+
+
+def _read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """Every array of an `.npz`, read as data: a pickled object array is refused, never unpickled.
+
+    np.load(allow_pickle=False) raises when it meets a pickle; the errors it raises do not name the
+    file or the array, so they are turned into one InputError that does.
+    """
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        # A pickle or .npy saved under an .npz name lands here too ("Cannot load file containing
+        # pickled data when allow_pickle=False"): np.load refused it before unpickling anything.
+        raise InputError(f'{path}: not a readable .npz archive of arrays ({_first_line(e)})') from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise InputError(f'{path}: a single .npy array, not an .npz archive of named arrays')
+    flat = {}
+    with archive:
+        for key in archive.files:
+            try:
+                flat[key] = archive[key]
+            except ValueError as e:  # "Object arrays cannot be loaded when allow_pickle=False"
+                raise InputError(
+                    f'{path}: array {key!r} is a pickled object array, not numbers; soupjax reads '
+                    f'.npz files with allow_pickle=False and did not unpickle it ({_first_line(e)})') from None
+    return flat
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message (torch's weights_only refusal runs to a dozen lines)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _torch_refusal(error: BaseException) -> str:
+    """The reason in torch's weights_only refusal (e.g. 'Unsupported global: GLOBAL io.open was not an
+    allowed global by default'), without the dozen lines of advice around it."""
+    text = re.sub(r'\x1b\[[0-9;]*m', '', str(error))  # torch puts terminal bold codes in it
+    match = re.search(r'WeightsUnpickler error:\s*(.+?)(?:\.\s|\.?$)', text, re.MULTILINE)
+    return match.group(1).strip() if match else _first_line(ValueError(text))
 
 
 def _big_vision_to_vit_names(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -146,23 +188,43 @@ def load_timm_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """Reads a timm/PyTorch state dict from .safetensors, .pth, .pt or .bin into numpy arrays.
 
     .safetensors needs no torch (safetensors.numpy). The pickle formats are read with
-    torch.load(weights_only=True), which refuses arbitrary code; torch is imported only then.
+    torch.load(weights_only=True), which refuses arbitrary code; torch is imported only then. A file
+    it refuses, or one that is not a checkpoint at all, raises an InputError naming the file.
     Training checkpoints that wrap the weights in 'state_dict' / 'model' / 'state_dict_ema', and
     DistributedDataParallel's 'module.' prefix, are unwrapped.
     """
     path = Path(path)
     if path.suffix == '.safetensors':
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
-        return dict(load_file(str(path)))
+        try:
+            return dict(load_file(str(path)))
+        except (SafetensorError, OSError) as e:
+            raise InputError(f'{path}: not a readable safetensors file ({_first_line(e)})') from None
     if path.suffix not in _TIMM_EXTENSIONS:
         raise ValueError(f'{path}: not a timm checkpoint (expected one of {_TIMM_EXTENSIONS})')
+    import pickle
+
     import torch  # a test extra; only needed for the pickle formats
 
-    obj = torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only=True unpickles only tensors and plain containers; anything else (a class,
+        # a function such as open or os.system) is refused before it is called.
+        raise InputError(
+            f'{path}: not a plain tensor state dict: torch.load(weights_only=True) refused to unpickle '
+            f'it ({_torch_refusal(e)}). soupjax never runs code from a checkpoint; if you trust the file, '
+            'save its state_dict() with torch.save or safetensors and load that') from None
+    except (RuntimeError, EOFError, OSError) as e:  # truncated or not a torch file at all
+        raise InputError(f'{path}: not a readable PyTorch checkpoint ({_first_line(e)})') from None
     for wrapper in ('state_dict_ema', 'state_dict', 'model'):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
             break
+    if not isinstance(obj, Mapping):
+        raise InputError(f'{path}: holds a {type(obj).__name__}, not a state dict (a mapping of '
+                         'parameter names to tensors)')
     out = {}
     for key, tensor in obj.items():
         if not isinstance(tensor, torch.Tensor):
@@ -651,6 +713,8 @@ def load_pretrained(path: str | Path, init_variables: Mapping[str, Any], *,
 
     Raises:
       FileNotFoundError: no file at path.
+      InputError: the file is not plain data: a pickle that torch.load(weights_only=True) refuses,
+        an .npz with a pickled object array, an unreadable safetensors header. Nothing in it ran.
       PretrainedMismatchError: the checkpoint does not fit; the message lists every problem.
     """
     path = Path(path)

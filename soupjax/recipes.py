@@ -19,7 +19,13 @@ the whole tree, so BatchNorm statistics are averaged exactly like parameters.
 
 All arithmetic is float32 (a float32 running sum, whatever the stored dtype), and every result is cast
 back to the dtype each leaf was stored in, so a bfloat16 checkpoint gives a bfloat16 soup without the
-rounding error of summing K bfloat16 tensors.
+rounding error of summing K bfloat16 tensors. The sum is of displacements from the first ingredient
+(see ``RunningMean``), so a soup of one ingredient, or of K copies of one, is that ingredient exactly.
+Integer leaves are exact while their sums stay within float32's integers (|sum| <= 2**24).
+
+The cost of that exactness is the reference: a ``RunningMean`` holds the first ingredient besides its
+float32 sum (a model in its stored dtypes, on the device; shared, not copied, when the caller passed
+device arrays), and the per-tensor soups one tensor of it at a time.
 """
 
 from __future__ import annotations
@@ -145,22 +151,66 @@ def _cast(x: jax.Array, dtype: Any) -> jax.Array:
 
 # The jitted kernels take and return *lists* of leaves; jit caches one executable per layout. The
 # running sum is donated, so an add or remove updates it in place instead of holding two sums.
+#
+# The sum is of displacements from a reference, the first ingredient added: sum_i w_i (x_i - ref), and
+# the mean is ref + sum / total weight. Summing the ingredients themselves rounds at every add, so a
+# soup of K copies of one model came back up to (K - 1) / 2 float32 ulps away from it (2 ulps at K = 7)
+# and a soup of one ingredient with a weight other than 1 was not that ingredient. With displacements,
+# K copies add K exact zeros and the soup is the ingredient itself; and since ingredients fine-tuned
+# from one init agree in most of their digits, the displacements are small numbers whose sum rounds
+# far less than the sum of the weights themselves would.
+
+
+def _reference(leaves):
+    """The first tree's leaves on the device, as they are: ``device_put`` does not copy a leaf already
+    there (a jitted identity would, one more model in memory), and copies a host array there once."""
+    return jax.device_put(list(leaves))
 
 
 @jax.jit
-def _scaled_f32(leaves, w):
-    return [w * jnp.asarray(x).astype(jnp.float32) for x in leaves]
+def _zeros_f32(leaves):
+    return [jnp.zeros(jnp.shape(x), jnp.float32) for x in leaves]
 
 
-def _accumulate(acc, leaves, w):
-    return [a + w * jnp.asarray(x).astype(jnp.float32) for a, x in zip(acc, leaves)]
+def _f32(x):
+    return jnp.asarray(x).astype(jnp.float32)
+
+
+def _accumulate(acc, leaves, ref, w):
+    return [a + w * (_f32(x) - _f32(r)) for a, x, r in zip(acc, leaves, ref)]
 
 
 _accumulate_donated = jax.jit(_accumulate, donate_argnums=0)
 
 
+def _finish_from_reference(dtypes):
+    """A jitted ``(sum, ref, extra, w, scale, denom) -> cast(scale * ref + (sum + w (extra - ref)) / denom)``."""
+
+    @jax.jit
+    def finish(acc, ref, extra, w, scale, denom):
+        out = []
+        for i, (a, r, d) in enumerate(zip(acc, ref, dtypes)):
+            if extra is not None:
+                a = a + w * (_f32(extra[i]) - _f32(r))
+            out.append(_cast(scale * _f32(r) + a / denom, d))
+        return out
+
+    return finish
+
+
+_REF_FINISH_CACHE: dict[tuple[Any, ...], Callable[..., Any]] = {}
+
+
+def _reference_finisher(dtypes: tuple[Any, ...]) -> Callable[..., Any]:
+    key = tuple(np.dtype(d).name for d in dtypes)
+    if key not in _REF_FINISH_CACHE:
+        _REF_FINISH_CACHE[key] = _finish_from_reference(tuple(np.dtype(d) for d in dtypes))
+    return _REF_FINISH_CACHE[key]
+
+
 def _finish(dtypes):
-    """A jitted ``(sum, extra, w, denom) -> cast((sum + w * extra) / denom)`` for one dtype layout."""
+    """A jitted ``(sum, extra, w, denom) -> cast((sum + w * extra) / denom)`` for one dtype layout
+    (a plain weighted sum, as ``learned`` mixes)."""
 
     @jax.jit
     def finish(acc, extra, w, denom):
@@ -191,17 +241,23 @@ def _finisher(dtypes: tuple[Any, ...]) -> Callable[..., Any]:
 class RunningMean:
     """A streaming float32 weighted sum of variable trees.
 
-    Holds exactly one float32 sum (never the K ingredients): ``add`` and ``remove`` update it in place
-    (the old buffer is donated to XLA), so a uniform soup of K models needs memory for the sum plus the
-    one ingredient being added. ``remove`` is algebraic (``sum -= w * tree``), which is what makes the
-    pruned soup cheap: dropping an ingredient never re-reads the others. Removal is exact up to float32
-    rounding of the sum.
+    Holds one float32 sum and the first tree added, the reference (never the K ingredients): ``add``
+    and ``remove`` update the sum in place (the old buffer is donated to XLA), so a uniform soup of K
+    models needs memory for the sum, the reference and the one ingredient being added. The reference
+    is the first tree's own leaves where they are on the device already (not copied, so a caller that
+    keeps that tree shares it) and a device copy of leaves given in host memory. The sum is of
+    displacements from the reference, ``sum_i w_i (tree_i - ref)``, and the mean is
+    ``ref + sum / count`` (see the kernels above for why): a mean of one tree, or of K copies of it, is
+    that tree exactly. ``remove`` is algebraic (``sum -= w * (tree - ref)``), which is what makes the
+    pruned soup cheap: dropping an ingredient, the reference included, never re-reads the others.
+    Removal is exact up to float32 rounding of the sum.
 
     ``mean()`` and ``total()`` cast each leaf back to the dtype it was stored in.
     """
 
     def __init__(self) -> None:
         self._layout: _Layout | None = None
+        self._ref: list[jax.Array] | None = None
         self._sum: list[jax.Array] | None = None
         self._count = 0.0
         self._n = 0
@@ -224,10 +280,11 @@ class RunningMean:
         """Adds ``weight * tree`` to the sum. Raises ValueError if its structure or shapes differ."""
         if self._layout is None:
             self._layout, leaves = _Layout.of(tree)
-            self._sum = _scaled_f32(leaves, jnp.float32(weight))
+            self._ref = _reference(leaves)  # on the device, in the stored dtypes
+            self._sum = _zeros_f32(leaves)  # the reference's own displacement
         else:
             leaves = self._layout.leaves(tree, "ingredient")
-            self._sum = _accumulate_donated(self._sum, leaves, jnp.float32(weight))
+            self._sum = _accumulate_donated(self._sum, leaves, self._ref, jnp.float32(weight))
         # Wait for the add: with asynchronous dispatch the caller could otherwise load the next
         # ingredients while this one is still referenced by a queued computation, and memory would
         # grow with how far loading runs ahead.
@@ -240,18 +297,18 @@ class RunningMean:
         if self._layout is None or self._n == 0:
             raise ValueError("cannot remove from an empty RunningMean")
         leaves = self._layout.leaves(tree, "ingredient")
-        self._sum = _accumulate_donated(self._sum, leaves, jnp.float32(-weight))
+        self._sum = _accumulate_donated(self._sum, leaves, self._ref, jnp.float32(-weight))
         jax.block_until_ready(self._sum)
         self._count -= float(weight)
         self._n -= 1
 
     def mean(self) -> Variables:
         """The sum divided by ``count``, each leaf cast back to its stored dtype."""
-        return self._finish(None, 0.0, self._count)
+        return self._finish(None, 0.0, 1.0, self._count)
 
     def total(self) -> Variables:
         """The (unnormalised) weighted sum, each leaf cast back to its stored dtype."""
-        return self._finish(None, 0.0, 1.0, check=False)
+        return self._finish(None, 0.0, self._count, 1.0, check=False)
 
     def mean_with(self, tree: Variables, weight: float = 1.0) -> Variables:
         """The mean as if ``tree`` were added with ``weight``, without changing the running sum.
@@ -262,18 +319,19 @@ class RunningMean:
         if self._layout is None:
             raise ValueError("RunningMean is empty")
         leaves = self._layout.leaves(tree, "ingredient")
-        return self._finish(leaves, weight, self._count + weight)
+        return self._finish(leaves, weight, 1.0, self._count + weight)
 
     def mean_without(self, tree: Variables, weight: float = 1.0) -> Variables:
         """The mean as if ``tree`` were removed, without changing the running sum (pruned soup)."""
         return self.mean_with(tree, -weight)
 
-    def _finish(self, extra, weight: float, denom: float, check: bool = True) -> Variables:
+    def _finish(self, extra, weight: float, scale: float, denom: float, check: bool = True) -> Variables:
         if self._layout is None:
             raise ValueError("RunningMean is empty")
         if check and abs(denom) < 1e-12:
             raise ValueError(f"the total weight is {denom}; the mean is undefined")
-        out = _finisher(self._layout.dtypes)(self._sum, extra, jnp.float32(weight), jnp.float32(denom))
+        out = _reference_finisher(self._layout.dtypes)(
+            self._sum, self._ref, extra, jnp.float32(weight), jnp.float32(scale), jnp.float32(denom))
         return self._layout.unflatten(out)
 
 
@@ -306,7 +364,8 @@ class SoupResult:
 
 
 def uniform(loaders: Sequence[Loader]) -> Variables:
-    """The uniform soup: the mean of all ingredients, streamed (one float32 sum, one ingredient)."""
+    """The uniform soup: the mean of all ingredients, streamed (one float32 sum, its reference, one
+    ingredient)."""
     return weighted(loaders, [1.0] * len(loaders), normalize=True)
 
 
@@ -474,10 +533,11 @@ def weighted_by_tensor(
 ) -> Variables:
     """``weighted`` streamed per tensor: the same soup, with memory for one model instead of two.
 
-    For each tensor in turn, that tensor of each ingredient is read and added to a float32 accumulator of
-    that tensor's size (``w * x``, in ingredient order, as ``RunningMean`` does); the accumulator is
-    divided by the total weight (``normalize``) and cast back to the stored dtype (integers rounded), and
-    the next tensor begins. Up to ``threads`` reads (default: the CPU count, at most 4) run ahead of the
+    For each tensor in turn, that tensor of each ingredient is read; the first ingredient's is the
+    reference x0 and the others add ``w * (x - x0)`` to a float32 accumulator of that tensor's size (in
+    ingredient order, as ``RunningMean`` does); the soup's tensor is ``x0 + accumulator / total weight``
+    (``W * x0 + accumulator`` without ``normalize``), cast back to the stored dtype (integers rounded),
+    and the next tensor begins. Up to ``threads`` reads (default: the CPU count, at most 4) run ahead of the
     arithmetic while the tensors read and not yet added stay within ``prefetch_bytes`` (default: 16 MiB
     or twice the largest tensor, whichever is larger). Peak memory is the soup plus the prefetched
     tensors and one accumulator: flat in K, and no second model. With sources that have ``read_into``
@@ -486,7 +546,8 @@ def weighted_by_tensor(
 
     Every source's structure is checked against the first's before anything is read (a ValueError
     names the first differing path); ingredients with weight 0 are not touched. The result is a tree
-    of numpy arrays in host memory, equal to ``weighted``'s up to float32 rounding (bit for bit on CPU).
+    of numpy arrays in host memory, equal to ``weighted``'s up to float32 rounding: both add the same
+    displacements in the same order, but numpy rounds each operation while XLA may fuse or reorder them.
     """
     if len(sources) != len(weights):
         raise ValueError(f"{len(sources)} sources but {len(weights)} weights")
@@ -521,30 +582,36 @@ def weighted_by_tensor(
     out = []
     try:
         for path, shape, dtype in zip(layout.paths, layout.shapes, layout.dtypes):
-            acc = None
+            # As RunningMean: the first ingredient's tensor is the reference x0, the others add
+            # w (x - x0) to a float32 sum, and the soup is x0 + sum / total (W x0 + sum unnormalised).
+            x0 = acc = None
             for i, src, w in active:
                 x, kind = next(results)
                 if x.shape != shape:
                     raise ValueError(f"{_source_name(src, i)}: parameter {path!r} was read with shape "
                                      f"{x.shape}, but the soup has shape {shape}")
-                w32 = np.float32(w)
-                if acc is None:
-                    if kind == FRESH and x.dtype == f32:  # read into a new array for this: the soup's tensor
-                        acc = x if w == 1.0 else np.multiply(x, w32, out=x)
-                    else:  # a new array: never a buffer or the source's own
-                        acc = np.multiply(x.astype(f32, copy=False), w32, dtype=f32)
+                if x0 is None:
+                    # Read into a new array for this (FRESH): it becomes the soup's tensor. Otherwise
+                    # copy: a buffer is reused and a source's own array must not be written.
+                    x0 = x if kind == FRESH and x.dtype == f32 else x.astype(f32)
                     continue
+                in_buffer = kind == BUFFER and x.dtype == f32
+                d = np.subtract(x, x0, out=x) if in_buffer else np.subtract(x.astype(f32, copy=False), x0)
                 if w != 1.0:
-                    if kind == BUFFER and x.dtype == f32:
-                        x = np.multiply(x, w32, out=x)
-                    else:
-                        x = np.multiply(x.astype(f32, copy=False), w32, dtype=f32)
-                np.add(acc, x, out=acc, dtype=f32, casting="unsafe")  # x cast to float32 as it is added
-                del x
-            if denom is not None:
-                np.divide(acc, denom, out=acc)
-            out.append(_cast_np(acc, dtype))
-            del acc
+                    np.multiply(d, np.float32(w), out=d)
+                if acc is None:
+                    acc = d.copy() if in_buffer else d
+                else:
+                    np.add(acc, d, out=acc)
+                del x, d
+            if denom is None:
+                np.multiply(x0, np.float32(total), out=x0)
+            if acc is not None:
+                if denom is not None:
+                    np.divide(acc, denom, out=acc)
+                np.add(x0, acc, out=x0)
+            out.append(_cast_np(x0, dtype))
+            del x0, acc
     finally:
         results.close()
     return layout.unflatten(out)
@@ -603,8 +670,9 @@ def greedy(
     differently from the scores (e.g. it recalibrates BatchNorm statistics first): every candidate is
     then compared with the first ingredient measured the same way, and the scores only set the order.
 
-    Memory: one float32 running sum, the ingredient being tried and the candidate soup. ``evaluate``
-    sees only candidate soups; it must measure held-out (never test) accuracy.
+    Memory: one float32 running sum, its reference (the first ingredient), the ingredient being tried
+    and the candidate soup. ``evaluate`` sees only candidate soups; it must measure held-out (never
+    test) accuracy.
     """
     k = len(loaders)
     if k == 0:
@@ -638,7 +706,7 @@ def greedy(
         tree = jax.device_put(_load(loaders[i], i))
         candidate = acc.mean_with(tree)
         score = float(evaluate(candidate))
-        del candidate  # free before the next load: at most sum + ingredient + candidate are alive.
+        del candidate  # free before the next load: at most sum + reference + ingredient + candidate.
         if score > best or (not strict and score == best):
             acc.add(tree)
             used.append(i)
@@ -678,7 +746,7 @@ def pruned(
     are offered for removal before a good one is dropped for a noise-level gain.
 
     Removal is algebraic on the float32 running sum (one load of the removed ingredient, no re-reading
-    the rest). Memory: one running sum, one ingredient and one candidate. ``evaluate`` runs
+    the rest). Memory: one running sum and its reference, one ingredient and one candidate. ``evaluate`` runs
     1 + (ingredients visited) times and sees only candidate soups (held-out accuracy only).
     """
     k = len(loaders)

@@ -29,11 +29,11 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from soupjax import files as soupjax_files  # `files` is the name of a report's set of files below
 from soupjax import stats
 
 __all__ = ["SIGNIFICANCE", "markdown_table", "write_report", "inspect_table", "write_inspect"]
@@ -453,41 +453,20 @@ def markdown_table(results: Mapping[str, Any]) -> str:
 # Atomic files.
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Calls ``write(tmp)`` on a temporary file beside ``path``, then renames it into place.
-
-    The rename is atomic on POSIX within one directory, so readers see the old file or the new one,
-    never a partial one; on failure the temporary file is removed and the error propagates.
-    """
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        # mkstemp makes the file private (0600); a report is meant to be shared like any other output.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+def _write_set(files: Mapping[str, tuple[Path, Callable[[Path], None]]]) -> dict[str, Path]:
+    """Writes a report's files together (``files.write_files_atomic``): a failure while writing them,
+    a full disk included, leaves the old report whole, never half old, half new."""
+    soupjax_files.write_files_atomic({path: write for path, write in files.values()})
+    return {key: path for key, (path, _) in files.items()}
 
 
-def _write_text(path: Path, text: str) -> Path:
-    return _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+def _text_writer(text: str) -> Callable[[Path], None]:
+    return lambda tmp: tmp.write_text(text, encoding="utf-8")
 
 
-def _json_default(obj: Any) -> Any:
-    # numpy scalars and arrays, Paths: what a results dict is likeliest to contain by accident.
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
-
-
-def _write_json(path: Path, data: Any) -> Path:
-    return _write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+def _json_text(data: Any) -> str:
+    # Keys in the order they were built (meta first), as a reader of the report expects them.
+    return soupjax_files.json_text(data, sort_keys=False)
 
 
 def _csv_text(results: Mapping[str, Any]) -> str:
@@ -530,8 +509,9 @@ def _figure(width: float, height: float) -> Any:
 
 
 def _save_png(path: Path, fig: Any) -> Path:
-    # The temporary name has no .png suffix, so the format must be explicit.
-    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    # Called on a temporary name (see _write_set): the format is given, not guessed from the name.
+    fig.savefig(path, format="png")
+    return path
 
 
 _MARKERS = ["*", "D", "s", "^", "v", "P", "X", "h", "p", "<", ">", "d"]
@@ -660,16 +640,16 @@ def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike[str]) ->
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = {
-        "markdown": _write_text(out / "report.md", markdown_table(results)),
-        "json": _write_json(out / "report.json", results),
-        "csv": _write_text(out / "report.csv", _csv_text(results)),
-        "scatter": _scatter_png(out / "scatter.png", results),
+    files = {
+        "markdown": (out / "report.md", _text_writer(markdown_table(results))),
+        "json": (out / "report.json", _text_writer(_json_text(results))),
+        "csv": (out / "report.csv", _text_writer(_csv_text(results))),
+        "scatter": (out / "scatter.png", lambda tmp: _scatter_png(tmp, results)),
     }
     progressions = {k: v for k, v in (results.get("progressions") or {}).items() if v}
     if progressions:
-        written["greedy"] = _greedy_png(out / "greedy.png", progressions)
-    return written
+        files["greedy"] = (out / "greedy.png", lambda tmp: _greedy_png(tmp, progressions))
+    return _write_set(files)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -789,14 +769,14 @@ def write_inspect(inspect: Mapping[str, Any], out_dir: str | os.PathLike[str]) -
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = {
-        "markdown": _write_text(out / "inspect.md", inspect_table(inspect)),
-        "json": _write_json(out / "inspect.json", inspect),
+    files = {
+        "markdown": (out / "inspect.md", _text_writer(inspect_table(inspect))),
+        "json": (out / "inspect.json", _text_writer(_json_text(inspect))),
     }
     names = [str(n) for n in inspect.get("names") or []]
     if names and inspect.get("angles_deg"):
-        written["angles"] = _angles_png(out / "angles.png", names, inspect["angles_deg"])
+        files["angles"] = (out / "angles.png", lambda tmp: _angles_png(tmp, names, inspect["angles_deg"]))
     curves = [c for c in inspect.get("interpolation") or [] if c.get("alphas")]
     if curves:
-        written["interpolation"] = _interpolation_png(out / "interpolation.png", curves)
-    return written
+        files["interpolation"] = (out / "interpolation.png", lambda tmp: _interpolation_png(tmp, curves))
+    return _write_set(files)

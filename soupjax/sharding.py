@@ -14,21 +14,40 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from soupjax.cli_errors import InputError
+
 DATA_AXIS = "data"
 
 
 def initialize_multihost() -> None:
     """Start ``jax.distributed`` when the process is one of several (Cloud TPU pods, multi-node GPU).
 
-    Runs when ``SOUPJAX_MULTIHOST=1`` (on a Cloud TPU pod slice that is all that is needed: JAX then
-    finds the coordinator itself) or when ``JAX_COORDINATOR_ADDRESS`` is set (elsewhere, with
-    ``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``). A single process (the common case, and every test) is
-    left alone, because initialising would try to reach a coordinator.
+    Runs when ``SOUPJAX_MULTIHOST=1`` (on a Cloud TPU pod slice, or under Slurm or Open MPI, that is all
+    that is needed: JAX then finds the coordinator, the process count and this process's index itself)
+    or when ``JAX_COORDINATOR_ADDRESS`` is set (elsewhere: ``host:port`` of process 0, with
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``, which JAX itself does not read, so they are passed
+    here). A single process (the common case, and every test) is left alone, because initialising
+    would try to reach a coordinator. On CPU, the processes' collectives go over gloo (TCP), JAX's
+    default there.
     """
     wanted = os.environ.get("SOUPJAX_MULTIHOST", "").lower() in ("1", "true", "yes")
-    if wanted or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
-        logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    if not (wanted or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+        return
+    kwargs = {name: _env_int(var) for name, var in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                     ("process_id", "JAX_PROCESS_ID"))}
+    jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
+    logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def _env_int(var: str) -> int | None:
+    """An environment variable as an int (None when unset), refused by name when it is not one."""
+    value = os.environ.get(var, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"{var}={value!r} is not an integer") from None
 
 
 def data_mesh() -> Mesh:

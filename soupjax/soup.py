@@ -10,27 +10,36 @@ meta.json; ``--config FILE`` replaces them. Greedy, pruned and learned soups see
 split; the test split and the shift sets are evaluated for the report only.
 
 Every evaluation of an ingredient and every cooked soup is kept under ``OUT`` (``cache/`` and one
-directory per soup), so an interrupted run resumes where it stopped. The work is done by
+directory per soup), so an interrupted run resumes where it stopped. Rerunning into the same ``OUT``
+with other ingredients or options is refused, naming what differs, unless ``--overwrite``. With a
+single ingredient every recipe gives that ingredient (a note says so). The work is done by
 ``soupjax.kitchen.cook``; this file only reads the flags.
+
+Bad input (an unknown flag or recipe, an option out of range, unusable ingredients, an unwritable
+``OUT``) ends the command with one line, ``soupjax.soup: error: ...``, and exit status 2, before
+anything is written; option values are checked before JAX is even imported.
 """
 from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from absl import app, flags
-from ml_collections import config_flags
 
+from soupjax import command_line
+from soupjax.cli_errors import exit_on_input_error
 from soupjax.workdirs import default_workdir, enable_compilation_cache, quiet_logs
 
+PROGRAM = "soupjax.soup"
 RECIPES = ("uniform", "greedy", "pruned", "learned", "ensemble", "all", "inspect")
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("recipe", "all", RECIPES, "Which soup to cook ('all': every recipe and the ensemble).")
 flags.DEFINE_string("workdir", None, "Work directory (default: $SOUPJAX_WORKDIR or ./runs/soupjax).")
 flags.DEFINE_string("ingredients", None, "Directory of ingredients (default: WORKDIR/ingredients).")
 flags.DEFINE_string("out", None, "Output directory for soups and the report (default: WORKDIR/soups).")
-config_flags.DEFINE_config_file("config", None, "Optional config file whose data/model replace the ingredients'.")
+command_line.define_config_file("config", "Optional config file whose data/model replace the ingredients'.")
 flags.DEFINE_string("data_dir", None, "TFDS data directory, replacing the one in the ingredients' config.")
 flags.DEFINE_bool("allow_mixed_init", False, "Cook ingredients fine-tuned from different inits anyway.")
 flags.DEFINE_bool("greedy_strict", False, "Greedy/pruned: require held-out accuracy to rise (>) instead of not fall (>=).")
@@ -47,40 +56,55 @@ flags.DEFINE_list("shifts", None, "Shift splits to report (default: those of the
 flags.DEFINE_integer("eval_batch_size", 0, "Evaluation batch size (default: the config's).")
 flags.DEFINE_integer("inspect_pairs", 3, "Inspect: interpolate between this many pairs of the best ingredients.")
 flags.DEFINE_integer("inspect_points", 11, "Inspect: points along each interpolation line.")
+flags.DEFINE_bool("overwrite", False, "Replace soups and the report in --out that were cooked from other "
+                  "ingredients or options (refused otherwise; the same ones are always resumed).")
 
 
 def main(argv) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # command_line.flags_parser refused any positional argument
+    # Before JAX loads: a bad value is refused at once, not after seconds of imports.
+    from soupjax.kitchen import check_options
+    check_options(pruned_passes=FLAGS.pruned_passes, learned_mode=FLAGS.learned_mode,
+                  learned_epochs=FLAGS.learned_epochs, learned_lr=FLAGS.learned_lr,
+                  memory_budget_mb=FLAGS.memory_budget_mb, recalibrate_bn=FLAGS.recalibrate_bn,
+                  eval_batch_size=FLAGS.eval_batch_size)
     workdir = Path(FLAGS.workdir or default_workdir()).absolute()
     ingredients_dir = Path(FLAGS.ingredients).absolute() if FLAGS.ingredients else workdir / "ingredients"
     out = Path(FLAGS.out).absolute() if FLAGS.out else workdir / "soups"
-    print(f"soupjax.soup: work directory {workdir}", flush=True)
+    print(f"{PROGRAM}: work directory {workdir}", flush=True)
     enable_compilation_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(workdir / ".jax_cache"))
-    from soupjax.preflight import PreflightError
-    try:
-        if FLAGS.recipe == "inspect":
-            from soupjax.inspect_soup import inspect
-            inspect(ingredients_dir, out, config=FLAGS.config, data_dir=FLAGS.data_dir,
-                    allow_mixed_init=FLAGS.allow_mixed_init,
-                    pairs=FLAGS.inspect_pairs, points=FLAGS.inspect_points, eval_batch_size=FLAGS.eval_batch_size,
-                    recalibrate_bn=FLAGS.recalibrate_bn)
-            return 0
-        from soupjax.kitchen import cook
-        cook(FLAGS.recipe, ingredients_dir, out, config=FLAGS.config, allow_mixed_init=FLAGS.allow_mixed_init,
-             greedy_strict=FLAGS.greedy_strict, greedy_order=FLAGS.greedy_order, seed=FLAGS.seed,
-             pruned_passes=FLAGS.pruned_passes, learned_mode=FLAGS.learned_mode, learned_epochs=FLAGS.learned_epochs,
-             learned_lr=FLAGS.learned_lr, memory_budget_mb=FLAGS.memory_budget_mb, recalibrate_bn=FLAGS.recalibrate_bn,
-             shifts=FLAGS.shifts, eval_batch_size=FLAGS.eval_batch_size, data_dir=FLAGS.data_dir, command=" ".join(sys.argv))
-    except PreflightError as e:
-        print(f"soupjax.soup: error: {e}", file=sys.stderr, flush=True)
-        return 2
+    if FLAGS.recipe == "inspect":
+        from soupjax.inspect_soup import inspect
+        inspect(ingredients_dir, out, config=FLAGS.config, data_dir=FLAGS.data_dir,
+                allow_mixed_init=FLAGS.allow_mixed_init,
+                pairs=FLAGS.inspect_pairs, points=FLAGS.inspect_points, eval_batch_size=FLAGS.eval_batch_size,
+                recalibrate_bn=FLAGS.recalibrate_bn)
+        return 0
+    from soupjax.kitchen import cook
+    cook(FLAGS.recipe, ingredients_dir, out, config=FLAGS.config, allow_mixed_init=FLAGS.allow_mixed_init,
+         greedy_strict=FLAGS.greedy_strict, greedy_order=FLAGS.greedy_order, seed=FLAGS.seed,
+         pruned_passes=FLAGS.pruned_passes, learned_mode=FLAGS.learned_mode, learned_epochs=FLAGS.learned_epochs,
+         learned_lr=FLAGS.learned_lr, memory_budget_mb=FLAGS.memory_budget_mb, recalibrate_bn=FLAGS.recalibrate_bn,
+         shifts=FLAGS.shifts, eval_batch_size=FLAGS.eval_batch_size, data_dir=FLAGS.data_dir,
+         command=" ".join(sys.argv), overwrite=FLAGS.overwrite)
     return 0
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """An ingredient left out is news for the user, not a developer's warning with a source line."""
+    if category.__name__ == "IngredientWarning":
+        return f"{PROGRAM}: warning: {' '.join(str(message).split())}\n"
+    return _default_formatwarning(message, category, filename, lineno, line)
+
+
+_default_formatwarning = warnings.formatwarning
 
 
 def run() -> None:
     quiet_logs()
-    app.run(main)
+    warnings.formatwarning = _one_line_warning
+    # An unknown flag or bad value: one line and exit 2 (absl's own parser says 'FATAL' and exits 1).
+    app.run(exit_on_input_error(PROGRAM, main), flags_parser=command_line.flags_parser(PROGRAM))
 
 
 if __name__ == "__main__":

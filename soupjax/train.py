@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from soupjax import checkpoints, data, models, pretrained, sharding
+from soupjax import checkpoints, data, files, models, pretrained, sharding
+from soupjax.cli_errors import InputError
 from soupjax.evaluate import Evaluator
 from soupjax.train_step import apply_for_eval, make_optimizer, make_train_step
 from soupjax.progress import Progress
@@ -107,11 +108,13 @@ def init_fingerprint(config: ml_collections.ConfigDict, model=None) -> str:
 
 def check_same_config(path: Path, config: ml_collections.ConfigDict, what: str) -> None:
     """Refuse to resume or reuse work made with another config, naming the fields that differ."""
-    from soupjax.config_base import as_plain, refuse_changed
+    from soupjax.config_base import MAY_DIFFER, as_plain, refuse_changed
     if path.is_file():
-        refuse_changed(json.loads(path.read_text()), config, f"{what} ({path})")
+        # The fields sweep.plan_run lets differ: a resumed run may read its data from elsewhere, or
+        # belong to a sweep extended since; config.json keeps the values it was started with.
+        refuse_changed(json.loads(path.read_text()), config, f"{what} ({path})", ignore=MAY_DIFFER)
     else:
-        checkpoints.write_json_atomic(path, as_plain(config))
+        files.write_json_atomic(path, as_plain(config))
 
 
 def total_steps(config: ml_collections.ConfigDict) -> int:
@@ -121,16 +124,34 @@ def total_steps(config: ml_collections.ConfigDict) -> int:
     return max(1, int(math.ceil(config.num_epochs * n / config.batch_size)))
 
 
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """The records of a metrics.jsonl, oldest first. A last line cut short by a kill is left out: its
+    step is after the checkpoint the run resumes from, so it is trained and written again. Any other
+    line that is not JSON is damage a kill cannot cause: ``InputError`` naming the file and the line."""
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                break
+            raise InputError(f"{path}, line {number}: not a JSON record ({e}); the training state is damaged: "
+                             "move it away to train this ingredient again from the start") from e
+    return records
+
+
 class MetricsWriter:
     """Metrics as JSON lines (always) and TensorBoard summaries (when TensorFlow is importable)."""
 
     def __init__(self, workdir: Path, start_step: int = 0):
         self.path = workdir / "metrics.jsonl"
         if jax.process_index() == 0 and self.path.exists():
-            # After a resume, drop the lines of steps that are being trained again.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            # After a resume, drop the lines of steps that are being trained again. Rewritten under a
+            # temporary name and renamed: a kill during the rewrite must not lose the earlier lines
+            # (the held-out curve, which the plateau rule decides on, is read back from them).
+            kept = "".join(json.dumps(r) + "\n" for r in read_metrics(self.path) if r["step"] <= start_step)
+            files.write_atomic(self.path, lambda tmp: tmp.write_text(kept))
         self._tb = None
         if jax.process_index() == 0:
             try:
@@ -242,7 +263,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
                 curve.evaluate(step + 1, state)
                 steps = plateau.update(step + 1, curve.points)
                 progress.total = steps
-            ckpts.save(step + 1, state)
+            if ckpts.save(step + 1, state):
+                _kill_if_asked(ckpts.directory, step + 1)
             step += 1
     except BaseException:
         # Interrupted (preemption signal, Ctrl-C, an error): let a checkpoint already being written
@@ -265,6 +287,23 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
                        heldout_curve=list(curve.points) if curve else [], decay_start=plateau.decay_start)
 
 
+# Fault injection for tests/test_killed_runs.py. With SOUPJAX_TEST_KILL_IN_CHECKPOINT=N the process kills
+# itself (SIGKILL: no handler, no cleanup, as the OOM killer or a preempted VM) while the checkpoint of
+# step N is being written: orbax has started writing it under its temporary name and not yet renamed it
+# into place. A kill from outside hits that window of a few milliseconds only by chance.
+KILL_IN_CHECKPOINT = "SOUPJAX_TEST_KILL_IN_CHECKPOINT"
+
+
+def _kill_if_asked(directory: Path, step: int) -> None:
+    if os.environ.get(KILL_IN_CHECKPOINT) != str(step):
+        return
+    import signal
+    if any(p.name.startswith(f"{step}.") for p in directory.iterdir()):  # e.g. 5.orbax-checkpoint-tmp
+        os.kill(os.getpid(), signal.SIGKILL)
+    logging.warning("%s=%d: step %d's checkpoint was committed before the kill; not killed",
+                    KILL_IN_CHECKPOINT, step, step)
+
+
 class HeldoutCurve:
     """The held-out accuracy every ``eval_every_steps`` during training: the learning curve that shows
     whether a run has converged, and what the plateau schedule decides on. Evaluations made before a
@@ -275,8 +314,7 @@ class HeldoutCurve:
         self._evaluator = Evaluator(apply_for_eval(model), mesh)
         self.points: list[tuple[int, float]] = []
         if writer.path.exists():
-            for line in writer.path.read_text().splitlines():
-                record = json.loads(line) if line.strip() else {}
+            for record in read_metrics(writer.path):
                 if "heldout_accuracy" in record and record["step"] <= start_step:
                     self.points.append((int(record["step"]), float(record["heldout_accuracy"])))
 
@@ -350,9 +388,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     workdir = Path(workdir).absolute()
     ingredient_dir = Path(ingredient_dir or workdir / "ingredient").absolute()
     sharding.check_global_batch_size(config.eval_batch_size)
-    if data.num_examples(config.data, "heldout") == 0:
-        raise ValueError("config.data.heldout is 0: an ingredient needs a held-out split (a fraction or a "
-                         "count of training examples) for its held-out accuracy, which soups rank by")
+    data.check_heldout(config.data)  # an ingredient's held-out accuracy is what soups rank by
     trained = train(config, workdir)
     model, variables, mesh = trained.model, trained.variables, sharding.data_mesh()
 

@@ -134,7 +134,7 @@ def test_reference_scripts_start_the_study_they_describe(script, args, want, tmp
     assert config["sweep"]["count"] == want["count"]
     assert config["data"]["data_dir"] == want["data_dir"]
     assert record["workdir"] == want["workdir"]
-    assert record["kwargs"] == {"recalibrate_bn": want["recalibrate_bn"]}
+    assert record["kwargs"] == {"recalibrate_bn": want["recalibrate_bn"], "overwrite": False}
 
 
 def test_reference_scripts_refuse_to_start_without_their_weights(tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from soupjax import report, stats
+from soupjax import files, report, stats
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -227,7 +227,7 @@ def test_failed_write_leaves_nothing(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        report._atomic_write(tmp_path / "report.md", explode)
+        files.write_atomic(tmp_path / "report.md", explode)
     assert list(tmp_path.iterdir()) == []
 
 

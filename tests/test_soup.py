@@ -219,13 +219,8 @@ def test_bare_cli_finds_the_ingredients_of_a_bare_finetune(finetuned_workdir, fa
                         _combination(ingredients, [0.5, 0.5]), "uniform")
 
 
-@pytest.mark.slow
-def test_cli_errors_exit_nonzero_with_the_reason(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "soupjax.soup", "--recipe", "uniform",
-                          f"--ingredients={tmp_path}/empty"], capture_output=True, text=True, cwd=ROOT,
-                         timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    assert out.returncode == 2  # the pre-flight exit code, as for mixed inits below
-    assert "no ingredients found" in out.stderr
+# A missing or empty ingredients directory and every other bad input of the soup command line:
+# tests/test_bad_input_cooking.py.
 
 
 # ------------------------------------------------------------------------------------------ pre-flight

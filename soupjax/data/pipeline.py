@@ -25,11 +25,12 @@ import os
 from typing import Iterator
 
 import jax
-import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from soupjax.cli_errors import InputError
+from soupjax.config_base import default_data_config  # noqa: F401  (soupjax.data's API; TF-free home)
 from soupjax.data import fashion_mnist_local
 from soupjax.data import natural_shifts
 from soupjax.data import preprocessing as pp
@@ -43,32 +44,6 @@ except RuntimeError:  # TF was already initialised by someone else.
 BASE_SPLITS = ("train", "heldout", "test")
 IN_MEMORY_MAX_BYTES = 4 << 30  # with cfg.cache, splits of one image shape up to this are decoded into memory
 _SALT_SHUFFLE = 3
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-    """The data config with its defaults: Fashion-MNIST at 32x32 RGB, CIFAR-style augmentation."""
-    return ml_collections.ConfigDict(dict(
-        name=fashion_mnist_local.NAME,
-        # None -> TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR); typed str, so a path can be set.
-        data_dir=ml_collections.config_dict.placeholder(str),
-        download=False,         # let TFDS download and prepare missing data sets
-        heldout=0.1,            # fraction in (0, 1) or count (>= 1) of the train split held out; 0 = none
-        classes=None,           # None, or original label ids to keep, relabelled 0..n-1 in this order
-        image_size=32,
-        channels=3,             # 3: grayscale tiled to RGB; 1: RGB converted to grayscale
-        normalize="inception",  # 'inception' [-1, 1] | 'imagenet' mean/std | 'unit' [0, 1]
-        train_crop="pad_crop",  # 'random_resized' (Inception) | 'pad_crop' (CIFAR) | 'resize'
-        pad=4,
-        flip=True,
-        aug_strength=1.0,       # 0 = resize (+ flip) only; scales crop area/aspect ranges and pad
-        mixup_alpha=0.0,        # 0 = off
-        shuffle_buffer=50_000,
-        eval_crop_pct=1.0,      # 1.0 = plain resize; 0.875 = resize shorter side to size/0.875, centre crop
-        # 'default', a list of split names, or the names comma-separated. A FieldReference typed `object`
-        # so that a list can replace the string; after a to_dict() round trip use the comma form.
-        shifts=ml_collections.FieldReference("default", field_type=object),
-        cache=True,             # decode splits of one image shape into memory (else cache raw records)
-    ))
 
 
 # Fields that change only how training images are drawn, or where the files live: two configs that
@@ -109,9 +84,12 @@ def _builder(cfg, name: str) -> tfds.core.DatasetBuilder:
         return fashion_mnist_local.prepare(cfg.data_dir)
     try:
         builder = tfds.builder(name, data_dir=cfg.data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
-        raise ValueError(f"unknown dataset {name!r}: TFDS has no builder of that name "
-                         f"(the local default is {fashion_mnist_local.NAME!r}).\n{e}") from None
+    except tfds.core.registered.DatasetNotFoundError:
+        import difflib
+        close = difflib.get_close_matches(name, tfds.list_builders(with_community_datasets=False), n=3)
+        raise InputError(f"unknown dataset {name!r}: TFDS has no builder of that name"
+                         + (f" (did you mean {', '.join(close)}?)" if close else "")
+                         + f"; the local default is {fashion_mnist_local.NAME!r}") from None
     if cfg.download:
         builder.download_and_prepare()
     return builder
@@ -121,7 +99,7 @@ def _check_split(cfg, split: str) -> None:
     if split not in BASE_SPLITS and shifts.parse(split) is None and natural_shifts.source(
         cfg.name, split) is None:
         natural = natural_shifts.splits_for(cfg.name)
-        raise ValueError(
+        raise InputError(
             f"unknown split {split!r} for data set {cfg.name!r}. Valid splits: {', '.join(BASE_SPLITS)}; "
             f"'shift/<corruption>-<severity>' with corruption in {', '.join(shifts.CORRUPTIONS)} and "
             f"severity 1..5" + (f"; natural shifts: {', '.join(natural[:8])}"
@@ -147,7 +125,7 @@ def _classes(cfg, builder) -> tuple[int, ...] | None:
     classes = tuple(int(c) for c in cfg.classes)
     n = _num_original_classes(builder)
     if not classes or len(set(classes)) != len(classes) or not all(0 <= c < n for c in classes):
-        raise ValueError(f"classes must be distinct label ids in [0, {n}), got {list(cfg.classes)}")
+        raise InputError(f"classes must be distinct label ids in [0, {n}), got {list(cfg.classes)}")
     return classes
 
 
@@ -160,9 +138,10 @@ def _heldout_count(cfg, total: int) -> int:
     elif h >= 1 and float(h).is_integer():
         n = int(h)
     else:
-        raise ValueError(f"heldout must be a fraction in (0, 1) or a count >= 1, got {h!r}")
+        raise InputError(f"data.heldout must be a fraction in (0, 1) or a count >= 1, got {h!r}")
     if not 0 < n < total:
-        raise ValueError(f"heldout={h!r} leaves {total - n} of {total} training examples")
+        raise InputError(f"data.heldout={_shown(h)} holds out {n} of the {total} examples of {cfg.name}'s training "
+                         f"split, leaving {total - n} to fine-tune on: hold out between 1 and {total - 1}")
     return n
 
 
@@ -186,7 +165,7 @@ def _resolve(cfg, split: str) -> _Source:
         n_heldout = _heldout_count(cfg, total)
         if split == "heldout":
             if n_heldout == 0:
-                raise ValueError("split 'heldout' requested but the data config has heldout=0")
+                raise InputError("split 'heldout' requested but the data config has heldout=0")
             return _Source(builder, f"train[{total - n_heldout}:]", label_map)
         return _Source(builder, f"train[:{total - n_heldout}]" if n_heldout else "train", label_map)
     names = _split_names(builder)
@@ -199,7 +178,7 @@ def _resolve(cfg, split: str) -> _Source:
     other = _builder(cfg, src.builder)
     if src.classes is not None:
         if classes is not None:
-            raise ValueError(f"split {split!r} is a 200-class subset; it can't be combined with classes=...")
+            raise InputError(f"split {split!r} is a 200-class subset; it can't be combined with classes=...")
         label_map = _label_map(_num_original_classes(other), src.classes)
     return _Source(other, src.split, label_map)
 
@@ -326,7 +305,7 @@ def _process() -> tuple[int, int]:
 
 def _local_batch(global_batch_size: int, process_count: int) -> int:
     if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of the "
+        raise InputError(f"global_batch_size={global_batch_size} must be a positive multiple of the "
                          f"process count {process_count}")
     return global_batch_size // process_count
 
@@ -347,15 +326,15 @@ def _numpy(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
 
 def _check_config(cfg) -> None:
     if cfg.normalize not in pp.NORMALIZATIONS:
-        raise ValueError(f"unknown normalize {cfg.normalize!r}; valid: {', '.join(pp.NORMALIZATIONS)}")
+        raise InputError(f"unknown normalize {cfg.normalize!r}; valid: {', '.join(pp.NORMALIZATIONS)}")
     if cfg.train_crop not in pp.TRAIN_CROPS:
-        raise ValueError(f"unknown train_crop {cfg.train_crop!r}; valid: {', '.join(pp.TRAIN_CROPS)}")
+        raise InputError(f"unknown train_crop {cfg.train_crop!r}; valid: {', '.join(pp.TRAIN_CROPS)}")
     if cfg.channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {cfg.channels}")
+        raise InputError(f"channels must be 1 or 3, got {cfg.channels}")
     if not 0 < cfg.eval_crop_pct <= 1:
-        raise ValueError(f"eval_crop_pct must be in (0, 1], got {cfg.eval_crop_pct}")
+        raise InputError(f"eval_crop_pct must be in (0, 1], got {cfg.eval_crop_pct}")
     if cfg.aug_strength < 0 or cfg.mixup_alpha < 0:
-        raise ValueError("aug_strength and mixup_alpha must be >= 0")
+        raise InputError("aug_strength and mixup_alpha must be >= 0")
 
 
 def _finish(images: tf.Tensor, cfg) -> tf.Tensor:
@@ -520,6 +499,57 @@ def eval_batches(cfg, split: str, global_batch_size: int) -> Iterator[dict[str, 
 
 
 # ------------------------------------------------------------------------------------------ information
+
+
+def check_available(cfg) -> None:
+    """Refuse, before anything is trained or written, a data set that is not prepared in its data_dir.
+
+    soupjax never downloads unless ``data.download`` is set: on a machine without network a missing
+    data set must be named (with where TFDS looked) rather than end in a download attempt or an
+    assertion deep in TFDS. The local Fashion-MNIST is prepared here from its local files, offline.
+    """
+    if cfg.name == fashion_mnist_local.NAME:
+        try:
+            fashion_mnist_local.prepare(cfg.data_dir)
+        except FileNotFoundError as e:
+            raise InputError(str(e)) from e
+        return
+    builder = _builder(cfg, cfg.name)
+    if builder.is_prepared():
+        return
+    try:  # not prepared on disk; under tfds.testing.mock_data reading works all the same
+        builder.as_dataset(split="train")
+    except (AssertionError, FileNotFoundError, tf.errors.NotFoundError):
+        root = cfg.data_dir or os.fspath(builder.data_dir_root)
+        raise InputError(
+            f"data set {cfg.name!r} is not prepared in data_dir {root} (TFDS looked for {builder.data_dir}), "
+            f"and soupjax does not download data sets: prepare it there first (`tfds build {cfg.name} "
+            f"--data_dir {root}` where there is network access, or copy it in), or set data.download=True") from None
+
+
+def check_heldout(cfg) -> None:
+    """Refuse a held-out split that is empty, or leaves no training examples, with the numbers.
+
+    Fine-tuning needs one: an ingredient's held-out accuracy is what greedy and learned soups rank and
+    weigh by. It is carved from the training split by position (``train[n:]`` against ``train[:n]``),
+    so it cannot overlap the fine-tuning examples; what remains to check is that both parts hold
+    examples of the classes the config keeps.
+    """
+    if not cfg.heldout:
+        raise InputError(f"data.heldout={_shown(cfg.heldout)}: fine-tuning needs a held-out split, carved from "
+                         f"{cfg.name}'s training split (a fraction in (0, 1) or a count of examples), for the "
+                         "held-out accuracy that soups rank ingredients by")
+    total = _cardinality(_builder(cfg, cfg.name), "train")
+    _heldout_count(cfg, total)  # refuses a count that takes the whole split, with the numbers
+    for split in ("heldout", "train"):
+        if num_examples(cfg, split) == 0:
+            raise InputError(f"data.heldout={_shown(cfg.heldout)} of {total} training examples leaves no {split} "
+                             f"examples of data.classes={list(cfg.classes)}")
+
+
+def _shown(heldout) -> str:
+    """A held-out size as the user wrote it: the field is a float, a count reads as a whole number."""
+    return str(int(heldout)) if heldout is not None and float(heldout).is_integer() else repr(heldout)
 
 
 def num_classes(cfg) -> int:

@@ -1,0 +1,89 @@
+"""Determinism on CPU: the same config and seed give bit-identical parameters, and the same ingredients
+cooked twice give the same report. (Across processes and through kills: tests/test_killed_runs.py.)"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from soupjax import checkpoints, kitchen, train
+from soupjax.recipes import path_str
+from test_train import load_config
+
+# What differs between two cooks of the same soups and says nothing about their results: when and by
+# which command they were made, how long they took, where their files are, and the fingerprints of the
+# ingredients' meta.json (which hold their training times and paths).
+VOLATILE_REPORT_KEYS = frozenset({"created", "command", "seconds", "path", "ingredients_dir", "ingredient_meta"})
+
+
+def assert_bit_identical(got: Any, want: Any, what: str) -> None:
+    """Same tree, and every leaf of the same dtype, shape and bits (NaNs compared as equal)."""
+    got_leaves, got_tree = jax.tree_util.tree_flatten_with_path(got)
+    want_leaves, want_tree = jax.tree_util.tree_flatten_with_path(want)
+    assert got_tree == want_tree, f"{what}: different trees"
+    for (path, a), (_, b) in zip(got_leaves, want_leaves):
+        a, b = np.asarray(a), np.asarray(b)
+        name = path_str(path)
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), f"{what}: {name} is {a.dtype}{a.shape}, not {b.dtype}{b.shape}"
+        if not np.array_equal(a, b, equal_nan=a.dtype.kind == "f"):
+            diff = np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))
+            pytest.fail(f"{what}: {name} differs (max |difference| {diff:.3g})")
+
+
+def report_numbers(report_json: Path) -> str:
+    """report.json without ``VOLATILE_REPORT_KEYS`` (at any depth), as canonical JSON text: NaNs (a
+    p-value with no discordant pairs) compare equal as text, where ``nan != nan`` in a dict."""
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in VOLATILE_REPORT_KEYS}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+    return json.dumps(strip(json.loads(Path(report_json).read_text())), sort_keys=True, indent=1)
+
+
+def _short_run():
+    config = load_config("fashion_mnist_vit", "testing")
+    config.total_steps = 6
+    config.checkpoint_every_steps = 3
+    return config
+
+
+@pytest.mark.slow
+def test_same_config_and_seed_give_bit_identical_parameters(tmp_path):
+    config = _short_run()
+    with tfds.testing.mock_data(num_examples=64):
+        first = train.train(config, tmp_path / "first")
+        second = train.train(config, tmp_path / "second")
+        reseeded = config.copy_and_resolve_references()
+        reseeded.seed = 1  # another data order: the check above can fail
+        other = train.train(reseeded, tmp_path / "other")
+    assert first.steps == second.steps == 6
+    assert_bit_identical(second.variables, first.variables, "a second run of the same config")
+    differs = jax.tree_util.tree_map(lambda a, b: not np.array_equal(a, b), first.variables, other.variables)
+    assert any(jax.tree_util.tree_leaves(differs)), "another seed trained the same parameters"
+    # The metrics logged along the way are the same numbers too (the throughput aside).
+    logged = [[{k: v for k, v in r.items() if k != "images_per_second"}
+               for r in train.read_metrics(tmp_path / run / "metrics.jsonl")] for run in ("first", "second")]
+    assert logged[0] == logged[1] and len(logged[0]) == 6
+
+
+@pytest.mark.slow
+def test_same_ingredients_cook_the_same_report(tmp_path, finetuned_workdir, fashion_mnist_data_dir):
+    ingredients = finetuned_workdir["workdir"] / "ingredients"  # a sweep fine-tuned on the real data
+    for out in ("first", "second"):
+        kitchen.cook("all", ingredients, tmp_path / out, learned_epochs=1, shifts=[],
+                     data_dir=fashion_mnist_data_dir)
+    first, second = (tmp_path / out / "report.json" for out in ("first", "second"))
+    assert report_numbers(second) == report_numbers(first)
+    rows = json.loads(first.read_text())["soups"]
+    assert {r["name"] for r in rows} >= {"uniform", "greedy", "pruned", "learned_global", "learned_layer", "ensemble"}
+    for row in rows:
+        if row["kind"] == "soup":
+            same = [checkpoints.load_variables(tmp_path / out / row["name"]) for out in ("first", "second")]
+            assert_bit_identical(same[1], same[0], f"soup {row['name']} cooked twice")
