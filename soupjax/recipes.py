@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -198,14 +199,8 @@ def _finish_from_reference(dtypes):
     return finish
 
 
-_REF_FINISH_CACHE: dict[tuple[Any, ...], Callable[..., Any]] = {}
-
-
 def _reference_finisher(dtypes: tuple[Any, ...]) -> Callable[..., Any]:
-    key = tuple(np.dtype(d).name for d in dtypes)
-    if key not in _REF_FINISH_CACHE:
-        _REF_FINISH_CACHE[key] = _finish_from_reference(tuple(np.dtype(d) for d in dtypes))
-    return _REF_FINISH_CACHE[key]
+    return _compiled_per_layout(_finish_from_reference, dtypes)
 
 
 def _finish(dtypes):
@@ -224,14 +219,19 @@ def _finish(dtypes):
     return finish
 
 
-_FINISH_CACHE: dict[tuple[Any, ...], Callable[..., Any]] = {}
-
-
 def _finisher(dtypes: tuple[Any, ...]) -> Callable[..., Any]:
-    key = tuple(np.dtype(d).name for d in dtypes)
-    if key not in _FINISH_CACHE:
-        _FINISH_CACHE[key] = _finish(tuple(np.dtype(d) for d in dtypes))
-    return _FINISH_CACHE[key]
+    return _compiled_per_layout(_finish, dtypes)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_per_layout_cached(make: Callable[..., Any], names: tuple[str, ...]) -> Callable[..., Any]:
+    return make(tuple(np.dtype(n) for n in names))
+
+
+def _compiled_per_layout(make: Callable[..., Any], dtypes: tuple[Any, ...]) -> Callable[..., Any]:
+    """One jitted finisher per dtype layout, kept for the process: every soup of a sweep has the same
+    layout, so it is traced once (keyed by dtype names, which hash where dtype objects may not)."""
+    return _compiled_per_layout_cached(make, tuple(np.dtype(d).name for d in dtypes))
 
 
 # --------------------------------------------------------------------------------------------------

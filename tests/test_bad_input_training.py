@@ -81,14 +81,6 @@ FINETUNE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(FINETUNE_CASES))
-def test_finetune_refuses_bad_config_in_one_line(case, tmp_path):
-    args, expected = FINETUNE_CASES[case]
-    workdir = tmp_path / "work"
-    assert_refused(run_cli("finetune", args, workdir), "finetune", *expected)
-    assert_nothing_written(workdir)
-
-
 @pytest.mark.parametrize("name,expected", [
     ("no_get_config", "defines no get_config(options) function"),
     ("raises", "get_config failed: RuntimeError: the cluster is not reachable"),
@@ -115,11 +107,15 @@ EXPERIMENT_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(EXPERIMENT_CASES))
-def test_experiment_refuses_bad_flags_in_one_line(case, tmp_path):
-    args, expected = EXPERIMENT_CASES[case]
+CLI_CASES = {("finetune", case): value for case, value in FINETUNE_CASES.items()}
+CLI_CASES.update({("experiment", case): value for case, value in EXPERIMENT_CASES.items()})
+
+
+@pytest.mark.parametrize("program,case", sorted(CLI_CASES))
+def test_cli_refuses_bad_config_or_flags_in_one_line(program, case, tmp_path):
+    args, expected = CLI_CASES[program, case]
     workdir = tmp_path / "work"
-    assert_refused(run_cli("experiment", args, workdir), "experiment", *expected)
+    assert_refused(run_cli(program, args, workdir), program, *expected)
     assert_nothing_written(workdir)
 
 
