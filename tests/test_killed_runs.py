@@ -243,6 +243,7 @@ def get_config(arg=None):
     c.total_steps, c.checkpoint_every_steps, c.log_every_steps = 24, 4, 1
     c.eval_every_steps, c.plateau.cooldown_steps = 4, 4
     c.data.heldout, c.data.shuffle_buffer = 500, 256
+    c.data.shifts = []  # the report without shift columns: a kill test, not a robustness one
     c.linear_probe.num_examples, c.linear_probe.steps = 256, 20
     return c
 '''
