@@ -281,7 +281,7 @@ def plan_run(name: str, config: ml_collections.ConfigDict, hparams: Mapping[str,
 def check_plan(plan: list[PlannedRun], *, check_init: bool = True) -> None:
     """For the runs that will train: their directories can be written, the init file exists
     (``check_init``), the data set is available offline and its held-out split is usable."""
-    from soupjax.config_base import as_plain
+    from soupjax.config_base import fingerprint
     todo = [run for run in plan if run.meta is None]
     for directory in sorted({d for run in todo for d in (run.target.parent, run.train_dir.parent)}):
         problem = files.writable_problem(directory)  # creates nothing: bad input leaves nothing behind
@@ -289,7 +289,7 @@ def check_plan(plan: list[PlannedRun], *, check_init: bool = True) -> None:
             raise InputError(f"cannot write {directory}: {problem}")
     checked = set()
     for run in todo:
-        key = json.dumps(as_plain(run.config.data), sort_keys=True) + run.config.init_from.path
+        key = (fingerprint(run.config.data), run.config.init_from.path)
         if key not in checked:
             checked.add(key)
             _check_inputs(run.config, check_init=check_init)
