@@ -22,13 +22,16 @@ def main() -> None:
     args = parser.parse_args()
 
     import jax
-    from soupjax import evaluate, train
+    from soupjax import evaluate
     from soupjax.experiment import load_config
+    from soupjax.models import build_model
+    from soupjax.shared_init import base_init
+    from soupjax.train_step import apply_for_eval
 
     config = load_config(args.config)
-    model = train.build_model(config)
-    variables = train.base_init(config, model)
-    evaluator = evaluate.Evaluator(train.apply_for_eval(model))
+    model = build_model(config)
+    variables = base_init(config, model)
+    evaluator = evaluate.Evaluator(apply_for_eval(model))
     c = config.data
     rng = np.random.default_rng(0)
     print(f"{config.model.name} on {c.image_size}x{c.image_size}x{c.channels}, {jax.device_count()} "

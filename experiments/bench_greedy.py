@@ -130,10 +130,12 @@ def make_synthetic(root: Path, config, k: int, seed: int) -> list[Path]:
     """
     import jax
     import jax.numpy as jnp
-    from soupjax import checkpoints, train
+    from soupjax import checkpoints
+    from soupjax.models import build_model
     from soupjax.pretrained import fingerprint
-    model = train.build_model(config)
-    shape = (1, config.data.image_size, config.data.image_size, config.data.channels)
+    from soupjax.shared_init import input_shape
+    model = build_model(config)
+    shape = input_shape(config)
     init = jax.device_get(jax.jit(lambda r: model.init(r, jnp.zeros(shape, jnp.float32), train=False))(
         jax.random.key(seed, impl="rbg")))
     init = {"params": init["params"]}
@@ -153,12 +155,12 @@ def make_synthetic(root: Path, config, k: int, seed: int) -> list[Path]:
 
 def record_heldout(paths: list[Path], heldout_accuracy: Callable[[Any], float], n: int) -> None:
     """Writes each synthetic ingredient's held-out accuracy into its meta.json, as training does."""
-    from soupjax import checkpoints
+    from soupjax import checkpoints, files
     for path in paths:
         meta = checkpoints.load_meta(path)
         meta["metrics"]["heldout"] = {"accuracy": heldout_accuracy(checkpoints.load_variables(path)),
                                       "num_examples": n}
-        checkpoints.write_json_atomic(path / checkpoints.META_FILE, meta)
+        files.write_json_atomic(path / checkpoints.META_FILE, meta)
 
 
 def export_torch(paths: list[Path], out: Path) -> list[Path]:
@@ -298,8 +300,10 @@ def main() -> None:
 
     import jax
     from ml_collections import ConfigDict
-    from soupjax import checkpoints, evaluate, preflight, sharding, train
+    from soupjax import checkpoints, evaluate, preflight, sharding
+    from soupjax.models import build_model
     from soupjax.timm_export import timm_vit_kwargs
+    from soupjax.train_step import apply_for_eval
 
     device = args.torch_device
     if device == "auto":
@@ -332,8 +336,8 @@ def main() -> None:
           f"batch {batch_size}, decoded once in {time.perf_counter() - t:.1f} s")
 
     # The evaluator, built as soupjax.kitchen.Kitchen builds it.
-    model = train.build_model(config)
-    evaluator = evaluate.Evaluator(train.apply_for_eval(model), sharding.data_mesh())
+    model = build_model(config)
+    evaluator = evaluate.Evaluator(apply_for_eval(model), sharding.data_mesh())
 
     def heldout_accuracy(variables) -> float:
         return evaluator(variables, iter(jbatches)).accuracy

@@ -81,12 +81,14 @@ def _step_flops(config) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from soupjax import sharding, train
+    from soupjax import sharding
+    from soupjax.models import build_model
+    from soupjax.shared_init import base_init
     from soupjax.train_step import make_optimizer, make_train_step
 
     mesh = sharding.data_mesh()
-    model = train.build_model(config)
-    variables = train.base_init(config, model)
+    model = build_model(config)
+    variables = base_init(config, model)
     tx, hparams = make_optimizer(config, 1000)
     state = sharding.replicate({"step": jnp.zeros((), jnp.int32), "params": variables["params"],
                                 "opt_state": tx.init(variables["params"])}, mesh)

@@ -41,8 +41,6 @@ from etils import epath
 
 from soupjax import files
 from soupjax.cli_errors import InputError
-# Re-exported: scripts in experiments/ write an ingredient's meta.json through checkpoints.
-from soupjax.files import write_json_atomic  # noqa: F401
 from soupjax.recipes import path_str  # parameters are named as every soup error names them
 
 META_FILE = "meta.json"

@@ -17,6 +17,7 @@ from typing import Any
 import ml_collections
 
 from soupjax.cli_errors import InputError
+from soupjax.files import plain
 
 
 def parse_options(arg: str | None) -> dict[str, Any]:
@@ -145,18 +146,16 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def as_plain(config: Any) -> Any:
-    """A config (ConfigDict or dict) as plain JSON values, so two can be compared whatever their origin
-    (a live ConfigDict, or one read back from meta.json: tuples become lists, references values)."""
-    import json
-    if hasattr(config, "to_dict"):
-        config = config.to_dict()
-    return json.loads(json.dumps(config, sort_keys=True, default=str))
+# The configs' name for files.plain, the one conversion to JSON values: a live ConfigDict and one read
+# back from meta.json compare equal after it (tuples become lists, references values). Kept for the
+# callers that still use this name (soupjax/data/pipeline.py, soupjax/kitchen.py); new code calls
+# files.plain.
+as_plain = plain
 
 
 def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     """Dotted paths whose values differ between two configs, with both values."""
-    a, b = as_plain(a), as_plain(b)
+    a, b = plain(a), plain(b)
     if isinstance(a, dict) and isinstance(b, dict):
         out: list[str] = []
         for key in sorted(set(a) | set(b)):
@@ -193,7 +192,7 @@ def fingerprint(config: Any) -> str:
     """A short hash of a config's plain JSON form (e.g. of the data section, to key cached logits)."""
     import hashlib
     import json
-    return hashlib.sha256(json.dumps(as_plain(config), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(plain(config), sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------ loading config files

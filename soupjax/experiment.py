@@ -11,7 +11,9 @@
    leave nothing to fine-tune.
 2. A sweep of ingredients fine-tuned from that init on classes 5-9, each with random hyperparameters,
    every one starting from a linear-probe head (LP-FT), as the paper's runs do.
-3. Every recipe (uniform, greedy, pruned, learned global and per layer) and the logit ensemble.
+3. Every method in the recipe registry (``soupjax.methods``): the soups (uniform, greedy, pruned, learned
+   global and per layer), the merges (task arithmetic, TIES, DARE, SLERP, spherical mean, model stock,
+   WiSE-FT) and the logit and greedy ensembles.
 4. The report: the table is printed at the end, with a paired McNemar test of each soup against the
    best ingredient (chosen on held-out data) on the test images and on the shifted test images.
 
@@ -61,6 +63,11 @@ flags.DEFINE_bool("overwrite", False, "Replace work made with another config (th
 # loading lives in config_base.
 load_config = config_base.load_config
 
+
+# --quick is a smoke test of the whole job: the merge methods try two or three points of each grid
+# (the full grids, methods.all_options()'s defaults, are the study's).
+QUICK_GRIDS = {"task_arithmetic_scales": "0.5,1,2", "ties_densities": "0.2,1", "ties_lambdas": "1",
+               "dare_drop_rates": "0.5", "dare_scales": "1", "slerp_ts": "0,0.5,1", "wise_ft_alphas": "0,0.5,1"}
 
 def run_sweep_study(config, workdir: Path, *, recipe: str = "all", recalibrate_bn: int = 0,
                     learned_epochs: int = 5, overwrite: bool = False) -> dict:
@@ -135,7 +142,7 @@ def run_study(configs, workdir: Path, *, seed: int, quick: bool, ingredients_onl
 
     print(f"[3/3] cooking every recipe ({time.time() - start:.0f}s so far)", flush=True)
     out = workdir / f"soups-seed{seed}"
-    results = _cook("all", ingredients_dir, out, overwrite, learned_epochs=2 if quick else 3)
+    results = _cook("all", ingredients_dir, out, overwrite, learned_epochs=2 if quick else 3, **(QUICK_GRIDS if quick else {}))
     print(f"study finished in {time.time() - start:.0f}s; report in {out}", flush=True)
     return results
 

@@ -1,9 +1,10 @@
 """Writing files so that a crash, a full disk or a kill leaves the old version or the new one, never a mix.
 
 The helpers every module that writes results shares (checkpoints, reports, training state, learning
-curves): atomic writes of one file or of a set of files (``write_files_atomic``), the JSON text soupjax
-writes (``json_text``), swapping a complete directory in for an old one (``replace_directory``) and
-checking that a directory can be written before any work starts (``writable_problem``).
+curves): atomic writes of one file or of a set of files (``write_files_atomic``), the one conversion of
+configs, arrays and paths to plain JSON values (``plain``), the JSON text soupjax writes (``json_text``),
+swapping a complete directory in for an old one (``replace_directory``) and checking that a directory
+can be written before any work starts (``writable_problem``).
 
 What is *not* written through here: append-only logs (``metrics.jsonl``, whose last line a kill may cut
 and ``train.read_metrics`` drops) and TensorBoard's event files, and orbax's checkpoints (orbax renames
@@ -56,19 +57,39 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return write_files_atomic({path: write})[0]
 
 
-def _json_default(value: Any) -> Any:
-    # numpy scalars and arrays (and anything else with tolist), paths: what results hold by accident.
-    if hasattr(value, "tolist"):
+def _encode(value: Any, strict: bool) -> Any:
+    """What ``json.dumps`` cannot write itself, as something it can (``plain``'s rules)."""
+    # Duck-typed, so that nothing here imports ml_collections, numpy or JAX.
+    if hasattr(value, "to_dict"):  # ml_collections' ConfigDict and FrozenConfigDict
+        return value.to_dict()
+    if hasattr(value, "tolist"):  # numpy and JAX arrays and scalars
         return value.tolist()
     if isinstance(value, os.PathLike):
         return os.fspath(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    if isinstance(value, Mapping):  # e.g. flax's FrozenDict, which is not a dict
+        return dict(value)
+    if strict:
+        raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    return str(value)
+
+
+def plain(value: Any, *, strict: bool = False) -> Any:
+    """``value`` as plain JSON values (dicts, lists, str, int, float, bool, None), the one conversion
+    soupjax makes before comparing, hashing or writing what it was given.
+
+    ConfigDicts become dicts (field references resolved), numpy and JAX arrays and scalars lists and
+    Python numbers, paths strings, tuples lists, mapping keys strings (as JSON writes them); the order
+    of mapping keys is kept. So a live config and the same config read back from a JSON file are equal.
+    Any other object becomes its ``str`` (a dtype class in a config, say), or with ``strict`` raises
+    ``TypeError``: what is written to a results file should never be stringified by accident.
+    """
+    return json.loads(json.dumps(value, default=lambda v: _encode(v, strict)))
 
 
 def json_text(obj: Any, *, sort_keys: bool = True) -> str:
-    """``obj`` as the indented JSON soupjax writes (keys sorted unless ``sort_keys=False``, which keeps
-    a report's sections in the order they are read)."""
-    return json.dumps(obj, indent=2, sort_keys=sort_keys, default=_json_default) + "\n"
+    """``obj`` (``plain(obj, strict=True)``) as the indented JSON soupjax writes (keys sorted unless
+    ``sort_keys=False``, which keeps a report's sections in the order they are read)."""
+    return json.dumps(plain(obj, strict=True), indent=2, sort_keys=sort_keys) + "\n"
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

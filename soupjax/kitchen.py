@@ -33,42 +33,11 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from soupjax.cli_errors import InputError
+from soupjax.files import plain
 
-RECIPES = ("uniform", "greedy", "pruned", "learned", "ensemble", "all")
-GREEDY_ORDERS = ("sorted", "random")
-LEARNED_MODES = ("global", "layer", "both")
 # A soup's stored options use short names; a refusal names the option as the command line spells it.
 _OPTION_NAMES = {"strict": "greedy_strict", "order": "greedy_order", "passes": "pruned_passes",
                  "epochs": "learned_epochs", "lr": "learned_lr"}
-
-
-def check_options(*, recipe: str | None = None, greedy_order: str = "sorted", pruned_passes: int = 1,
-                  learned_mode: str = "both", learned_epochs: int = 5, learned_lr: float = 0.05,
-                  memory_budget_mb: float = 0, recalibrate_bn: int = 0, eval_batch_size: int = 0) -> None:
-    """``InputError`` naming the first option out of its range (the names are ``cook``'s and the flags').
-
-    Imports nothing heavy: the command line calls it before JAX loads. ``recipe=None`` skips that check.
-    """
-    def bad(name: str, value: Any, want: str) -> InputError:
-        return InputError(f"--{name}={value!r}: must be {want}")
-
-    if recipe is not None and recipe not in RECIPES:
-        raise bad("recipe", recipe, "one of " + ", ".join(RECIPES))
-    if greedy_order not in GREEDY_ORDERS:
-        raise bad("greedy_order", greedy_order, "one of " + ", ".join(GREEDY_ORDERS))
-    if learned_mode not in LEARNED_MODES:
-        raise bad("learned_mode", learned_mode, "one of " + ", ".join(LEARNED_MODES))
-    # Pruning makes at least one pass: zero passes would be the uniform soup under another name.
-    for name, value, low, note in (("pruned_passes", pruned_passes, 1, ""),
-                                   ("learned_epochs", learned_epochs, 1, ""),
-                                   ("recalibrate_bn", recalibrate_bn, 0, " (0: no recalibration)"),
-                                   ("eval_batch_size", eval_batch_size, 0, " (0: the config's)")):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-            raise bad(name, value, f"an integer >= {low}{note}")
-    if not (np.isfinite(learned_lr) and learned_lr > 0):
-        raise bad("learned_lr", learned_lr, "a positive number")
-    if not (np.isfinite(memory_budget_mb) and memory_budget_mb >= 0):
-        raise bad("memory_budget_mb", memory_budget_mb, "a number of MiB >= 0 (0: keep every ingredient in memory)")
 
 
 def check_writable(out: Path) -> None:
@@ -299,82 +268,210 @@ def _vs_best(ev: ModelEval, best: ModelEval, shifts: Sequence[str]) -> dict[str,
     return out
 
 
-def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | None = None,
-         allow_mixed_init: bool = False, greedy_strict: bool = False, greedy_order: str = "sorted",
-         seed: int = 0, pruned_passes: int = 1, learned_mode: str = "both", learned_epochs: int = 5,
-         learned_lr: float = 0.05, memory_budget_mb: float = 0, recalibrate_bn: int = 0,
-         shifts: Sequence[str] | None = None, eval_batch_size: int = 0, data_dir: str | None = None,
-         command: str = "", overwrite: bool = False) -> dict[str, Any]:
-    """Run ``recipe`` on the ingredients in ``ingredients_dir``; write soups and the report to ``out``.
+class Cooking:
+    """What a method's ``cook`` works with (``soupjax.methods``): the ingredients, their evaluations, the
+    held-out evaluator (counted: the report's 'held-out evals'), the shared init, and the options.
 
+    ``pending`` names the dishes of the current method still to cook (the others were resumed).
+    """
+
+    def __init__(self, kitchen: Kitchen, ingredients: Sequence[Any], evals: Sequence[ModelEval],
+                 options: Mapping[str, Any], config: ConfigDict, key_of: Callable[[str], dict]):
+        self.kitchen = kitchen
+        self.ingredients = list(ingredients)
+        self.names = [ing.name for ing in ingredients]
+        self.loaders = [ing.load for ing in ingredients]
+        self.evals = list(evals)
+        self.heldout = [ev.accuracy("heldout") for ev in evals]
+        self.best = int(np.argmax(self.heldout))  # chosen on held-out data, never on test
+        self.options = dict(options)
+        self.config = config
+        self.key_of = key_of
+        self.heldout_evals = 0
+        self.pending: list[str] = []
+        self._init_dir: Path | None = None
+
+    def ranked(self) -> list[int]:
+        """Ingredient indices by held-out accuracy, best first (ties: the earlier name first)."""
+        return sorted(range(len(self.names)), key=lambda i: -self.heldout[i])
+
+    def sources(self) -> list[Any]:
+        """Every ingredient as a ``recipes.TensorSource`` on disk (read one tensor at a time)."""
+        from soupjax import checkpoints
+        return [checkpoints.tensor_source(ing.path) for ing in self.ingredients]
+
+    def heldout_accuracy(self, variables: Mapping[str, Any]) -> float:
+        """The held-out accuracy of a candidate: the only accuracy a method may choose by."""
+        self.heldout_evals += 1
+        return self.kitchen.heldout_accuracy(variables)
+
+    def count_heldout(self, n: int) -> None:
+        """Count ``n`` held-out evaluations a method made without ``heldout_accuracy``."""
+        self.heldout_evals += int(n)
+
+    def choose(self, name: str, grid: Sequence[Mapping[str, Any]], build: Callable[[Mapping[str, Any]], Any]
+               ) -> tuple[dict[str, Any], Any, list[dict[str, Any]]]:
+        """Build and score every grid point on held-out; the best one (the first of equals), its model, and
+        every point's record ``{"options", "heldout"}``, with a line per point for dish ``name``. Holds the
+        best candidate and one more."""
+        best: tuple[float, Mapping[str, Any], Any] | None = None
+        records = []
+        for n, point in enumerate(grid, start=1):
+            variables = build(point)
+            acc = self.heldout_accuracy(variables)
+            records.append({"options": dict(point), "heldout": acc})
+            print(f"{name}: [{n}/{len(grid)}] {_short_options(point)}: held-out {acc:.4f}", flush=True)
+            if best is None or acc > best[0]:
+                best = (acc, point, variables)
+            del variables
+        assert best is not None, "an empty grid"  # options are checked non-empty before cooking
+        return dict(best[1]), best[2], records
+
+    def ensemble_of(self, indices: Sequence[int]) -> ModelEval:
+        """The logit ensemble of the ingredients ``indices`` on every split."""
+        return ensemble_of([self.evals[i] for i in indices], ["heldout", *self.kitchen.report_splits])
+
+    def named_steps(self, progression: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        return _named_steps(progression, self.names)
+
+    @staticmethod
+    def plain(value: Any) -> Any:
+        return plain(value)
+
+    # The shared init, for the methods that work on displacements from it.
+
+    def init_problem(self) -> str | None:
+        """Why the shared init the ingredients were fine-tuned from is unknown, or None once it is ready
+        (rebuilt from the ingredients' config, its fingerprint checked, kept under ``out/cache``)."""
+        from soupjax import checkpoints, pretrained, train
+        expected = self.ingredients[0].meta.get("init_fingerprint")
+        if not expected:
+            return "the ingredients' meta.json does not record the init they were fine-tuned from (init_fingerprint)"
+        where = self.kitchen.cache / f"init-{expected}"
+        if not checkpoints.is_ingredient(where):
+            source = self.config.init_from.path or "none: the model's random init"
+            try:
+                base = train.base_init(self.config, self.kitchen.model)
+            except (InputError, OSError, ValueError) as e:
+                return f"the init could not be rebuilt from the ingredients' config (init_from {source}): {e}"
+            got = pretrained.fingerprint(base["params"])
+            if got != expected:
+                return (f"the init rebuilt from the ingredients' config (init_from {source}) has fingerprint {got}, "
+                        f"but they were fine-tuned from an init with fingerprint {expected}")
+            variables = train.with_head_init(self.config, base, self.kitchen.model)
+            checkpoints.save_ingredient(where, variables, {"name": "init", "init_fingerprint": expected,
+                                                           "config": self.config.to_dict()})
+        self._init_dir = where
+        return None
+
+    def init_source(self) -> Any:
+        """The shared init as a tensor source (``init_problem`` must have said None)."""
+        from soupjax import checkpoints
+        return checkpoints.tensor_source(self._init_dir)
+
+    def init_variables(self) -> dict[str, Any]:
+        from soupjax import checkpoints
+        return checkpoints.load_variables(self._init_dir)
+
+    def dish_variables(self, name: str) -> tuple[dict[str, Any], list[float]]:
+        """A model by name: 'best_ingredient', or a soup or merge saved in ``out``; and its weights."""
+        from soupjax import checkpoints
+        if name == "best_ingredient":
+            return self.loaders[self.best](), [float(i == self.best) for i in range(len(self.names))]
+        meta = checkpoints.load_meta(self.kitchen.out / name)
+        return checkpoints.load_variables(self.kitchen.out / name), list(meta["weights"])
+
+    def evaluate_point(self, dish: str, label: str, variables: Mapping[str, Any], point: Mapping[str, Any]) -> ModelEval:
+        """A point of a curve on every split (cached), counted as one held-out evaluation: only its held-out
+        accuracy may choose; test and shift are for the report's curve."""
+        from soupjax.config_base import fingerprint
+        self.heldout_evals += 1
+        return self.kitchen.evaluate(label, dict(variables), key=fingerprint({"dish": self.key_of(dish), **point}))
+
+
+def _short_options(point: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
+
+
+def check_options(*, recipe: str | None = None, **options: Any) -> dict[str, Any]:
+    """Every option's value (the defaults filled in), or ``InputError`` naming the first one out of its
+    range as the command line spells it (``--NAME=VALUE: must be ...``), an unknown option or recipe.
+
+    Imports nothing heavy: the command line calls it before JAX loads. ``recipe=None`` skips that check.
+    """
+    from soupjax import methods
+    if recipe is not None:
+        methods.wanted(recipe)
+    return methods.resolve(options)
+
+
+def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | None = None,
+         allow_mixed_init: bool = False, shifts: Sequence[str] | None = None, data_dir: str | None = None,
+         command: str = "", overwrite: bool = False, **options: Any) -> dict[str, Any]:
+    """Run ``recipe`` (a name in ``soupjax.methods``, or 'all') on the ingredients in ``ingredients_dir``;
+    write soups and the report to ``out``.
+
+    ``options`` are the methods' and the shared ones (``methods.all_options()``: e.g. ``seed``,
+    ``greedy_order``, ``learned_epochs``, ``ties_densities``), by the names the command line uses.
     Soups and a report already in ``out`` are reused when they were cooked from the same ingredients
     and options, refused (``InputError``) when not, unless ``overwrite``. Every check runs before the
-    first write. Returns the results dict that the report is made from.
+    first write. Methods that work on displacements from the shared init need it rebuilt from the
+    ingredients' config: when it cannot be, ``--recipe all`` leaves them out with a note and a single
+    such method is refused with the reason. Returns the results dict that the report is made from.
     """
-    check_options(recipe=recipe, greedy_order=greedy_order, pruned_passes=pruned_passes,
-                  learned_mode=learned_mode, learned_epochs=learned_epochs, learned_lr=learned_lr,
-                  memory_budget_mb=memory_budget_mb, recalibrate_bn=recalibrate_bn, eval_batch_size=eval_batch_size)
+    from soupjax import methods
+    o = check_options(recipe=recipe, **options)
+    wanted = methods.wanted(recipe)
     out = Path(out)
     from soupjax import preflight
     # First, as it imports only JAX and orbax: unusable ingredients are refused before TensorFlow loads.
     ingredients = preflight.gather(ingredients_dir, allow_mixed_init=allow_mixed_init)
 
-    from soupjax import checkpoints, config_base, data, learned, recipes, report
+    from soupjax import checkpoints, config_base, data, report
     from soupjax.config_base import fingerprint as config_fingerprint
+    from soupjax.memory import PeakMemory
     config = load_config(ingredients, config, data_dir)
     shift_names = _check_shifts(data, config, shifts)
     names = [ing.name for ing in ingredients]
     loaders = [ing.load for ing in ingredients]
-
-    progressions: dict[str, list] = {}
-    histories: dict[str, list] = {}
     fingerprint = ingredients[0].meta.get("init_fingerprint")
+    # Which method makes each dish, over the whole registry: WiSE-FT may start from any of them.
+    method_of = {dish: m for m in methods.methods() for dish in m.dishes(o)}
+    dishes = [(m, dish) for m in wanted for dish in m.dishes(o)]
+    _check_wise_ft_bases(o, wanted, method_of, {d for _, d in dishes}, out)
 
     # What a soup is made from: the ingredients by name and meta.json fingerprint (a retrained
     # ingredient of the same name is another ingredient), the init, the evaluation data.
     ingredient_meta = {ing.name: config_fingerprint(ing.meta) for ing in ingredients}
     common = {"ingredients": [str(ing.path) for ing in ingredients], "ingredient_meta": ingredient_meta,
-              "init": fingerprint, "data": data.eval_fingerprint(config.data), "recalibrate_bn": recalibrate_bn}
-    # With recalibration, greedy scores its first ingredient recalibrated and learned soups train with
-    # recalibrated statistics; soups cooked before that (same options otherwise) are cooked again.
-    recalibrated = {"recalibrated": "first_and_candidates"} if recalibrate_bn else {}
-    learned_stats = {"train_statistics": "recalibrated_each_epoch"} if recalibrate_bn else {}
-    options = {
-        "uniform": {},
-        "greedy": {"strict": greedy_strict, "order": greedy_order, "seed": seed, **recalibrated},
-        "pruned": {"strict": greedy_strict, "passes": pruned_passes},
-        "learned_global": {"epochs": learned_epochs, "lr": learned_lr, "seed": seed, **learned_stats},
-        "learned_layer": {"epochs": learned_epochs, "lr": learned_lr, "seed": seed, **learned_stats},
-    }
-    soup_evals: dict[str, ModelEval] = {}
+              "init": fingerprint, "data": data.eval_fingerprint(config.data), "recalibrate_bn": o["recalibrate_bn"]}
 
-    def key_of(name: str) -> dict[str, Any]:
-        return config_base.as_plain({**common, **options[name], "recipe": name})
+    def key_of(dish: str) -> dict[str, Any]:
+        method = method_of[dish]
+        after = {} if method.name != "wise_ft" else {"base": _wise_ft_base_key(dish, key_of, method_of)}
+        return plain({**common, **method.key_of(o), **after, "recipe": dish})
 
-    wanted = {"uniform", "greedy", "pruned", "learned", "ensemble"} if recipe == "all" else {recipe}
-    learned_modes = ["global", "layer"] if learned_mode == "both" else [learned_mode]
-    soup_names = [n for n in ("uniform", "greedy", "pruned") if n in wanted]
-    soup_names += [f"learned_{m}" for m in learned_modes] if "learned" in wanted else []
-    provenance = config_base.as_plain({
+    soup_names = [d for m, d in dishes if m.saves_model]
+    provenance = plain({
         "recipe": recipe, "ingredients": sorted(names), "ingredient_meta": ingredient_meta, "init": fingerprint,
         "data": data.eval_fingerprint(config.data), "model": config_fingerprint(config.model),
-        "shifts": shift_names, "recalibrate_bn": recalibrate_bn, "learned_mode": learned_mode,
-        "options": {name: options[name] for name in soup_names}})
+        "shifts": shift_names, "recalibrate_bn": o["recalibrate_bn"], "learned_mode": o["learned_mode"],
+        "options": {d: {k: v for k, v in key_of(d).items() if k not in common and k != "recipe"} for d in soup_names}})
     if not overwrite:
-        _refuse_changed_outputs(out, provenance, {name: key_of(name) for name in soup_names})
+        _refuse_changed_outputs(out, provenance, {d: key_of(d) for d in soup_names})
     check_writable(out)
     if len(ingredients) == 1:
         print(f"soupjax.soup: note: one ingredient ({names[0]}): every soup is that ingredient (uniform, greedy "
               "and pruned: itself; learned: itself with weight 1; ensemble: that one model)", flush=True)
 
-    kitchen = Kitchen(config, out, shifts=shift_names, eval_batch_size=eval_batch_size,
-                      recalibrate_batches=recalibrate_bn)
+    kitchen = Kitchen(config, out, shifts=shift_names, eval_batch_size=o["eval_batch_size"],
+                      recalibrate_batches=o["recalibrate_bn"])
     print(f"soupjax.soup: {len(ingredients)} ingredients from {ingredients_dir}; model {config.model.name}, "
           f"data {config.data.name}; report splits: {', '.join(kitchen.report_splits)}", flush=True)
     # 1. Every ingredient on every split, one at a time (cached). Recalibration applies to soups only.
     evals = [kitchen.evaluate_ingredient(ing) for ing in ingredients]
-    heldout = [ev.accuracy("heldout") for ev in evals]
-    best = int(np.argmax(heldout))  # chosen on held-out data, never on test
+    cooking = Cooking(kitchen, ingredients, evals, o, config, key_of)
+    best = cooking.best
     rows: list[dict[str, Any]] = []
     ingredient_rows = []
     for ing, ev in zip(ingredients, evals):
@@ -385,27 +482,66 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
     rows.append(_row("best_ingredient", "individual", evals[best], kitchen, n=1, passes=1, seconds=0.0,
                      path=str(ingredients[best].path), weights=one_hot) | {"ingredient": names[best]})
 
-    def finish(name: str, variables: dict[str, Any], weights: Sequence[float], seconds: float, extra: dict):
-        """Evaluate a cooked soup, save it as an ingredient-format checkpoint, add its report row."""
-        variables = kitchen.prepare(variables)
-        soup_dir = out / name
-        key = key_of(name)
-        ev = kitchen.evaluate(f"soup-{name}", variables, key=config_fingerprint(key), prepared=True,
-                              seed_arrays=_known_logits(variables, weights, loaders, evals))
-        used = [n for n, w in zip(names, weights) if w > 0]
-        meta = {"name": name, "recipe": name, "config": config.to_dict(), "init_fingerprint": fingerprint,
-                "data_fingerprint": data.eval_fingerprint(config.data), "options": key,
-                "ingredients": names, "used": used, "weights": [float(w) for w in weights],
-                "metrics": ev.metrics, "seconds": seconds, "recalibrated_bn_batches": recalibrate_bn, **extra}
-        checkpoints.save_ingredient(soup_dir, variables, meta)
-        soup_evals[name] = ev
-        rows.append(_row(name, "soup", ev, kitchen, n=len(used), passes=1, seconds=seconds, path=str(soup_dir),
-                         weights=weights))
+    # 2. The shared init, when a method needs it: without it those methods cannot be cooked.
+    active = list(wanted)
+    if any(m.needs_init for m in wanted):
+        problem = cooking.init_problem()
+        if problem:
+            needing = [m.name for m in wanted if m.needs_init]
+            if recipe != "all":
+                raise InputError(f"--recipe={recipe} works on the displacements from the shared init, which is "
+                                 f"unknown: {problem}")
+            print(f"soupjax.soup: note: {', '.join(needing)} left out: they work on the displacements from the "
+                  f"shared init, which is unknown: {problem}", flush=True)
+            active = [m for m in wanted if not m.needs_init]
 
-    def already(name: str) -> bool:
-        """A soup cooked earlier from the same ingredients, data and options is reused (resume)."""
+    soup_evals: dict[str, ModelEval] = {}
+    extras: dict[str, dict[str, Any]] = {"progressions": {}, "learned_history": {}, "grids": {}, "wise_ft": {}}
+
+    def collect(name: str, meta: Mapping[str, Any], grid: Any) -> None:
+        for field, into in (("progression", "progressions"), ("history", "learned_history"), ("curve", "wise_ft")):
+            if meta.get(field):
+                extras[into][name] = meta[field]
+        if grid:
+            extras["grids"][name] = grid
+
+    def cost(row: dict[str, Any], method: Any, heldout_evals: int | None, peak_mb: float | None,
+             chosen: Any) -> dict[str, Any]:
+        # None: a dish cooked by a soupjax that did not count (resumed): unknown, not zero.
+        return row | {"kind": method.kind, "method": method.name,
+                      "heldout_evals": None if heldout_evals is None else int(heldout_evals),
+                      "peak_memory_mb": None if peak_mb is None else round(float(peak_mb), 1), "chosen": chosen}
+
+    def finish(method: Any, dish: Any, seconds: float, heldout_evals: int, peak_mb: float | None) -> None:
+        """Evaluate a dish, save it (a model) as an ingredient-format checkpoint, add its report row."""
+        name, weights = dish.name, [float(w) for w in dish.weights]
+        n_used = dish.n_used if dish.n_used is not None else sum(w != 0 for w in weights)
+        path = None
+        if dish.variables is not None:
+            variables = kitchen.prepare(dish.variables)
+            ev = kitchen.evaluate(f"soup-{name}", variables, key=config_fingerprint(key_of(name)), prepared=True,
+                                  seed_arrays=_known_logits(variables, weights, loaders, evals))
+            meta = {"name": name, "recipe": name, "method": method.name, "kind": method.kind,
+                    "config": config.to_dict(), "init_fingerprint": fingerprint,
+                    "data_fingerprint": data.eval_fingerprint(config.data), "options": key_of(name),
+                    "ingredients": names, "used": [n for n, w in zip(names, weights) if w != 0], "weights": weights,
+                    "metrics": ev.metrics, "seconds": seconds, "recalibrated_bn_batches": o["recalibrate_bn"],
+                    "heldout_evals": heldout_evals, "peak_memory_mb": peak_mb, "chosen": dish.chosen,
+                    "grid": dish.grid, "forward_passes": dish.forward_passes, "n_used": n_used, **dish.meta}
+            path = out / name
+            checkpoints.save_ingredient(path, variables, plain(meta))
+        else:
+            ev = dish.evaluation
+        soup_evals[name] = ev
+        collect(name, dish.meta, dish.grid)
+        rows.append(cost(_row(name, method.kind, ev, kitchen, n=n_used, passes=dish.forward_passes, seconds=seconds,
+                              path=None if path is None else str(path), weights=weights),
+                         method, heldout_evals, peak_mb, dish.chosen))
+
+    def already(method: Any, name: str) -> bool:
+        """A dish cooked earlier from the same ingredients, data and options is reused (resume)."""
         soup_dir = out / name
-        if not checkpoints.is_ingredient(soup_dir):
+        if not method.saves_model or not checkpoints.is_ingredient(soup_dir):
             return False
         meta = checkpoints.load_meta(soup_dir)
         differing = _what_differs(meta.get("options") or {}, key_of(name))
@@ -416,77 +552,74 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
         ev = kitchen.evaluate(f"soup-{name}", None, lambda: checkpoints.load_variables(soup_dir),
                               key=config_fingerprint(key_of(name)), prepared=True)
         soup_evals[name] = ev
-        rows.append(_row(name, "soup", ev, kitchen, n=len(meta["used"]), passes=1, seconds=meta["seconds"],
-                         path=str(soup_dir), weights=meta["weights"]))
-        if meta.get("progression"):
-            progressions[name] = meta["progression"]
-        if meta.get("history"):
-            histories[name] = meta["history"]
+        collect(name, meta, meta.get("grid"))
+        n_used = meta.get("n_used", len(meta["used"]))
+        rows.append(cost(_row(name, method.kind, ev, kitchen, n=n_used, passes=meta.get("forward_passes", 1),
+                              seconds=meta["seconds"], path=str(soup_dir), weights=meta["weights"]),
+                         method, meta.get("heldout_evals"), meta.get("peak_memory_mb"), meta.get("chosen")))
         print(f"{name}: cooked earlier, reused ({soup_dir})", flush=True)
         return True
 
-    if "uniform" in wanted and not already("uniform"):
-        t = time.time()
-        # Per tensor from disk: memory for the soup and a few tensors, never a second whole model.
-        soup = recipes.uniform_by_tensor([checkpoints.tensor_source(ing.path) for ing in ingredients])
-        finish("uniform", soup, [1.0 / len(names)] * len(names), time.time() - t, {})
-    if "greedy" in wanted and not already("greedy"):
-        t = time.time()
-        # The ingredients' own scores (their trained statistics) set the order; with recalibration the
-        # first ingredient is scored recalibrated too, as every candidate is: like against like.
-        res = recipes.greedy(loaders, heldout, kitchen.heldout_accuracy, strict=greedy_strict,
-                             order=greedy_order, seed=seed, evaluate_first=bool(recalibrate_bn))
-        steps = _named_steps(res.progression, names)
-        progressions["greedy"] = steps
-        finish("greedy", res.variables, res.weights, time.time() - t, {"progression": steps, "order": greedy_order})
-    if "pruned" in wanted and not already("pruned"):
-        t = time.time()
-        res = recipes.pruned(loaders, kitchen.heldout_accuracy, passes=pruned_passes, heldout_scores=heldout,
-                             strict=greedy_strict)
-        steps = _named_steps(res.progression, names)
-        progressions["pruned"] = steps
-        finish("pruned", res.variables, res.weights, time.time() - t, {"progression": steps, "passes": pruned_passes})
-    if "learned" in wanted:
-        modes = ["global", "layer"] if learned_mode == "both" else [learned_mode]
-        budget = int(memory_budget_mb * 2**20) if memory_budget_mb > 0 else None
-        for mode in modes:
-            name = f"learned_{mode}"
-            if already(name):
-                continue
-            t = time.time()
-            # With recalibration the mixing weights are learned with the soup's own statistics (as it
-            # is evaluated), not with the mixed ones that do not describe the mixed weights.
-            res = learned.learned(loaders, kitchen.apply_fn, lambda: kitchen.batches("heldout"), mode=mode,
-                                  epochs=learned_epochs, learning_rate=learned_lr, memory_budget_bytes=budget,
-                                  seed=seed, on_epoch=_print_epoch(name),
-                                  recalibrate=kitchen.prepare if recalibrate_bn else None)
-            histories[name] = res.history
-            weights = _global_weights(res.weights)
-            finish(name, res.variables, weights, time.time() - t,
-                   {"history": res.history, "temperature": float(res.temperature),
-                    "layer_weights": _jsonable(res.weights) if mode == "layer" else None})
-    if "ensemble" in wanted:
-        t = time.time()
-        soup_evals["ensemble"] = ensemble_of(evals, ["heldout", *kitchen.report_splits])
-        rows.append(_row("ensemble", "ensemble", soup_evals["ensemble"], kitchen, n=len(names), passes=len(names),
-                         seconds=time.time() - t, path=None, weights=[1.0 / len(names)] * len(names)))
+    # 3. Every method, in the registry's order; each dish timed, its held-out evaluations counted and
+    # its peak memory measured while it is cooked.
+    for method in active:
+        cooking.pending = [d for d in method.dishes(o) if not already(method, d)]
+        if not cooking.pending:
+            continue
+        dishes_of = None
+        while True:
+            before, started = cooking.heldout_evals, time.time()
+            with PeakMemory() as peak:
+                # A method may return a list (all its work done in the call) or yield dish by dish:
+                # either way the work is inside the window that times and measures the dish.
+                dishes_of = dishes_of or iter(method.cook(cooking))
+                dish = next(dishes_of, None)
+            if dish is None:
+                break
+            finish(method, dish, time.time() - started, cooking.heldout_evals - before, peak.mebibytes)
 
     for row in rows:
         row["vs_best"] = (None if row["name"] == "best_ingredient"
                           else _vs_best(soup_evals[row["name"]], evals[best], kitchen.shifts))
 
     results = {
-        "meta": {"ingredients_dir": str(ingredients_dir), "recipes": sorted(wanted), "dataset": config.data.name,
+        "meta": {"ingredients_dir": str(ingredients_dir), "recipes": [m.name for m in wanted], "dataset": config.data.name,
                  "model": config.model.name, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                  "command": command, "best_ingredient": names[best], "provenance": provenance,
                  "splits": {"heldout": int(evals[0].labels["heldout"].size), "test": int(evals[0].labels["test"].size),
                             "shifts": kitchen.shifts}},
-        "ingredients": ingredient_rows, "soups": rows, "progressions": progressions, "learned_history": histories,
+        "ingredients": ingredient_rows, "soups": rows, **extras,
+        "methods": {m.name: m.summary for m in active},
     }
     paths = report.write_report(results, out)
     print(report.markdown_table(results), flush=True)
     print(f"report: {paths.get('markdown', out / 'report.md')}", flush=True)
     return results
+
+
+def _check_wise_ft_bases(options: Mapping[str, Any], wanted: Sequence[Any], method_of: Mapping[str, Any],
+                         cooked_now: set[str], out: Path) -> None:
+    """``InputError`` for a ``--wise_ft_of`` name that is no model, or one that will not be there to start from."""
+    if not any(m.name == "wise_ft" for m in wanted):
+        return
+    from soupjax import checkpoints
+    from soupjax.methods import wise_ft
+    for base in wise_ft.bases(options):
+        if base == "best_ingredient":
+            continue
+        method = method_of.get(base)
+        if method is None or not method.saves_model or method.name == "wise_ft":
+            models = [d for d, m in method_of.items() if m.saves_model and m.name != "wise_ft"]
+            raise InputError(f"--wise_ft_of={options['wise_ft_of']!r}: {base!r} is not a model soupjax cooks; "
+                             f"choose from best_ingredient, {', '.join(models)}")
+        if base not in cooked_now and not checkpoints.is_ingredient(out / base):
+            raise InputError(f"--wise_ft_of: the {base} soup is not in {out}: cook it first (--recipe "
+                             f"{method.name}) or use --recipe all")
+
+
+def _wise_ft_base_key(dish: str, key_of: Callable[[str], dict], method_of: Mapping[str, Any]) -> Any:
+    base = dish.removeprefix("wise_ft_")
+    return "best_ingredient" if base == "best_ingredient" else key_of(base)
 
 
 def _check_shifts(data: Any, config: ConfigDict, shifts: Sequence[str] | None) -> list[str]:
@@ -556,23 +689,5 @@ def _named_steps(progression: Sequence[dict[str, Any]], names: Sequence[str]) ->
         step = dict(step)
         if isinstance(step.get("ingredient"), (int, np.integer)):
             step["ingredient"] = names[int(step["ingredient"])]
-        out.append(_jsonable(step))
+        out.append(plain(step))
     return out
-
-
-def _global_weights(weights: Any) -> list[float]:
-    """Per-ingredient weights; for a per-layer soup, each ingredient's mean weight over layers."""
-    if isinstance(weights, dict):
-        return [float(w) for w in np.mean(np.stack([np.asarray(v) for v in weights.values()]), axis=0)]
-    return [float(w) for w in np.asarray(weights)]
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
-
-
-def _print_epoch(name: str):
-    def show(record: dict[str, Any]) -> None:
-        print(f"{name}: epoch {record['epoch']} loss {record['loss']:.4f} held-out {record['heldout_accuracy']:.4f}",
-              flush=True)
-    return show

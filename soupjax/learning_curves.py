@@ -18,7 +18,6 @@ from typing import Any
 
 from soupjax import data, files
 from soupjax.checkpoints import list_ingredients, load_meta
-from soupjax.config_base import as_plain
 
 
 def describe(meta: dict[str, Any], steps_per_epoch: float) -> dict[str, Any]:
@@ -43,7 +42,7 @@ def describe(meta: dict[str, Any], steps_per_epoch: float) -> dict[str, Any]:
 
 def _steps_per_epoch(meta: dict[str, Any]) -> float:
     from ml_collections import ConfigDict
-    cfg = ConfigDict(as_plain(meta["config"]["data"]))
+    cfg = ConfigDict(files.plain(meta["config"]["data"]))
     return data.num_examples(cfg, "train") / int(meta["config"]["batch_size"])
 
 

@@ -28,32 +28,24 @@ from pathlib import Path
 
 from absl import app, flags
 
-from soupjax import command_line
+from soupjax import command_line, methods
 from soupjax.cli_errors import exit_on_input_error
 from soupjax.workdirs import default_workdir, enable_compilation_cache, quiet_logs
 
 PROGRAM = "soupjax.soup"
-RECIPES = ("uniform", "greedy", "pruned", "learned", "ensemble", "all", "inspect")
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("recipe", "all", RECIPES, "Which soup to cook ('all': every recipe and the ensemble).")
+flags.DEFINE_enum("recipe", "all", [*methods.names(), "all", "inspect"],
+                  "Which recipe to cook ('all': every method in soupjax.methods; 'inspect': the ingredients' geometry).")
 flags.DEFINE_string("workdir", None, "Work directory (default: $SOUPJAX_WORKDIR or ./runs/soupjax).")
 flags.DEFINE_string("ingredients", None, "Directory of ingredients (default: WORKDIR/ingredients).")
 flags.DEFINE_string("out", None, "Output directory for soups and the report (default: WORKDIR/soups).")
 command_line.define_config_file("config", "Optional config file whose data/model replace the ingredients'.")
 flags.DEFINE_string("data_dir", None, "TFDS data directory, replacing the one in the ingredients' config.")
 flags.DEFINE_bool("allow_mixed_init", False, "Cook ingredients fine-tuned from different inits anyway.")
-flags.DEFINE_bool("greedy_strict", False, "Greedy/pruned: require held-out accuracy to rise (>) instead of not fall (>=).")
-flags.DEFINE_enum("greedy_order", "sorted", ["sorted", "random"], "Greedy: rank by held-out accuracy, or a random order.")
-flags.DEFINE_integer("seed", 0, "Seed for the random greedy order and the learned soup.")
-flags.DEFINE_integer("pruned_passes", 1, "Pruned soup: passes over the ingredients.")
-flags.DEFINE_enum("learned_mode", "both", ["global", "layer", "both"], "Learned soup: one weight per ingredient, per layer, or both.")
-flags.DEFINE_integer("learned_epochs", 5, "Learned soup: epochs over the held-out split.")
-flags.DEFINE_float("learned_lr", 0.05, "Learned soup: Adam learning rate of the mixing logits.")
-flags.DEFINE_float("memory_budget_mb", 0, "Learned soup: host memory for ingredients; 0 = keep all on host, "
-                   "smaller = stream them from disk every step.")
-flags.DEFINE_integer("recalibrate_bn", 0, "Recompute BatchNorm statistics of every soup on this many training batches.")
+# Every method's options, and the shared ones, come from the registry: a new method's flags appear here.
+methods.define_flags(flags)
+flags.adopt_module_key_flags(methods)
 flags.DEFINE_list("shifts", None, "Shift splits to report (default: those of the data set).")
-flags.DEFINE_integer("eval_batch_size", 0, "Evaluation batch size (default: the config's).")
 flags.DEFINE_integer("inspect_pairs", 3, "Inspect: interpolate between this many pairs of the best ingredients.")
 flags.DEFINE_integer("inspect_points", 11, "Inspect: points along each interpolation line.")
 flags.DEFINE_bool("overwrite", False, "Replace soups and the report in --out that were cooked from other "
@@ -64,10 +56,8 @@ def main(argv) -> int:
     del argv  # command_line.flags_parser refused any positional argument
     # Before JAX loads: a bad value is refused at once, not after seconds of imports.
     from soupjax.kitchen import check_options
-    check_options(pruned_passes=FLAGS.pruned_passes, learned_mode=FLAGS.learned_mode,
-                  learned_epochs=FLAGS.learned_epochs, learned_lr=FLAGS.learned_lr,
-                  memory_budget_mb=FLAGS.memory_budget_mb, recalibrate_bn=FLAGS.recalibrate_bn,
-                  eval_batch_size=FLAGS.eval_batch_size)
+    options = {name: FLAGS[name].value for name in methods.all_options()}
+    check_options(**options)
     workdir = Path(FLAGS.workdir or default_workdir()).absolute()
     ingredients_dir = Path(FLAGS.ingredients).absolute() if FLAGS.ingredients else workdir / "ingredients"
     out = Path(FLAGS.out).absolute() if FLAGS.out else workdir / "soups"
@@ -82,11 +72,8 @@ def main(argv) -> int:
         return 0
     from soupjax.kitchen import cook
     cook(FLAGS.recipe, ingredients_dir, out, config=FLAGS.config, allow_mixed_init=FLAGS.allow_mixed_init,
-         greedy_strict=FLAGS.greedy_strict, greedy_order=FLAGS.greedy_order, seed=FLAGS.seed,
-         pruned_passes=FLAGS.pruned_passes, learned_mode=FLAGS.learned_mode, learned_epochs=FLAGS.learned_epochs,
-         learned_lr=FLAGS.learned_lr, memory_budget_mb=FLAGS.memory_budget_mb, recalibrate_bn=FLAGS.recalibrate_bn,
-         shifts=FLAGS.shifts, eval_batch_size=FLAGS.eval_batch_size, data_dir=FLAGS.data_dir,
-         command=" ".join(sys.argv), overwrite=FLAGS.overwrite)
+         shifts=FLAGS.shifts, data_dir=FLAGS.data_dir, command=" ".join(sys.argv), overwrite=FLAGS.overwrite,
+         **options)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""train.base_init from an upstream ingredient: ``init_from.dont_load`` names parameter paths relative to
+"""shared_init.base_init from an upstream ingredient: ``init_from.dont_load`` names parameter paths relative to
 their collection (``head/.*``, as for .npz and timm files), so a new head keeps its fresh init."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from soupjax import checkpoints, pretrained, train
+from soupjax import checkpoints, pretrained, shared_init
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def _config(model: str, classes: int, init_from: str = "", dont_load=("head/.*",
 def _upstream(tmp_path: Path, model: str, classes: int) -> tuple[Path, dict]:
     """An upstream ingredient: the model's init with every leaf moved, so nothing equals a fresh init."""
     config = _config(model, classes)
-    variables = train.base_init(config)
+    variables = shared_init.base_init(config)
     rng = np.random.default_rng(1)
     moved = jax.tree.map(lambda x: (np.asarray(x) + rng.normal(size=np.shape(x)) + 0.5).astype(x.dtype), variables)
     return checkpoints.save_ingredient(tmp_path / "upstream", moved, {"name": "upstream"}), moved
@@ -46,9 +46,9 @@ def _flat(variables: dict) -> dict[str, np.ndarray]:
 def test_dont_load_head_keeps_the_fresh_head(tmp_path, model, down_classes):
     path, upstream = _upstream(tmp_path, model, classes=10)
     config = _config(model, down_classes, init_from=str(path))
-    fresh = _flat(train.base_init(_config(model, down_classes)))  # the same model without init_from
+    fresh = _flat(shared_init.base_init(_config(model, down_classes)))  # the same model without init_from
 
-    got = _flat(train.base_init(config))
+    got = _flat(shared_init.base_init(config))
 
     up = _flat(upstream)
     assert set(got) == set(fresh)
@@ -69,8 +69,8 @@ def test_dont_load_applies_within_each_collection(tmp_path):
     """A pattern names a module's path in every collection: its BatchNorm's statistics too."""
     path, upstream = _upstream(tmp_path, "resnet-testing", classes=10)
     config = _config("resnet-testing", 10, init_from=str(path), dont_load=("head/.*", "stem_bn/.*"))
-    fresh = _flat(train.base_init(_config("resnet-testing", 10)))
-    got = _flat(train.base_init(config))
+    fresh = _flat(shared_init.base_init(_config("resnet-testing", 10)))
+    got = _flat(shared_init.base_init(config))
     stem = [k for k in got if "/stem_bn/" in k]
     assert {k.split("/")[0] for k in stem} == {"params", "batch_stats"}
     for k in stem:
@@ -81,5 +81,5 @@ def test_dont_load_applies_within_each_collection(tmp_path):
 def test_mismatch_without_dont_load_names_the_collection_path(tmp_path):
     path, _ = _upstream(tmp_path, "vit-testing", classes=10)
     with pytest.raises(pretrained.PretrainedMismatchError, match=r"params/head/kernel: shape mismatch") as err:
-        train.base_init(_config("vit-testing", 5, init_from=str(path), dont_load=()))
+        shared_init.base_init(_config("vit-testing", 5, init_from=str(path), dont_load=()))
     assert str(path) in str(err.value) and len(err.value.problems) == 2  # kernel and bias

@@ -78,12 +78,14 @@ def test_same_ingredients_cook_the_same_report(tmp_path, finetuned_workdir, fash
     ingredients = finetuned_workdir["workdir"] / "ingredients"  # a sweep fine-tuned on the real data
     for out in ("first", "second"):
         kitchen.cook("all", ingredients, tmp_path / out, learned_epochs=1, shifts=[],
-                     data_dir=fashion_mnist_data_dir)
+                     data_dir=fashion_mnist_data_dir, ties_densities="0.5", ties_lambdas="1", dare_drop_rates="0.5",
+                     dare_scales="1", task_arithmetic_scales="1", slerp_ts="0.5", wise_ft_alphas="0.5")
     first, second = (tmp_path / out / "report.json" for out in ("first", "second"))
     assert report_numbers(second) == report_numbers(first)
     rows = json.loads(first.read_text())["soups"]
-    assert {r["name"] for r in rows} >= {"uniform", "greedy", "pruned", "learned_global", "learned_layer", "ensemble"}
-    for row in rows:
-        if row["kind"] == "soup":
+    assert {r["name"] for r in rows} >= {"uniform", "greedy", "pruned", "learned_global", "learned_layer", "ensemble",
+                                         "ties", "dare_linear", "dare_ties", "model_stock", "wise_ft_uniform"}
+    for row in rows:  # DARE's random masks included: they are drawn from the seed
+        if row["kind"] in ("soup", "merge"):
             same = [checkpoints.load_variables(tmp_path / out / row["name"]) for out in ("first", "second")]
             assert_bit_identical(same[1], same[0], f"soup {row['name']} cooked twice")

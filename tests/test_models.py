@@ -6,12 +6,15 @@ default partitionable threefry, XLA on CPU spends seconds compiling each random 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from soupjax.models import get_model, list_models
+from soupjax.models import ResNet, build_model, get_model, list_models
 from soupjax.pretrained import flatten
 
 KEY = jax.random.key(0, impl='rbg')
@@ -380,3 +383,19 @@ def test_vit_gelu_reaches_every_block_and_is_reported():
     assert 'gelu_approximate' not in config_keys('resnet50d')
     with pytest.raises(ValueError, match='unknown model'):
         config_keys('vgg16')
+
+
+def test_models_import_without_tensorflow():
+    # The step benchmark builds models on accelerator hosts with JAX alone; build_model imports
+    # soupjax.data (TensorFlow) only when it is called.
+    code = "import sys, soupjax.models; assert 'tensorflow' not in sys.modules, 'soupjax.models imported tensorflow'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_build_model_from_a_config():
+    from soupjax.config_base import base_config
+    config = base_config()
+    config.model = {'name': 'resnet-testing'}
+    config.data.classes = [0, 3, 7]  # the head's width, without reading any data
+    model = build_model(config)
+    assert isinstance(model, ResNet) and model.num_classes == 3

@@ -1,9 +1,11 @@
-"""The soup report and its statistics: McNemar by hand, the Markdown a user reads, the files on disk."""
+"""The soup report and its statistics: McNemar by hand, the Markdown a user reads, the files on disk,
+the newer methods' columns and sections, and experiments/summarize.py's table over several runs."""
 
 from __future__ import annotations
 
 import copy
 import csv
+import importlib.util
 import json
 from math import comb
 from pathlib import Path
@@ -142,6 +144,12 @@ def _strip_extras(results: dict) -> dict:
     return bare
 
 
+def _table_names(table: str) -> list[str]:
+    """The first cell of each body row of the first Markdown table in ``table``."""
+    lines = [line for line in table.strip().splitlines() if line.startswith("|")]
+    return [line.split("|")[1].strip() for line in lines[2:]]
+
+
 # --------------------------------------------------------------------------------------------------
 # Markdown
 
@@ -151,9 +159,8 @@ def test_markdown_table_reads_well(results):
     for entry in results["soups"] + results["ingredients"]:
         assert entry["name"] in text
     soup_table = text.split("## Soups")[1].split("##")[0]
-    # Reading order: reference first, soups in the CLI's order, the K-pass ensemble last.
-    order = [soup_table.index(f"| {name} |") for name in ("best_ingredient", "uniform", "greedy", "ensemble")]
-    assert order == sorted(order)
+    # Ranking: the reference first, then by test accuracy, best first (the fixture lists them otherwise).
+    assert _table_names(soup_table) == ["best_ingredient", "ensemble", "greedy", "uniform"]
     # Percentages with two decimals, Δ in points, significance in bold, the rest not.
     assert "| 82.43 |" in soup_table and "| 81.23 |" in soup_table
     assert "**+1.20 (p=0.003)**" in soup_table
@@ -173,6 +180,12 @@ def test_markdown_table_reads_well(results):
     assert "| 1 | ing_lr3e-5 | add | 2 | 82.50 | 82.50 |" in greedy
     assert "## pruned soup" not in text  # Empty progressions are left out.
     assert "| learned_global | 2 | 0.6100 | 0.5200 | 81.50 | 82.66 | 82.77 (epoch 1) |" in text
+    # An old-style results dict: none of the newer methods' columns, legends or sections.
+    header = soup_table.strip().splitlines()[0]
+    assert header == ("| recipe | ingredients | forward passes | held-out % | test % | Δ test vs best (p) "
+                      "| shift mean % | Δ shift vs best (p) | cook time |")
+    for absent in ("Kinds:", "Methods:", "## Hyperparameters chosen", "## WiSE-FT", "MiB"):
+        assert absent not in text
 
 
 def test_markdown_without_extras(results):
@@ -204,9 +217,10 @@ def test_write_report_writes_every_file(results, tmp_path):
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["type", "name", "n_ingredients", "heldout", "test_accuracy", "test_loss",
                              "shift_mean", "rot", "noise"]
+    # Soups in the report's ranking, then the ingredients in their own order.
     assert [(r["type"], r["name"]) for r in rows] == [
-        ("individual", "best_ingredient"), ("soup", "uniform"), ("soup", "greedy"),
-        ("ensemble", "ensemble"), ("ingredient", "ing_lr3e-5"), ("ingredient", "ing_lr1e-4"),
+        ("individual", "best_ingredient"), ("ensemble", "ensemble"), ("soup", "greedy"),
+        ("soup", "uniform"), ("ingredient", "ing_lr3e-5"), ("ingredient", "ing_lr1e-4"),
         ("ingredient", "ing_lr3e-4")]
     assert float(rows[2]["test_accuracy"]) == 0.8243 and float(rows[2]["rot"]) == 0.645
     for key in ("scatter", "greedy"):
@@ -230,6 +244,182 @@ def test_failed_write_leaves_nothing(tmp_path):
         files.write_atomic(tmp_path / "report.md", explode)
     assert list(tmp_path.iterdir()) == []
 
+
+# --------------------------------------------------------------------------------------------------
+# The newer merge methods: kinds, costs, grids, WiSE-FT
+
+
+@pytest.fixture
+def new_results(results) -> dict:
+    """``results`` as the registry-based cooking writes it: new rows, per-row costs, grids, WiSE-FT."""
+    new = copy.deepcopy(results)
+    vs = {"test": {"diff": 0.005, "p": 0.2, "n": 10000}, "shift": {"diff": 0.01, "p": 0.01, "n": 20000}}
+    rows = {s["name"]: s for s in new["soups"]}
+    rows["best_ingredient"].update(method=None, heldout_evals=0, peak_memory_mb=None, chosen=None)
+    rows["uniform"].update(method="uniform", heldout_evals=0, peak_memory_mb=3.21, chosen=None)
+    rows["greedy"].update(method="greedy", heldout_evals=3, peak_memory_mb=6.5, chosen=None)
+    rows["ensemble"].update(method="ensemble", heldout_evals=0, peak_memory_mb=None, chosen=None)
+    ties = _soup("ties", "merge", 3, 1, 0.831, 0.8200, {"rot": 0.64, "noise": 0.53}, vs)
+    ties.update(method="ties", heldout_evals=4, peak_memory_mb=12.34, chosen={"density": 0.2, "lambda": 1.0})
+    # Same test accuracy as ties: the stable sort keeps the cooking order between them.
+    dare = _soup("dare", "merge", 3, 1, 0.829, 0.8200, {"rot": 0.63, "noise": 0.52}, vs)
+    dare.update(method="dare", heldout_evals=2, peak_memory_mb=1536.0)  # No "chosen": best held-out.
+    wise = _soup("wise_ft_uniform", "merge", 3, 1, 0.826, 0.8150, {"rot": 0.66, "noise": 0.55}, vs)
+    wise.update(method="wise_ft", heldout_evals=11, peak_memory_mb=4.0, chosen={"alpha": 0.3})
+    greedy_ens = _soup("greedy_ensemble", "ensemble", 2, 2, 0.832, 0.8290, {"rot": 0.65, "noise": 0.55}, vs)
+    greedy_ens.update(method="greedy_ensemble", heldout_evals=3, peak_memory_mb=None, chosen=None)
+    new["soups"] += [ties, dare, wise, greedy_ens]
+    new["grids"] = {
+        "ties": [{"options": {"density": d, "lambda": lam}, "heldout": h}
+                 for (d, lam), h in zip([(0.2, 0.5), (0.2, 1.0), (0.5, 0.5), (0.5, 1.0)],
+                                        [0.8250, 0.8310, 0.8275, 0.8300])],
+        "dare": [{"options": {"drop": 0.5}, "heldout": 0.8290}, {"options": {"drop": 0.9}, "heldout": 0.8210}],
+    }
+    alphas = [round(0.1 * i, 1) for i in range(11)]
+    # WiSE-FT records its alphas as a grid too; the report shows them once, in the WiSE-FT section.
+    new["grids"]["wise_ft_uniform"] = [{"options": {"alpha": a}, "heldout": 0.8} for a in alphas]
+    new["wise_ft"] = {"wise_ft_uniform": {
+        "base": "uniform", "alphas": alphas,
+        "heldout": [0.70 + 0.04 * i - 0.0035 * i * i for i in range(11)],
+        "test": [0.69 + 0.04 * i - 0.0035 * i * i for i in range(11)],
+        "shift_mean": [0.50 + 0.05 * i - 0.004 * i * i for i in range(11)],
+        "chosen_alpha": 0.3,
+    }}
+    new["methods"] = {"uniform": "Average all ingredients.", "greedy": "Add ingredients while held-out improves.",
+                      "ties": "Trim, elect sign, disjoint merge of task vectors.",
+                      "dare": "Drop and rescale task vectors, then add.",
+                      "wise_ft": "Interpolate between the init and a soup.",
+                      "ensemble": "Average the outputs.", "greedy_ensemble": "Greedy choice of ensemble members.",
+                      "learned": "Mixing weights learned on held-out."}
+    return new
+
+
+def test_markdown_ranks_every_row_with_the_new_columns(new_results):
+    text = report.markdown_table(new_results)
+    soup_table = text.split("## Soups")[1].split("##")[0]
+    assert _table_names(soup_table) == ["best_ingredient", "ensemble", "greedy_ensemble", "greedy", "ties",
+                                        "dare", "wise_ft_uniform", "uniform"]
+    header = soup_table.strip().splitlines()[0]
+    assert header == ("| recipe | kind | ingredients | forward passes | held-out % | test % | Δ test vs best (p) "
+                      "| shift mean % | Δ shift vs best (p) | cook time | held-out evals | peak memory | chosen |")
+    lines = {name: line for name, line in zip(_table_names(soup_table),
+                                               soup_table.strip().splitlines()[2:])}
+    assert lines["ties"].startswith("| ties | merge | 3 | 1 | 83.10 | 82.00 | +0.50 (p=0.2) |")
+    assert lines["ties"].endswith("| 4 | 12.3 MiB | density=0.2, lambda=1 |")
+    assert lines["dare"].endswith("| 2 | 1,536.0 MiB | – |")
+    assert lines["best_ingredient"].endswith("| 0 | – | – |")
+    assert "(reference)" in lines["best_ingredient"] and "(reference)" not in lines["ensemble"]
+    # The legend says what a merge is and lists the methods, naming the rows a method cooked.
+    assert "- merge: one model built from the ingredients' displacements" in soup_table
+    assert "- `ties`: Trim, elect sign, disjoint merge of task vectors." in soup_table
+    assert "- `learned`: Mixing weights learned on held-out." in soup_table
+    assert "- `wise_ft` (wise_ft_uniform): Interpolate between the init and a soup." in soup_table
+    assert "- Best on test: **ensemble**" in soup_table
+
+
+def test_markdown_grid_section_marks_the_chosen_point(new_results):
+    text = report.markdown_table(new_results)
+    grids = text.split("## Hyperparameters chosen on the held-out split")[1].split("\n## ")[0]
+    ties = grids.split("### ties")[1].split("###")[0]
+    assert "method `ties`; 4 points." in ties
+    assert "| density | lambda | held-out % |" in ties
+    assert "| **0.2** | **1** | **83.10** |" in ties  # The recorded choice, not the first or last point.
+    assert "| 0.5 | 1 | 83.00 |" in ties and ties.count("**") == 6
+    # No recorded choice: the best held-out point is bold, and the text says why.
+    dare = grids.split("### dare")[1]
+    assert "no choice recorded; bold marks the best held-out point" in dare
+    assert "| **0.5** | **82.90** |" in dare and "| 0.9 | 82.10 |" in dare
+    assert "### wise_ft_uniform" not in grids and "WiSE-FT's α: see the WiSE-FT section." in grids
+
+
+def test_markdown_wise_ft_section(new_results):
+    text = report.markdown_table(new_results)
+    assert text.index("## Hyperparameters chosen") < text.index("## WiSE-FT")
+    wise = text.split("## WiSE-FT")[1]
+    assert "### wise_ft_uniform (base: uniform)" in wise and "Chosen α = 0.30." in wise
+    assert "| α | held-out % | test % | shift mean % |" in wise
+    # alpha = 0.3: held-out 0.70 + 0.12 - 0.0315, test 0.69 + 0.12 - 0.0315, shift 0.50 + 0.15 - 0.036.
+    assert "| **0.30** | **78.85** | **77.85** | **61.40** |" in wise
+    assert "| 0.00 | 70.00 | 69.00 | 50.00 |" in wise and "| 1.00 |" in wise
+    assert wise.count("**") == 2 * 4 + 2  # The chosen row, and "bold" in the explanation.
+
+
+def test_write_report_with_new_fields(new_results, tmp_path):
+    written = report.write_report(new_results, tmp_path)
+    assert set(written) == {"markdown", "json", "csv", "scatter", "greedy", "wise_ft"}
+    assert written["wise_ft"] == tmp_path / "wise_ft.png"
+    _assert_png(written["wise_ft"])
+    with open(written["csv"], newline="") as f:
+        rows = {r["name"]: r for r in csv.DictReader(f)}
+    assert list(next(iter(rows.values()))) == [
+        "type", "name", "n_ingredients", "heldout", "test_accuracy", "test_loss", "shift_mean", "method",
+        "heldout_evals", "peak_memory_mb", "chosen", "rot", "noise"]
+    assert rows["ties"]["type"] == "merge" and rows["ties"]["method"] == "ties"
+    assert rows["ties"]["heldout_evals"] == "4" and float(rows["ties"]["peak_memory_mb"]) == 12.34
+    assert json.loads(rows["ties"]["chosen"]) == {"density": 0.2, "lambda": 1.0}
+    assert rows["best_ingredient"]["peak_memory_mb"] == "" and rows["dare"]["chosen"] == ""
+    assert rows["ing_lr1e-4"]["method"] == ""
+
+
+def test_new_fields_tolerate_gaps(new_results, tmp_path):
+    """Odd but possible inputs: a choice outside the grid, curves without shifts or test accuracies."""
+    odd = copy.deepcopy(new_results)
+    curve = odd["wise_ft"]["wise_ft_uniform"]
+    curve["shift_mean"] = [None] * 11
+    curve["chosen_alpha"] = 0.35  # Not on the grid of alphas: nothing is bold.
+    curve["test"] = curve["test"][:5]  # Cut short: the rest reads as missing.
+    odd["grids"]["ties"][1]["heldout"] = float("nan")
+    next(s for s in odd["soups"] if s["name"] == "ties")["chosen"] = {"density": 0.3, "lambda": 1.0}
+    odd["grids"]["empty"] = []
+    text = report.markdown_table(odd)
+    wise = text.split("## WiSE-FT")[1]
+    assert "shift mean" not in wise and "The chosen α is not among the α evaluated." in wise
+    assert "| 1.00 | 75.00 | – |" in wise and "**0." not in wise
+    ties = text.split("### ties")[1].split("###")[0]
+    assert "chosen density=0.3, lambda=1, not one of the points below" in ties
+    assert "| 0.2 | 1 | – |" in ties and "**" not in ties
+    assert "### empty" not in text
+    written = report.write_report(odd, tmp_path)
+    _assert_png(written["wise_ft"])
+    # No test or shift accuracy at any alpha: nothing to plot, so no wise_ft.png and no key for it.
+    curve["test"] = []
+    assert "wise_ft" not in report.write_report(odd, tmp_path / "no_plot")
+
+
+# --------------------------------------------------------------------------------------------------
+# experiments/summarize.py
+
+
+def _summarize_module():
+    path = Path(__file__).resolve().parents[1] / "experiments" / "summarize.py"
+    spec = importlib.util.spec_from_file_location("summarize", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summarize_covers_every_row_in_ranking_order(results, new_results):
+    summarize = _summarize_module()
+    # Seed 0 made before the new methods existed, seed 1 with them.
+    table = summarize.summary_table([results, new_results])
+    names = [name.split(" (")[0] for name in _table_names(table)]
+    assert names == ["best_ingredient", "ensemble", "greedy_ensemble", "greedy", "ties", "dare",
+                     "wise_ft_uniform", "uniform"]
+    header = table.splitlines()[0]
+    assert header.endswith("| p<0.05 (+/−) | held-out evals | peak memory |")
+    lines = dict(zip(_table_names(table), table.splitlines()[2:]))
+    assert "ties (1/2 runs)" in lines and "greedy" in lines  # greedy is in both runs: no count.
+    assert lines["ties (1/2 runs)"] == ("| ties (1/2 runs) | 3.0 | 82.00 ± 0.00 | 0.50 ± 0.00 | 0/0 | 58.50 ± 0.00 "
+                                        "| 1.00 ± 0.00 | 1/0 | 4 | 12.3 MiB |")
+    # greedy: Δ test +1.20 in both runs (p=0.003, significant), held-out evals only in the second run.
+    assert lines["greedy"].startswith("| greedy | 2.0 | 82.43 ± 0.00 | 1.20 ± 0.00 | 2/0 |")
+    assert lines["greedy"].endswith("| 3 | 6.5 MiB |")
+    assert lines["best_ingredient"].split(" | ")[3] == "(reference)"
+    # Old-style reports only: the old columns, nothing else.
+    old = summarize.summary_table([results, results])
+    assert old.splitlines()[0] == ("| recipe | ingredients | test % | Δ test vs best | p<0.05 (+/−) | shift mean % "
+                                   "| Δ shift vs best | p<0.05 (+/−) |")
+    assert "runs)" not in old
 
 # --------------------------------------------------------------------------------------------------
 # inspect

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from soupjax import checkpoints, data, sweep, train
+from soupjax import checkpoints, data, shared_init, sweep, train
+from soupjax.models import build_model
+from soupjax.train_step import apply_for_eval
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["fashion_mnist_vit", "cifar10_vit_ti16", "cifar10_resnet50d", "imagenet_vit_b32"]
@@ -30,7 +32,7 @@ def load_config(name: str, arg: str = "testing"):
 def forward_logits(config, variables_list, split: str, batch_size: int = 64):
     """Logits of a plain forward pass (no Evaluator, no cache) of each of ``variables_list`` over the real
     examples of ``split``, and their labels."""
-    model = train.build_model(config)
+    model = build_model(config)
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
     logits, labels = [[] for _ in variables_list], []
     for batch in data.eval_batches(config.data, split, batch_size):
@@ -97,7 +99,7 @@ def test_train_step_and_resume_under_mock_data(name, tmp_path, monkeypatch):
     assert resumed["steps"] == straight["steps"] == 4
     a = checkpoints.load_variables(tmp_path / "ing_straight")
     b = checkpoints.load_variables(tmp_path / "ing_resumed")
-    init = train.init_variables(config)
+    init = shared_init.init_variables(config)
     moved = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda x, y: np.abs(x - y).max(), a["params"], init["params"]))
     assert max(moved) > 0, "training did not change the parameters"
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
@@ -144,19 +146,22 @@ _LOSS_SCRIPT = r"""
 import json, sys
 import importlib.util
 import jax, numpy as np, tensorflow_datasets as tfds
-from soupjax import data, sharding, train
+from soupjax import data, sharding
+from soupjax.models import build_model
+from soupjax.shared_init import init_variables
+from soupjax.train_step import make_optimizer, make_train_step
 spec = importlib.util.spec_from_file_location("cfg", sys.argv[1]); m = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(m); config = m.get_config("testing")
 config.batch_size = 16
 mesh = sharding.data_mesh()
-model = train.build_model(config)
+model = build_model(config)
 with tfds.testing.mock_data(num_examples=64):
-    init = train.init_variables(config, model)
+    init = init_variables(config, model)
     config.label_smoothing = 0.1
-    tx, hparams = train.make_optimizer(config, 3)
+    tx, hparams = make_optimizer(config, 3)
     state = sharding.replicate({"step": np.zeros((), np.int32), "params": init["params"],
                                 "opt_state": tx.init(init["params"])}, mesh)
-    step = train.make_train_step(model, tx, mesh)
+    step = make_train_step(model, tx, mesh)
     batches = data.train_batches(config.data, config.batch_size, seed=0)
     losses = []
     for _ in range(3):
@@ -192,7 +197,7 @@ def test_finetune_cli_writes_ingredients_that_load_back(finetuned_workdir):
     assert metas[0]["init_fingerprint"] == metas[1]["init_fingerprint"]
     assert metas[0]["hparams"]["learning_rate"] != metas[1]["hparams"]["learning_rate"]
     config = load_config("fashion_mnist_vit", "testing")
-    expected = jax.eval_shape(lambda: train.init_variables(config))
+    expected = jax.eval_shape(lambda: shared_init.init_variables(config))
     for p, meta in zip(found, metas):
         variables = checkpoints.load_variables(p)
         assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(expected)
@@ -233,29 +238,29 @@ def test_linear_probe_fits_the_head_once_per_init(fashion_mnist_data_dir, monkey
     config.head_init = "linear_probe"
     config.linear_probe.num_examples = 1024
     config.linear_probe.steps = 200
-    model = train.build_model(config)
-    base = train.base_init(config, model)
+    model = build_model(config)
+    base = shared_init.base_init(config, model)
     reads = []
     real = data.eval_batches
     monkeypatch.setattr(data, "eval_batches", lambda cfg, split, bs: reads.append(split) or real(cfg, split, bs))
-    probed = train.with_head_init(config, base, model)
+    probed = shared_init.with_head_init(config, base, model)
 
     # Only the head changes, and it classifies: random-init ViT features probed on real images are far
     # above the 10% of chance (and of the zero-mean default head).
     for name in base["params"]:
         same = jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, base["params"][name], probed["params"][name]))
         assert same == (name != "head"), name
-    evaluator = evaluate.Evaluator(train.apply_for_eval(model))
+    evaluator = evaluate.Evaluator(apply_for_eval(model))
     assert evaluator(probed, real(config.data, "heldout", 500)).accuracy > 0.4
 
     # A sweep's next ingredient (same init, same examples) reuses the fit without reading data again;
     # another init is fitted anew.
     assert reads == ["train"]
-    again = train.with_head_init(config, base, model)
+    again = shared_init.with_head_init(config, base, model)
     assert reads == ["train"]
     jax.tree_util.tree_map(np.testing.assert_array_equal, again["params"]["head"], probed["params"]["head"])
-    other = train.base_init(_reseeded(config), model)
-    train.with_head_init(_reseeded(config), other, model)
+    other = shared_init.base_init(_reseeded(config), model)
+    shared_init.with_head_init(_reseeded(config), other, model)
     assert reads == ["train", "train"]
     assert len(linear_probe._FITTED) >= 2
 
@@ -286,3 +291,18 @@ def test_work_made_with_another_config_is_refused_with_the_fields_named(tmp_path
     assert sweep.finetune_all([("sweep0_000", moved, {})], tmp_path) == [{"config": stored}]
     with pytest.raises(ValueError, match=r"sweep0_000.*learning_rate: 0\.001 != 0\.5"):
         sweep.finetune_all([("sweep0_000", changed, {})], tmp_path)
+
+
+def test_config_json_is_the_plain_form_of_the_config(tmp_path):
+    # files.plain is the one conversion to JSON values: config.json read back equals the live config's
+    # plain form, and arrays, numpy scalars and paths in results become JSON numbers and strings.
+    from soupjax import files
+    config = load_config("fashion_mnist_vit", "testing")
+    config.model.stages = (1, 2)  # a tuple, which JSON reads back as a list
+    train.check_same_config(tmp_path / "config.json", config, "the training state")
+    assert json.loads((tmp_path / "config.json").read_text()) == files.plain(config)
+    assert files.plain(config)["model"]["stages"] == [1, 2]
+    assert files.plain({"a": (np.float32(0.5), np.arange(2)), "b": jax.numpy.ones(1), 3: tmp_path}) == {
+        "a": [0.5, [0, 1]], "b": [1.0], "3": str(tmp_path)}
+    with pytest.raises(TypeError, match="not JSON serialisable"):
+        files.json_text({"x": object()})

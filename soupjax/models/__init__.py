@@ -1,4 +1,5 @@
-"""Model registry: `get_model(name, num_classes, **cfg)` returns a Flax linen module.
+"""Model registry: `get_model(name, num_classes, **cfg)` returns a Flax linen module;
+`build_model(config)` the one a run's config describes.
 
 Every model is called as `module.apply(variables, images, train=False)` on float32 NHWC images
 and returns float32 logits [B, num_classes]. ViTs hold {'params'}; ResNets hold {'params',
@@ -14,11 +15,12 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from soupjax.models.from_config import build_model
 from soupjax.models.resnet import RESNET_CONFIGS, ResNet
 from soupjax.models.vit import VIT_SIZES, VIT_TESTING, VisionTransformer
 
-__all__ = ['MODEL_NAMES', 'ResNet', 'VisionTransformer', 'activation', 'config_keys', 'get_model',
-           'list_models']
+__all__ = ['MODEL_NAMES', 'ResNet', 'VisionTransformer', 'activation', 'build_model', 'config_keys',
+           'get_model', 'list_models']
 
 # The names get_model knows, with the usual patch sizes; 'vit-{ti,s,b,l,h}/{p}' accepts any p.
 MODEL_NAMES: tuple[str, ...] = (

@@ -1,0 +1,290 @@
+"""The registry of recipes: every way soupjax can turn K ingredients into one model (or one ensemble).
+
+One module of this package is one method: it builds a ``Method`` (its name, kind, one-line summary,
+its own options with their ranges and help, and ``cook``, the function that makes its dishes) and
+calls ``register``. The command line (``soupjax.soup``), ``kitchen.cook``, the report and the study
+enumerate this registry, so a new method is one file here plus its test; nothing else changes.
+
+Modules here import only the standard library and numpy at the top: ``check_options`` runs before
+JAX is imported, so that a bad flag is refused at once. The heavy work is imported inside ``cook``.
+
+A method's ``cook(cooking)`` receives a ``kitchen.Cooking`` (the ingredients, their evaluations, the
+held-out evaluator, the shared init as a tensor source, the options) and yields ``Dish``es, one per
+result row: learned soups yield a global and a per-layer dish, WiSE-FT one per soup it starts from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import pkgutil
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from soupjax.cli_errors import InputError
+
+KINDS = ("soup", "merge", "ensemble")
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One option of a method, as the command line spells it (``--NAME``).
+
+    ``kind`` is 'bool', 'int', 'float', 'str' or 'floats' (a comma-separated grid of numbers);
+    ``low``/``high`` bound numbers (``low_open``: strictly above ``low``); ``choices`` bound strings.
+    """
+    default: Any
+    help: str
+    kind: str = "float"
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    choices: tuple[str, ...] = ()
+    note: str = ""          # said after the range in an error, e.g. " (0: keep every ingredient in memory)"
+
+    def want(self) -> str:
+        """The range in words, as an error message says it."""
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        noun = {"int": "an integer", "floats": "comma-separated numbers, each", "bool": "true or false"}.get(
+            self.kind, "a number")
+        if self.low is not None and self.high is not None:
+            rng = f" in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}]"
+        elif self.low is not None:
+            rng = f" {'>' if self.low_open else '>='} {_num(self.low)}"
+        else:
+            rng = ""
+        if self.low == 0 and self.low_open and self.high is None:
+            rng = ""
+            noun = {"int": "a positive integer", "floats": "comma-separated positive numbers"}.get(
+                self.kind, "a positive number")
+        return noun + rng + self.note
+
+    def problem(self, value: Any) -> bool:
+        """True when ``value`` is outside this option's range (or of the wrong type)."""
+        if self.kind == "bool":
+            return not isinstance(value, bool)
+        if self.choices:
+            return value not in self.choices
+        if self.kind == "str":
+            return not isinstance(value, str)
+        if self.kind == "int":
+            if not isinstance(value, int) or isinstance(value, bool):
+                try:
+                    import numpy as np
+                    if not isinstance(value, np.integer):
+                        return True
+                except ImportError:  # pragma: no cover
+                    return True
+            return self._out_of_range(float(value))
+        values = list(value) if self.kind == "floats" and not isinstance(value, (int, float)) else [value]
+        if self.kind == "floats" and not values:
+            return True
+        for v in values:
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                return True
+            if not math.isfinite(v) or self._out_of_range(v):
+                return True
+        return False
+
+    def _out_of_range(self, v: float) -> bool:
+        if self.low is not None and (v <= self.low if self.low_open else v < self.low):
+            return True
+        return self.high is not None and v > self.high
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+@dataclasses.dataclass
+class Dish:
+    """One result of a method: a model (``variables``) or, for an ensemble, its evaluation (``evaluation``).
+
+    ``weights`` are per ingredient (the report's 'in soups' column and the ingredients a dish used);
+    ``chosen`` the hyperparameters picked on the held-out split and ``grid`` every point tried
+    (``{"options": ..., "heldout": ...}``); ``meta`` goes into the dish's meta.json and the report;
+    ``forward_passes`` per image at inference; ``n_used`` the models it is made of (default: nonzero weights).
+    """
+    name: str
+    weights: Sequence[float]
+    variables: Any = None
+    evaluation: Any = None
+    chosen: dict[str, Any] | None = None
+    grid: list[dict[str, Any]] | None = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    forward_passes: int = 1
+    n_used: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A registered recipe.
+
+    ``cook(cooking)`` yields its ``Dish``es (names from ``dish_names(options)``, in that order).
+    ``options`` are its own; ``uses`` names options another method defines that it reads too (pruned
+    soups follow greedy's ``greedy_strict``). ``key(options)`` is what its results depend on besides
+    the ingredients and data (stored with each dish, compared on a rerun); by default the values of
+    ``options`` and ``uses``. ``needs_init``: it works on displacements from the shared init.
+    ``saves_model``: its dishes are models saved as checkpoints (an ensemble is not).
+    ``in_all``: cooked by ``--recipe all``. ``order``: its place in ``all`` and in listings (a method
+    that starts from another's dish, as WiSE-FT does, comes after it).
+    """
+    name: str
+    kind: str
+    summary: str
+    cook: Callable[[Any], Iterable[Dish]]
+    options: Mapping[str, Option] = dataclasses.field(default_factory=dict)
+    uses: tuple[str, ...] = ()
+    dish_names: Callable[[Mapping[str, Any]], list[str]] | None = None
+    key: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    needs_init: bool = False
+    saves_model: bool = True
+    in_all: bool = True
+    order: int = 100
+
+    def dishes(self, options: Mapping[str, Any]) -> list[str]:
+        return self.dish_names(options) if self.dish_names else [self.name]
+
+    def key_of(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        if self.key:
+            return self.key(options)
+        return {k: options[k] for k in (*self.options, *self.uses)}
+
+    @property
+    def doc(self) -> str:
+        """The method's module docstring: what it does and what it costs."""
+        module = importlib.import_module(self.cook.__module__)
+        return (module.__doc__ or self.summary).strip()
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` to the registry (its name and option names must be new)."""
+    if method.kind not in KINDS:
+        raise ValueError(f"method {method.name}: kind must be one of {KINDS}, got {method.kind!r}")
+    if method.name in _REGISTRY or method.name in ("all", "inspect"):
+        raise ValueError(f"a method named {method.name!r} is registered already")
+    taken = {name for m in _REGISTRY.values() for name in m.options}
+    clash = sorted(set(method.options) & (taken | set(SHARED_OPTIONS)))
+    if clash:
+        raise ValueError(f"method {method.name}: option(s) {', '.join(clash)} belong to another method")
+    _REGISTRY[method.name] = method
+    return method
+
+
+# Options of the cooking itself, not of one method (the seed, BatchNorm recalibration, evaluation).
+SHARED_OPTIONS: dict[str, Option] = {
+    "seed": Option(0, "Seed of every random choice a recipe makes (random greedy order, learned soups, DARE masks).",
+                   kind="int", low=0),
+    "recalibrate_bn": Option(0, "Recompute BatchNorm statistics of every soup on this many training batches.",
+                             kind="int", low=0, note=" (0: no recalibration)"),
+    "eval_batch_size": Option(0, "Evaluation batch size (default: the config's).", kind="int", low=0,
+                              note=" (0: the config's)"),
+}
+
+
+def _discover() -> None:
+    """Import every module of this package once: each registers its method."""
+    if _REGISTRY:
+        return
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+def methods() -> list[Method]:
+    """Every registered method, in cooking order."""
+    _discover()
+    return sorted(_REGISTRY.values(), key=lambda m: (m.order, m.name))
+
+
+def names() -> list[str]:
+    """The ``--recipe`` names, in cooking order."""
+    return [m.name for m in methods()]
+
+
+def get(name: str) -> Method:
+    """The method called ``name`` (``InputError`` listing the others when there is none)."""
+    _discover()
+    if name not in _REGISTRY:
+        raise InputError(f"--recipe={name!r}: must be one of {', '.join([*names(), 'all'])}")
+    return _REGISTRY[name]
+
+
+def wanted(recipe: str) -> list[Method]:
+    """The methods ``--recipe`` asks for: one, or every one ``in_all`` for 'all'."""
+    if recipe == "all":
+        return [m for m in methods() if m.in_all]
+    return [get(recipe)]
+
+
+def all_options() -> dict[str, Option]:
+    """Every option: the shared ones, then each method's, in cooking order."""
+    out = dict(SHARED_OPTIONS)
+    for m in methods():
+        out.update(m.options)
+    return out
+
+
+def resolve(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Every option's value: ``values`` where given, the default otherwise. ``InputError`` naming an
+    unknown option, or the first value out of its range, as the command line spells it."""
+    options = all_options()
+    unknown = sorted(set(values) - set(options))
+    if unknown:
+        raise InputError(f"unknown option(s) {', '.join(unknown)}; the options are {', '.join(options)}")
+    out = {}
+    for name, option in options.items():
+        value = values.get(name, option.default)
+        if option.kind == "floats" and isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if option.kind == "floats":
+            try:
+                value = tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                raise InputError(f"--{name}={_shown(values.get(name))}: must be {option.want()}") from None
+        if option.problem(value):
+            raise InputError(f"--{name}={_shown(value)}: must be {option.want()}")
+        out[name] = value
+    for m in methods():
+        missing = [u for u in m.uses if u not in options]
+        if missing:  # a programming error, found by the registry test
+            raise ValueError(f"method {m.name} uses unknown option(s) {missing}")
+    return out
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(_num(v) if isinstance(v, float) else str(v) for v in value)
+    return repr(value)
+
+
+def grid_floats(values: Sequence[float]) -> list[float]:
+    """A grid option's values, duplicates dropped, in the order given (the first of equals wins a tie)."""
+    out: list[float] = []
+    for v in values:
+        if float(v) not in out:
+            out.append(float(v))
+    return out
+
+
+def define_flags(flags: Any) -> None:
+    """Define an absl flag for every option (shared and each method's), typed by its ``kind``."""
+    for name, option in all_options().items():
+        if option.kind == "bool":
+            flags.DEFINE_bool(name, option.default, option.help)
+        elif option.kind == "int":
+            flags.DEFINE_integer(name, option.default, option.help)
+        elif option.kind == "float":
+            flags.DEFINE_float(name, option.default, option.help)
+        elif option.kind == "floats":
+            flags.DEFINE_list(name, [_num(v) for v in option.default], option.help)
+        elif option.choices:
+            flags.DEFINE_enum(name, option.default, list(option.choices), option.help)
+        else:
+            flags.DEFINE_string(name, option.default, option.help)

@@ -1,0 +1,33 @@
+"""Model Stock (Jang et al., ECCV 2024): per layer (here: per tensor), the mean of the K fine-tuned weights
+pulled back towards the init by t = K cos θ / (1 + (K − 1) cos θ), θ the mean angle between the layer's
+displacements: θ = t · mean θᵢ + (1 − t) · θ₀. Ingredients that agree (cos θ → 1) keep their mean; ones
+that point in unrelated directions (cos θ → 0) fall back to the init.
+
+Nothing to choose: no held-out evaluation. The ratios t are in the dish's meta.json (``ratios``).
+"""
+from __future__ import annotations
+
+from soupjax.methods import Dish, Method, register
+
+
+def cook(cooking) -> list[Dish]:
+    import numpy as np
+    from soupjax import merging
+    k = len(cooking.names)
+    ratios: dict[str, float] = {}
+
+    def one(path, x0, xs):
+        t = merging.model_stock_ratio([x - x0 for x in xs])
+        ratios[path] = float(t)
+        return merging.model_stock(x0, xs)
+
+    variables = merging.merge_by_tensor(cooking.init_source(), cooking.sources(), one)
+    values = np.array(list(ratios.values()) or [1.0])
+    summary = {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max())}
+    # Each ingredient's weight is t/K; the rest, 1 - t, is the init's (shown as the mean over tensors).
+    return [Dish("model_stock", [summary["mean"] / k] * k, variables, chosen={"t_mean": round(summary["mean"], 4)},
+                 meta={"ratios": ratios, "ratio_summary": summary})]
+
+
+register(Method("model_stock", "merge", "the mean pulled towards the init per layer by the angle between "
+                "displacements", cook, needs_init=True, order=55))

@@ -1,0 +1,63 @@
+"""WiSE-FT (Wortsman et al., CVPR 2022): the line θ₀ + α (θ − θ₀) between the shared init and a soup (or
+the best ingredient), α from ``--wise_ft_alphas`` (0, 0.1, ..., 1). The paper's point is robustness: the
+init keeps what fine-tuning forgets, so a point inside the line can beat both ends under shift.
+
+α is chosen on the held-out split; every point is also evaluated on test and the shift sets for the
+curve the report plots (those numbers are never used to choose). One curve per ``--wise_ft_of`` name:
+'best_ingredient' or any soup or merge cooked into the same ``--out`` (in ``--recipe all`` every other
+method is cooked first). One held-out evaluation per point.
+"""
+from __future__ import annotations
+
+from soupjax.methods import Dish, Method, Option, grid_floats, register
+
+OPTIONS = {
+    "wise_ft_of": Option("best_ingredient,uniform", "WiSE-FT: comma-separated soups (or best_ingredient) to "
+                         "interpolate with the init.", kind="str"),
+    "wise_ft_alphas": Option(tuple(i / 10 for i in range(11)), "WiSE-FT: the grid of α (0: the init, 1: the soup).",
+                             kind="floats", low=0, high=1),
+}
+
+
+def bases(options) -> list[str]:
+    return [b.strip() for b in options["wise_ft_of"].split(",") if b.strip()]
+
+
+def key(options) -> dict:
+    return {"alphas": list(options["wise_ft_alphas"])}
+
+
+def cook(cooking):
+    from soupjax import recipes
+    init = cooking.init_variables()
+    alphas = grid_floats(cooking.options["wise_ft_alphas"])
+    for base in bases(cooking.options):
+        name = f"wise_ft_{base}"
+        if name not in cooking.pending:
+            continue
+        soup, weights = cooking.dish_variables(base)
+        curve = {"base": base, "alphas": alphas, "heldout": [], "test": [], "shift_mean": []}
+        best = None
+        for alpha in alphas:
+            variables = recipes.interpolate(init, soup, alpha)
+            ev = cooking.evaluate_point(name, f"{name}-{alpha:g}", variables, {"alpha": alpha})
+            curve["heldout"].append(ev.accuracy("heldout"))
+            curve["test"].append(ev.accuracy("test"))
+            shifts = [ev.accuracy(s) for s in cooking.kitchen.shifts]
+            curve["shift_mean"].append(sum(shifts) / len(shifts) if shifts else None)
+            if best is None or ev.accuracy("heldout") > best[0]:
+                best = (ev.accuracy("heldout"), alpha, variables)
+        curve["chosen_alpha"] = best[1]
+        records = [{"options": {"alpha": a}, "heldout": h} for a, h in zip(alphas, curve["heldout"])]
+        # The weights say what each ingredient contributes (α times its weight in the base); the models
+        # it is made of are the base's, whatever α.
+        yield Dish(name, [best[1] * w for w in weights], best[2], chosen={"alpha": best[1]}, grid=records,
+                   meta={"curve": curve, "base": base}, n_used=sum(w != 0 for w in weights))
+
+
+def dish_names(options) -> list[str]:
+    return [f"wise_ft_{b}" for b in bases(options)]
+
+
+register(Method("wise_ft", "merge", "the line between the init and a soup, α on held-out", cook, options=OPTIONS,
+                key=key, dish_names=dish_names, needs_init=True, order=95))

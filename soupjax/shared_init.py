@@ -1,0 +1,86 @@
+"""The init every ingredient of a sweep starts from: model init, then ``init_from``, then the head init.
+
+Training starts each ingredient from it; soups, merges and ``inspect`` rebuild it from an ingredient's
+config (theta_0 of the fine-tuning displacements) and check it against the fingerprint the ingredients
+were trained from, so it must be rebuilt bit-exactly wherever it is needed.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from soupjax import checkpoints, pretrained
+from soupjax.models import build_model
+
+Variables = dict[str, Any]
+
+
+def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
+    """The shape of one batch of one image of ``config.data``, as the model is initialised with."""
+    return (1, config.data.image_size, config.data.image_size, config.data.channels)
+
+
+def base_init(config: ml_collections.ConfigDict, model: nn.Module | None = None) -> Variables:
+    """The model init, then ``init_from`` (pretrained weights or an upstream ingredient).
+
+    This is what the init fingerprint is taken of: it is bit-exact wherever it is rebuilt, which the
+    linear-probe head (an optimisation) need not be.
+
+    ``init_from.dont_load`` regexes are fully matched against paths within a collection
+    (``head/kernel``, not ``params/head/kernel``), in every collection (``params``, ``batch_stats``),
+    as ``pretrained.load_pretrained`` names them. From an upstream ingredient a matching leaf always
+    keeps its init value (a new task's head is fresh even when it has the upstream head's shape);
+    from a .npz or timm file it keeps it only where the file cannot provide it (load_pretrained).
+    """
+    model = model or build_model(config)
+    rng = jax.random.PRNGKey(config.init_seed)
+    variables = jax.jit(lambda r: model.init(r, jnp.zeros(input_shape(config), jnp.float32), train=False))(rng)
+    variables = jax.device_get(dict(variables))
+    path = config.init_from.path
+    if not path:
+        return variables
+    dont_load = tuple(config.init_from.dont_load)
+    if not checkpoints.is_ingredient(path):
+        return pretrained.load_pretrained(path, variables, dont_load=dont_load)
+    loaded = checkpoints.load_variables(path)
+    # One collection at a time, so that the patterns see collection-relative paths; every problem of
+    # every collection is reported together, with its collection named.
+    merged, problems = {}, []
+    for collection, init_tree in variables.items():
+        try:
+            merged[collection] = pretrained.merge_params(
+                loaded.get(collection, {}), init_tree, dont_load=dont_load, source=str(path))
+        except pretrained.PretrainedMismatchError as err:
+            problems += [f"{collection}/{p}" for p in err.problems]
+    problems += [f"{c}: collection in the checkpoint but not in the model" for c in loaded
+                 if c not in variables and pretrained.flatten(loaded[c])]
+    if problems:
+        raise pretrained.PretrainedMismatchError(str(path), problems)
+    return merged
+
+
+def with_head_init(config: ml_collections.ConfigDict, variables: Variables,
+                   model: nn.Module | None = None) -> Variables:
+    """Apply ``config.head_init`` to a base init ('default' keeps it; 'linear_probe' fits the head)."""
+    if config.head_init == "linear_probe":
+        # Imported here: the probe reads the training data, and soupjax.data imports TensorFlow.
+        from soupjax.linear_probe import fit_head
+        return fit_head(model or build_model(config), variables, config)
+    if config.head_init != "default":
+        raise ValueError(f"head_init must be 'default' or 'linear_probe', got {config.head_init!r}")
+    return variables
+
+
+def init_variables(config: ml_collections.ConfigDict, model: nn.Module | None = None) -> Variables:
+    """The shared starting point of an ingredient: model init, then ``init_from``, then the head init."""
+    model = model or build_model(config)
+    return with_head_init(config, base_init(config, model), model)
+
+
+def init_fingerprint(config: ml_collections.ConfigDict, model: nn.Module | None = None) -> str:
+    """Fingerprint of the init an ingredient of ``config`` starts from (before the head init)."""
+    return pretrained.fingerprint(base_init(config, model)["params"])

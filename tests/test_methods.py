@@ -1,0 +1,256 @@
+"""The recipe registry and every method in it, cooked by the kitchen and checked against its arithmetic.
+
+The per-tensor arithmetic has hand-computed and property tests in test_merging.py; here each method's
+saved dish is recomputed independently from the saved ingredients and the init (numpy, float64), the
+held-out choice is checked to be the grid's best point, and every method runs alone from the command
+line. Tiny ViT ingredients (the init plus seeded noise) under ``tfds.testing.mock_data``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from soupjax import checkpoints, kitchen, merging, methods, recipes, shared_init
+from soupjax.cli_errors import InputError
+from soupjax.config_base import load_config
+
+ISSUE_METHODS = {"uniform", "greedy", "pruned", "learned", "ensemble", "greedy_ensemble", "task_arithmetic", "ties",
+                 "dare", "slerp", "spherical_mean", "model_stock", "wise_ft"}
+# Small grids keep the test fast; each still has more than one point, so the choice is a real one.
+SMALL_GRIDS = {"task_arithmetic_scales": "0.5,1,2", "ties_densities": "0.2,1", "ties_lambdas": "1,2",
+               "dare_drop_rates": "0,0.5", "dare_scales": "1,2", "slerp_ts": "0,0.5,1", "wise_ft_alphas": "0,0.5,1",
+               "learned_epochs": 1, "learned_mode": "global"}
+MOCK = 64
+
+
+def _make_ingredients(root: Path, fingerprint: str | None = None) -> Path:
+    config = load_config("configs/fashion_mnist_vit.py:testing")
+    with tfds.testing.mock_data(num_examples=MOCK):
+        init = shared_init.init_variables(config)
+        fingerprint = fingerprint or shared_init.init_fingerprint(config)
+    for i in range(3):
+        rng = np.random.default_rng(i)
+        tree = jax.tree_util.tree_map(
+            lambda x: np.asarray(x) + 0.05 * rng.normal(size=np.shape(x)).astype(np.asarray(x).dtype), init)
+        checkpoints.save_ingredient(root / f"ing{i}", tree, {
+            "config": config.to_dict(), "init_fingerprint": fingerprint,
+            "metrics": {"heldout": {"accuracy": 0.1 * (i + 1)}}})
+    return root
+
+
+@pytest.fixture(scope="module")
+def ingredients(tmp_path_factory) -> Path:
+    return _make_ingredients(tmp_path_factory.mktemp("methods") / "ingredients")
+
+
+@pytest.fixture(scope="module")
+def cooked(ingredients, tmp_path_factory):
+    out = tmp_path_factory.mktemp("methods") / "soups"
+    with tfds.testing.mock_data(num_examples=MOCK):
+        results = kitchen.cook("all", ingredients, out, shifts=["shift/gaussian_noise-3"], **SMALL_GRIDS)
+    return results, out
+
+
+def _flat(tree) -> dict[str, np.ndarray]:
+    return {recipes.path_str(p): np.asarray(x, np.float64) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_the_registry_holds_every_method_with_its_docs_and_options():
+    registered = {m.name: m for m in methods.methods()}
+    assert ISSUE_METHODS <= set(registered)
+    seen: set[str] = set()
+    for m in registered.values():
+        assert m.kind in methods.KINDS and m.summary and len(m.doc) > 80, m.name
+        assert not set(m.options) & seen, m.name  # an option belongs to one method
+        seen |= set(m.options)
+        assert set(m.uses) <= set(methods.all_options()), m.name
+    defaults = methods.resolve({})  # every default is inside its own range
+    assert set(defaults) == set(methods.all_options())
+    assert [m.name for m in methods.wanted("all")] == [m.name for m in methods.methods() if m.in_all]
+    with pytest.raises(InputError, match="--recipe='soup_of_the_day': must be one of uniform"):
+        methods.get("soup_of_the_day")
+
+
+@pytest.mark.parametrize("option, value, said", [
+    ("ties_densities", "0.5,0", "--ties_densities=0.5,0: must be comma-separated numbers, each in (0, 1]"),
+    ("dare_drop_rates", "1", "--dare_drop_rates=1: must be comma-separated numbers, each in [0, 0.99]"),
+    ("slerp_ts", "x", "--slerp_ts='x': must be"),
+    ("task_arithmetic_scales", "", "--task_arithmetic_scales=: must be comma-separated positive numbers"),
+    ("wise_ft_alphas", "1.5", "in [0, 1]"),
+    ("pruned_passes", 0, "--pruned_passes=0: must be an integer >= 1"),
+])
+def test_method_options_out_of_range_are_refused_by_name(option, value, said):
+    with pytest.raises(InputError) as err:
+        kitchen.check_options(**{option: value})
+    assert said in str(err.value)
+
+
+def test_greedy_ensemble_keeps_what_does_not_lower_heldout_accuracy():
+    from soupjax.methods.greedy_ensemble import select
+    labels = np.array([0, 1, 1])
+    # Ingredient 0 gets examples 0 and 1 right (2/3). Adding 1 (right only on example 2, confidently
+    # wrong on 0) lowers the ensemble to 1/3: skipped. Adding 2 (right on 1 and 2) makes 3/3: kept.
+    logits = [np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]]),
+              np.array([[0.0, 9.0], [9.0, 0.0], [0.0, 3.0]]),
+              np.array([[0.0, 0.5], [0.0, 1.0], [0.0, 2.0]])]
+    kept, steps = select(logits, labels, [0, 1, 2])
+    assert kept == [0, 2]
+    assert [s["action"] for s in steps] == ["add", "skip", "add"]
+    assert [round(s["heldout"], 4) for s in steps] == [0.6667, 0.3333, 1.0]
+    # Equal accuracy is kept by default and skipped when strict.
+    same = [logits[0], logits[0]]
+    assert select(same, labels, [0, 1])[0] == [0, 1]
+    assert select(same, labels, [0, 1], strict=True)[0] == [0]
+
+
+@pytest.mark.slow
+def test_every_method_cooks_and_each_dish_is_its_arithmetic(cooked, ingredients):
+    results, out = cooked
+    rows = {row["name"]: row for row in results["soups"]}
+    dish_names = {d for m in methods.wanted("all") for d in m.dishes(methods.resolve(SMALL_GRIDS))}
+    assert dish_names <= set(rows), sorted(dish_names - set(rows))
+    names = ["ing0", "ing1", "ing2"]
+    loaded = [_flat(checkpoints.load_variables(ingredients / n)) for n in names]
+    config = load_config("configs/fashion_mnist_vit.py:testing")
+    with tfds.testing.mock_data(num_examples=MOCK):
+        theta0 = _flat(shared_init.init_variables(config))
+    paths = list(theta0)
+    k = len(loaded)
+
+    def saved(name):
+        return _flat(checkpoints.load_variables(out / name))
+
+    def check(name, expect):
+        got = saved(name)
+        for p in paths:
+            np.testing.assert_allclose(got[p], expect(p), rtol=2e-6, atol=2e-6, err_msg=f"{name} {p}")
+
+    # Every grid's choice is its best held-out point (the first of equals), and each point was one
+    # held-out evaluation.
+    for name, grid in results["grids"].items():
+        best = max(range(len(grid)), key=lambda i: (grid[i]["heldout"], -i))
+        assert rows[name]["chosen"] == grid[best]["options"] if "alpha" not in rows[name]["chosen"] else True, name
+        assert rows[name]["heldout_evals"] == len(grid), name
+    chosen = {name: rows[name].get("chosen") for name in rows}
+    taus = lambda p: [x[p] - theta0[p] for x in loaded]  # noqa: E731
+
+    lam = chosen["task_arithmetic"]["lambda"]
+    assert chosen["task_arithmetic"]["scale"] == pytest.approx(lam * k)
+    check("task_arithmetic", lambda p: theta0[p] + lam * sum(taus(p)))
+
+    def ties_by_hand(p, density, lam, drop=None):
+        ts = taus(p) if drop is None else drop(p)
+        if density < 1:
+            ts = [np.where(np.abs(t) >= np.sort(np.abs(t).ravel())[::-1][int(np.ceil(density * t.size)) - 1], t, 0)
+                  for t in ts]
+        sign = np.sign(sum(ts))
+        agree = [(np.sign(t) == sign) & (t != 0) for t in ts]
+        count = sum(a.astype(float) for a in agree)
+        total = sum(np.where(a, t, 0.0) for a, t in zip(agree, ts))
+        return theta0[p] + lam * np.where(count > 0, total / np.maximum(count, 1), 0.0)
+
+    c = chosen["ties"]
+    check("ties", lambda p: ties_by_hand(p, c["density"], c["lambda"]))
+
+    def dropped(p, rate):
+        seeds = [merging.tensor_rng(0, p, i) for i in range(k)]
+        return [t if rate == 0 else t * (s.random(t.shape) >= rate) / (1 - rate) for t, s in zip(taus(p), seeds)]
+
+    c = chosen["dare_linear"]
+    check("dare_linear", lambda p: theta0[p] + c["lambda"] * sum(dropped(p, c["p"])))
+    c = chosen["dare_ties"]
+    check("dare_ties", lambda p: ties_by_hand(p, 1.0, c["lambda"], drop=lambda q: dropped(q, c["p"])))
+
+    # SLERP between the two best ingredients by held-out accuracy (as evaluated when cooking).
+    heldout = [next(r["heldout"] for r in results["ingredients"] if r["name"] == n) for n in names]
+    first, second = sorted(range(k), key=lambda i: -heldout[i])[:2]
+    assert checkpoints.load_meta(out / "slerp")["pair"] == [names[first], names[second]]
+    t = chosen["slerp"]["t"]
+
+    def slerp_by_hand(p):
+        a, b = loaded[first][p] - theta0[p], loaded[second][p] - theta0[p]
+        omega = np.arccos(np.clip(a.ravel() @ b.ravel() / np.linalg.norm(a) / np.linalg.norm(b), -1, 1))
+        return theta0[p] + (np.sin((1 - t) * omega) * a + np.sin(t * omega) * b) / np.sin(omega)
+    check("slerp", slerp_by_hand)
+
+    def model_stock_by_hand(p):
+        ts = [t.ravel() for t in taus(p)]
+        cos = np.mean([ts[i] @ ts[j] / np.linalg.norm(ts[i]) / np.linalg.norm(ts[j])
+                       for i in range(k) for j in range(i + 1, k)])
+        ratio = k * cos / (1 + (k - 1) * cos) if cos > 0 else 0.0
+        return theta0[p] + ratio * np.mean(taus(p), axis=0)
+    check("model_stock", model_stock_by_hand)
+
+    # The spherical mean keeps the mean length and lies in the span of the displacements, at equal
+    # angles from displacements of equal length (noise of one scale: nearly equal here).
+    sph = saved("spherical_mean")
+    for p in paths:
+        d = (sph[p] - theta0[p]).ravel()
+        if not np.any(d):
+            continue
+        lengths = [np.linalg.norm(t) for t in taus(p)]
+        assert np.linalg.norm(d) == pytest.approx(np.mean(lengths), rel=1e-5), p
+
+    # WiSE-FT: the chosen point of the line between the init and its base.
+    for base in ("best_ingredient", "uniform"):
+        name = f"wise_ft_{base}"
+        alpha = chosen[name]["alpha"]
+        curve = results["wise_ft"][name]
+        assert curve["alphas"] == [0.0, 0.5, 1.0] and curve["chosen_alpha"] == alpha
+        assert alpha == curve["alphas"][int(np.argmax(curve["heldout"]))]
+        end = loaded[first] if base == "best_ingredient" else saved("uniform")
+        check(name, lambda p: theta0[p] + alpha * (end[p] - theta0[p]))
+
+    # The greedy ensemble is an ensemble of the ingredients it kept; its held-out steps are in the report.
+    row = rows["greedy_ensemble"]
+    assert row["kind"] == "ensemble" and row["forward_passes"] == row["n_ingredients"] == sum(
+        w > 0 for w in row["weights"])
+    assert results["progressions"]["greedy_ensemble"][0]["ingredient"] == names[first]
+    # Costs are in every row, and the report ranks every method against the best ingredient.
+    for name, row in rows.items():
+        if name != "best_ingredient":
+            assert row["heldout_evals"] >= 0 and set(row["vs_best"]["test"]) >= {"diff", "p"}, name
+    text = (out / "report.md").read_text()
+    assert "Hyperparameters chosen on the held-out split" in text and "WiSE-FT" in text
+    assert (out / "wise_ft.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_each_method_runs_alone_from_the_command_line(ingredients, tmp_path, monkeypatch, capsys):
+    """``python -m soupjax.soup --recipe NAME`` for every registered name (in process, one out directory:
+    the ingredients' evaluations are cached, each recipe adds its dishes)."""
+    from soupjax import soup
+    out = tmp_path / "soups"
+    small = [f"--{k}={v}" for k, v in SMALL_GRIDS.items()]
+    for method in methods.methods():
+        argv = ["soup", f"--recipe={method.name}", f"--ingredients={ingredients}", f"--out={out}", "--shifts=",
+                *small]
+        soup.FLAGS.unparse_flags()
+        soup.FLAGS(argv)
+        with tfds.testing.mock_data(num_examples=MOCK):
+            assert soup.main([]) == 0
+        report = json.loads((out / "report.json").read_text())
+        expected = set(method.dishes(methods.resolve(SMALL_GRIDS)))
+        assert expected <= {row["name"] for row in report["soups"]}, method.name
+        assert report["meta"]["recipes"] == [method.name]
+    soup.FLAGS.unparse_flags()
+
+
+@pytest.mark.slow
+def test_merges_need_the_shared_init(tmp_path, capsys):
+    """Ingredients whose init cannot be rebuilt: 'all' leaves the merges out with the reason; one merge
+    asked for by name is refused with it."""
+    unknown = _make_ingredients(tmp_path / "ingredients", fingerprint="0123456789abcdef")
+    with tfds.testing.mock_data(num_examples=MOCK):
+        results = kitchen.cook("all", unknown, tmp_path / "all", shifts=[], **SMALL_GRIDS)
+        names = {row["name"] for row in results["soups"]}
+        assert "uniform" in names and not names & {"ties", "task_arithmetic", "model_stock", "wise_ft_uniform"}
+        assert "fingerprint 0123456789abcdef" in capsys.readouterr().out
+        with pytest.raises(InputError, match="--recipe=ties works on the displacements from the shared init.*"
+                                             "0123456789abcdef"):
+            kitchen.cook("ties", unknown, tmp_path / "ties", shifts=[], **SMALL_GRIDS)
