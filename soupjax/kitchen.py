@@ -110,7 +110,8 @@ class Kitchen:
 
     def __init__(self, config: ConfigDict, out: Path, *, shifts: Sequence[str] | None, eval_batch_size: int,
                  recalibrate_batches: int = 0):
-        from soupjax import data, evaluate, sharding, train
+        from soupjax import data, evaluate, models, sharding
+        from soupjax.train_step import apply_for_eval
         import jax
         if jax.process_count() > 1:
             # Cooking reads and writes shared files and compares accuracies computed per process;
@@ -121,8 +122,8 @@ class Kitchen:
         self.out = out
         self.cache = out / "cache"
         self.cache.mkdir(parents=True, exist_ok=True)
-        self.model = train.build_model(config)
-        self.apply_fn = train.apply_for_eval(self.model)
+        self.model = models.build_model(config)
+        self.apply_fn = apply_for_eval(self.model)
         self.evaluator = evaluate.Evaluator(self.apply_fn, sharding.data_mesh())
         self.batch_size = eval_batch_size or config.eval_batch_size
         self.shifts = list(shifts) if shifts is not None else list(data.shift_splits(config.data))
@@ -343,7 +344,7 @@ class Cooking:
     def init_problem(self) -> str | None:
         """Why the shared init the ingredients were fine-tuned from is unknown, or None once it is ready
         (rebuilt from the ingredients' config, its fingerprint checked, kept under ``out/cache``)."""
-        from soupjax import checkpoints, pretrained, train
+        from soupjax import checkpoints, pretrained, shared_init
         expected = self.ingredients[0].meta.get("init_fingerprint")
         if not expected:
             return "the ingredients' meta.json does not record the init they were fine-tuned from (init_fingerprint)"
@@ -351,14 +352,14 @@ class Cooking:
         if not checkpoints.is_ingredient(where):
             source = self.config.init_from.path or "none: the model's random init"
             try:
-                base = train.base_init(self.config, self.kitchen.model)
+                base = shared_init.base_init(self.config, self.kitchen.model)
             except (InputError, OSError, ValueError) as e:
                 return f"the init could not be rebuilt from the ingredients' config (init_from {source}): {e}"
             got = pretrained.fingerprint(base["params"])
             if got != expected:
                 return (f"the init rebuilt from the ingredients' config (init_from {source}) has fingerprint {got}, "
                         f"but they were fine-tuned from an init with fingerprint {expected}")
-            variables = train.with_head_init(self.config, base, self.kitchen.model)
+            variables = shared_init.with_head_init(self.config, base, self.kitchen.model)
             checkpoints.save_ingredient(where, variables, {"name": "init", "init_fingerprint": expected,
                                                            "config": self.config.to_dict()})
         self._init_dir = where

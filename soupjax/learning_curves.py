@@ -59,8 +59,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
-    from soupjax.report import _figure, _save_png
-    fig = _figure(10, 4)
+    from soupjax.report.figures import figure, save_png
+    fig = figure(10, 4)
     up, down = fig.subplots(1, 2)
     for ax, group, title in ((up, [r for r in rows if r["name"] == "upstream"], "upstream (classes 0-4)"),
                              (down, [r for r in rows if r["name"] != "upstream"], "ingredients (classes 5-9)")):
@@ -75,7 +75,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
         if group:
             ax.legend(fontsize=7)
     fig.suptitle("held-out accuracy during training; dotted: plateau rule fired, cool-down begins; star: final")
-    return _save_png(path, fig)
+    return save_png(path, fig)
 
 
 def collect(workdir: Path, seeds: list[int]) -> list[dict[str, Any]]:

@@ -30,13 +30,6 @@ from soupjax.progress import Progress
 from soupjax.shared_init import Variables, base_init, with_head_init
 from soupjax.train_step import apply_for_eval, make_optimizer, make_train_step
 
-# train.build_model, train.apply_for_eval, train.base_init, train.with_head_init and the names below are
-# old homes, kept only for callers that cannot move yet: soupjax/kitchen.py (build_model, apply_for_eval,
-# base_init, with_head_init) and tests owned elsewhere (init_variables in test_soup.py, test_batchnorm.py
-# and test_bad_input_cooking.py; build_model and input_shape in test_vit_reference.py). New code imports
-# soupjax.models.build_model, soupjax.shared_init and soupjax.train_step.apply_for_eval. The aliases go
-# once kitchen and those tests have moved.
-from soupjax.shared_init import init_fingerprint, init_variables, input_shape  # noqa: F401
 
 
 def check_same_config(path: Path, config: ml_collections.ConfigDict, what: str) -> None:

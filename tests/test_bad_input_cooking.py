@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from soupjax import checkpoints, cli_errors, files, kitchen, preflight, train
+from soupjax import checkpoints, cli_errors, files, kitchen, preflight, shared_init
 from test_train import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,7 +202,7 @@ def vit_ingredients(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("vit") / "ingredients"
     config = load_config("fashion_mnist_vit", "testing")
     with tfds.testing.mock_data(num_examples=64):
-        init = train.init_variables(config)
+        init = shared_init.init_variables(config)
     for i in range(3):
         rng = np.random.default_rng(i)
         tree = jax.tree_util.tree_map(lambda x: np.asarray(x) + 0.01 * rng.normal(size=np.shape(x)).astype(

@@ -94,7 +94,7 @@ def resnet_ingredients(tmp_path_factory):
     """Three ResNet ingredients around one init (no training: the recipes only need their variables)."""
     import tensorflow_datasets as tfds
 
-    from soupjax import checkpoints, pretrained, train
+    from soupjax import checkpoints, pretrained, shared_init
     from test_base_init import _config
 
     root = tmp_path_factory.mktemp("bn_soup")
@@ -102,7 +102,7 @@ def resnet_ingredients(tmp_path_factory):
     config.data.classes = None  # the data set's own 10 classes, as the mocked data has
     config.eval_batch_size = 16  # full batches of the 64 mocked examples: recalibration skips padded ones
     with tfds.testing.mock_data(num_examples=64):
-        base = train.init_variables(config)
+        base = shared_init.init_variables(config)
     fingerprint = pretrained.fingerprint(base["params"])
     rng = np.random.default_rng(0)
     for i in range(3):

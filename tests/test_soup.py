@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from soupjax import batchnorm, checkpoints, kitchen as soup, preflight, recipes, report, train
+from soupjax import batchnorm, checkpoints, kitchen as soup, preflight, recipes, report, shared_init, train
 from test_train import assert_accuracy, forward_logits, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -310,7 +310,7 @@ def test_inspect_angles_distances_and_interpolation(mocked_ingredients, tmp_path
         return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree_util.tree_leaves(tree["params"])])
 
     with tfds.testing.mock_data(num_examples=64):
-        theta0 = flat(train.init_variables(config))
+        theta0 = flat(shared_init.init_variables(config))
     vectors = np.stack([flat(v) for v in loaded])
     deltas = vectors - theta0
     cos = (deltas @ deltas.T) / np.outer(np.linalg.norm(deltas, axis=1), np.linalg.norm(deltas, axis=1))

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from soupjax import models
+from soupjax import models, shared_init
 from soupjax.pretrained import (
     ActivationMismatchError,
     checkpoint_activation,
@@ -233,7 +233,7 @@ def _config(path, **model) -> ml_collections.ConfigDict:
 
 
 def _build(config: ml_collections.ConfigDict):
-    """train.build_model, without the data config: the model of config.model."""
+    """models.build_model, without the data config: the model of config.model."""
     kwargs = config.model.to_dict()
     return models.get_model(kwargs.pop('name'), NUM_CLASSES, **kwargs)
 
@@ -470,8 +470,8 @@ def test_ingredient_meta_records_the_activation_it_ran(tmp_path):
     config.model = {k: v for k, v in config.model.items() if k != 'gelu_approximate'}
     config.total_steps = 1
 
-    model = train.build_model(config)
-    params = jax.jit(model.init)(KEY, jnp.zeros(train.input_shape(config), jnp.float32))['params']
+    model = models.build_model(config)
+    params = jax.jit(model.init)(KEY, jnp.zeros(shared_init.input_shape(config), jnp.float32))['params']
     path = tmp_path / 'upstream.npz'
     np.savez(path, **{k: np.asarray(v) for k, v in flatten(params).items()})
     config.init_from.path = str(path)

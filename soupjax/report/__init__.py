@@ -41,8 +41,5 @@ from soupjax.report.inspect import inspect_table, write_inspect
 from soupjax.report.markdown import markdown_table
 from soupjax.report.writing import write_report
 
-# soupjax.learning_curves draws its plot with these two under their old private names; they stay
-# importable from here until that module imports them from soupjax.report.figures.
-from soupjax.report.figures import figure as _figure, save_png as _save_png  # noqa: E402,F401
 
 __all__ = ["SIGNIFICANCE", "markdown_table", "write_report", "inspect_table", "write_inspect"]

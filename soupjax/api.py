@@ -1,0 +1,122 @@
+"""soupjax from Python (a notebook, a script): load ingredients, merge them, evaluate, cook a recipe.
+
+    from soupjax import api
+    ingredients = api.load_ingredients("runs/soupjax/ingredients")
+    soup = api.merge("uniform", ingredients)                        # a variables pytree, nothing chosen
+    ties = api.merge("ties", ingredients, density=0.2, lam=1.0)     # fixed hyperparameters
+    print(api.evaluate(soup, ingredients, split="test"))            # {'accuracy': ..., 'loss': ...}
+    results = api.cook("greedy", "runs/soupjax/ingredients", "runs/soupjax/soups")   # what the CLI does
+
+``merge`` computes one model with the hyperparameters you give (no held-out search, nothing written);
+``cook`` is ``python -m soupjax.soup``: held-out grids, evaluations, saved soups and the report, with
+the same options by the same names (``api.recipes()`` lists the methods, ``methods.all_options()`` the
+options). Everything here is a thin layer over the modules the command line uses.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ml_collections import ConfigDict
+
+from soupjax import checkpoints, merging, methods, preflight
+from soupjax import recipes as soup_arithmetic
+from soupjax.cli_errors import InputError
+
+Variables = Mapping[str, Any]
+
+# merge(): the per-tensor combination of each method, given its hyperparameters by keyword.
+_MERGES: dict[str, Callable[..., Callable[[str, Any, list], Any]]] = {
+    "task_arithmetic": lambda lam: lambda path, x0, xs: merging.task_arithmetic(x0, xs, lam),
+    "ties": lambda density, lam: lambda path, x0, xs: merging.ties(x0, xs, density, lam),
+    "dare_linear": lambda p, lam, seed=0: lambda path, x0, xs: merging.dare(
+        x0, xs, p, lam, [merging.tensor_rng(seed, path, i) for i in range(len(xs))], combine="linear"),
+    "dare_ties": lambda p, lam, seed=0: lambda path, x0, xs: merging.dare(
+        x0, xs, p, lam, [merging.tensor_rng(seed, path, i) for i in range(len(xs))], combine="ties"),
+    "slerp": lambda t: lambda path, x0, xs: merging.slerp(x0, xs[0], xs[1], t),
+    "spherical_mean": lambda: lambda path, x0, xs: merging.spherical_mean(x0, xs),
+    "model_stock": lambda: lambda path, x0, xs: merging.model_stock(x0, xs),
+}
+
+
+def recipes() -> dict[str, str]:
+    """Every method ``cook`` knows, with its one-line summary (``--recipe`` names, in cooking order)."""
+    return {m.name: m.summary for m in methods.methods()}
+
+
+def load_ingredients(directory: str | Path, *, allow_mixed_init: bool = False) -> list[preflight.Ingredient]:
+    """The ingredients under ``directory``, checked as cooking checks them (``InputError`` naming a
+    missing, half-written or incompatible one). Each has ``name``, ``path``, ``meta`` and ``load()``."""
+    return preflight.gather(directory, allow_mixed_init=allow_mixed_init)
+
+
+def config_of(ingredients: Sequence[preflight.Ingredient]) -> ConfigDict:
+    """The config the ingredients were fine-tuned with (model, data, init), from the first one's meta.json."""
+    return ConfigDict(ingredients[0].meta["config"])
+
+
+def shared_init(ingredients: Sequence[preflight.Ingredient]) -> Variables:
+    """The init the ingredients were fine-tuned from, rebuilt from their config and checked against
+    their recorded fingerprint (``InputError`` when it cannot be)."""
+    from soupjax import pretrained, shared_init as init_module
+    config = config_of(ingredients)
+    expected = ingredients[0].meta.get("init_fingerprint")
+    base = init_module.base_init(config)
+    got = pretrained.fingerprint(base["params"])
+    if not expected or got != expected:
+        raise InputError(f"the init rebuilt from the ingredients' config has fingerprint {got}, the ingredients "
+                         f"record {expected or 'none'}: pass init= to merge() yourself")
+    return init_module.with_head_init(config, base)
+
+
+def merge(method: str, ingredients: Sequence[preflight.Ingredient], *, init: Variables | None = None,
+          **hyperparameters: Any) -> Variables:
+    """One model from ``ingredients`` by ``method`` with fixed ``hyperparameters``, streamed per tensor.
+
+    'uniform' needs no init; the merges ('task_arithmetic' (lam), 'ties' (density, lam), 'dare_linear'
+    and 'dare_ties' (p, lam, seed), 'slerp' (t; the first two ingredients), 'spherical_mean',
+    'model_stock') work on displacements from ``init`` (default: ``shared_init(ingredients)``).
+    Conventions of lam: ``soupjax.merging``.
+    """
+    sources = [checkpoints.tensor_source(ing.path) for ing in ingredients]
+    if method == "uniform":
+        return soup_arithmetic.uniform_by_tensor(sources)
+    if method not in _MERGES:
+        raise InputError(f"merge: unknown method {method!r}; choose from uniform, {', '.join(_MERGES)} "
+                         "(the selecting recipes, greedy/pruned/learned/WiSE-FT, choose on held-out data: use cook)")
+    if method == "slerp":
+        sources = sources[:2]
+    try:
+        combine = _MERGES[method](**hyperparameters)
+    except TypeError as e:
+        raise InputError(f"merge({method!r}): {e}") from e
+    init_source = soup_arithmetic.TreeSource(init if init is not None else shared_init(ingredients))
+    return merging.merge_by_tensor(init_source, sources, combine)
+
+
+def evaluate(variables: Variables, ingredients_or_config: Sequence[preflight.Ingredient] | ConfigDict, *,
+             split: str = "test", batch_size: int | None = None) -> dict[str, float]:
+    """Accuracy and loss of ``variables`` on ``split`` ('heldout', 'test' or a shift split) of the data the
+    ingredients were fine-tuned on (or of ``config``), jitted and data-parallel over every device."""
+    from soupjax import data, models, sharding
+    from soupjax.evaluate import Evaluator
+    from soupjax.train_step import apply_for_eval
+    config = (ingredients_or_config if isinstance(ingredients_or_config, ConfigDict)
+              else config_of(ingredients_or_config))
+    evaluator = Evaluator(apply_for_eval(models.build_model(config)), sharding.data_mesh())
+    result = evaluator(dict(variables), data.eval_batches(config.data, split, batch_size or config.eval_batch_size),
+                       projection=data.logit_projection(config.data, split))
+    return {"accuracy": float(result.accuracy), "loss": float(result.loss)}
+
+
+def cook(recipe: str, ingredients_dir: str | Path, out: str | Path, **options: Any) -> dict[str, Any]:
+    """What ``python -m soupjax.soup --recipe RECIPE`` does (``kitchen.cook``): the results dict of its
+    report. ``options`` by the command line's names, e.g. ``ties_densities="0.2,0.5"``, ``shifts=[]``."""
+    from soupjax import kitchen
+    return kitchen.cook(recipe, Path(ingredients_dir), Path(out), **options)
+
+
+def load_model(directory: str | Path) -> tuple[Variables, dict[str, Any]]:
+    """A saved ingredient or soup: its variables and its meta.json."""
+    return checkpoints.load_variables(directory), checkpoints.load_meta(directory)
