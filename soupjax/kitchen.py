@@ -1,7 +1,10 @@
 """Cooking: evaluate ingredients, run the recipes, save each soup and write the report.
 
 The library behind ``python -m soupjax.soup`` (and ``soupjax.experiment``): ``cook(recipe, ...)``
-does the whole job and returns the results the report is made from. Every evaluation of an
+does the whole job and returns the results the report is made from. The recipes are the methods of
+``soupjax.methods``; each gets a ``Cooking`` (the ingredients, their evaluations, the counted held-out
+evaluator, the shared init) and yields its dishes, which ``cook`` times, measures (peak host memory),
+evaluates, saves and reports. Every evaluation of an
 ingredient and every cooked soup is kept under ``out`` (``cache/`` and one directory per soup), so an
 interrupted run resumes where it stopped.
 

@@ -1,8 +1,12 @@
 """Cook soups from the command line.
 
-    python -m soupjax.soup --recipe all                          # every recipe, the ensemble, the report
+    python -m soupjax.soup --recipe all                          # every method, the ensembles, the report
     python -m soupjax.soup --recipe greedy --ingredients DIR --out DIR
+    python -m soupjax.soup --recipe ties --ties_densities=0.1,0.2 # one merge method, its grid
     python -m soupjax.soup --recipe inspect                      # angles, distances, interpolation
+
+The recipes are the methods registered in ``soupjax.methods`` (one file each); their options are
+defined from the registry, so ``--help`` lists every method's flags.
 
 Without ``--ingredients`` it looks in ``WORKDIR/ingredients`` (the default work directory of
 ``python -m soupjax.finetune``, printed at start). The model and data come from the ingredients'

@@ -70,17 +70,27 @@ def scatter_png(path: Path, results: Mapping[str, Any]) -> Path:
                 continue
             name = str(soup.get("name"))
             ax.scatter([100 * x], [100 * y], label=name, zorder=3, **styles[name])
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        if not ax.has_data():
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        _label_panel(ax, xlabel, ylabel, title)
     # One legend for the figure: the same markers mean the same soups in both panels.
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 5), frameon=False)
+    _figure_legend(fig, axes[0], columns=5)
     return save_png(path, fig)
+
+
+def _label_panel(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
+    """Axis labels, title and grid; 'no data' written on a panel left empty."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if not ax.has_data():
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+
+
+def _figure_legend(fig: Any, ax: Any, *, columns: int, **kw: Any) -> None:
+    """One legend under the figure, from the first panel (every panel draws the same series)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), columns), frameon=False, **kw)
 
 
 def _progression_points(records: Sequence[Mapping[str, Any]]) -> tuple[list, list, list, list]:
@@ -162,15 +172,7 @@ def wise_ft_png(path: Path, curves: Sequence[fields.WiseFtCurve]) -> Path:
                 ax.plot([curve.alphas[chosen]], [100 * values(curve)[chosen]], marker="*", ms=16,
                         color=color, markeredgecolor="black", linestyle="none", zorder=3,
                         label=f"{curve.name}: α chosen on held-out")
-        ax.set_xlabel("α  (0 = θ₀, 1 = base)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        if not ax.has_data():
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 2), frameon=False,
-                   fontsize="small")
+        _label_panel(ax, "α  (0 = θ₀, 1 = base)", ylabel, title)
+    _figure_legend(fig, axes[0], columns=2, fontsize="small")
     fig.suptitle("WiSE-FT: (1 − α)·θ₀ + α·base")
     return save_png(path, fig)
