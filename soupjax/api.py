@@ -57,17 +57,29 @@ def config_of(ingredients: Sequence[preflight.Ingredient]) -> ConfigDict:
 
 
 def shared_init(ingredients: Sequence[preflight.Ingredient]) -> Variables:
-    """The init the ingredients were fine-tuned from, rebuilt from their config and checked against
-    their recorded fingerprint (``InputError`` when it cannot be)."""
+    """The variables the ingredients started from (``init_from``, then the head init), rebuilt from their
+    config and checked against the fingerprints they recorded; ``InputError`` saying why when it cannot be."""
     from soupjax import pretrained, shared_init as init_module
+    from soupjax.kitchen import _init_unknown
+    problem = _init_unknown(ingredients)
+    if problem:
+        raise InputError(f"{problem}: pass init= to merge() yourself")
     config = config_of(ingredients)
-    expected = ingredients[0].meta.get("init_fingerprint")
-    base = init_module.base_init(config)
+    expected = ingredients[0].meta["init_fingerprint"]
+    try:
+        base = init_module.base_init(config)
+    except (OSError, ValueError) as e:  # a missing or mismatched init_from file
+        raise InputError(f"the init could not be rebuilt from the ingredients' config: {e}") from e
     got = pretrained.fingerprint(base["params"])
-    if not expected or got != expected:
+    if got != expected:
         raise InputError(f"the init rebuilt from the ingredients' config has fingerprint {got}, the ingredients "
-                         f"record {expected or 'none'}: pass init= to merge() yourself")
-    return init_module.with_head_init(config, base)
+                         f"record {expected}: pass init= to merge() yourself")
+    variables = init_module.with_head_init(config, base)
+    start = ingredients[0].meta.get("start_fingerprint")
+    if start and pretrained.fingerprint(variables) != start:
+        raise InputError(f"the head init rebuilt from the ingredients' config differs from the one they started "
+                         f"from ({start}): pass init= to merge() yourself")
+    return variables
 
 
 def merge(method: str, ingredients: Sequence[preflight.Ingredient], *, init: Variables | None = None,
@@ -76,16 +88,21 @@ def merge(method: str, ingredients: Sequence[preflight.Ingredient], *, init: Var
 
     'uniform' needs no init; the merges ('task_arithmetic' (lam), 'ties' (density, lam), 'dare_linear'
     and 'dare_ties' (p, lam, seed), 'slerp' (t; the first two ingredients), 'spherical_mean',
-    'model_stock') work on displacements from ``init`` (default: ``shared_init(ingredients)``).
-    Conventions of lam: ``soupjax.merging``.
+    'model_stock') work on displacements from ``init`` (default: ``shared_init(ingredients)``), a
+    variables tree with the ingredients' structure, held in memory; the ingredients are read from disk
+    one tensor at a time. Conventions of lam: ``soupjax.merging``.
     """
     sources = [checkpoints.tensor_source(ing.path) for ing in ingredients]
     if method == "uniform":
+        if hyperparameters:
+            raise InputError(f"merge('uniform') takes no hyperparameters, got {', '.join(hyperparameters)}")
         return soup_arithmetic.uniform_by_tensor(sources)
     if method not in _MERGES:
         raise InputError(f"merge: unknown method {method!r}; choose from uniform, {', '.join(_MERGES)} "
                          "(the selecting recipes, greedy/pruned/learned/WiSE-FT, choose on held-out data: use cook)")
     if method == "slerp":
+        if len(sources) < 2:
+            raise InputError(f"merge('slerp') interpolates between two ingredients, got {len(sources)}")
         sources = sources[:2]
     try:
         combine = _MERGES[method](**hyperparameters)
@@ -111,8 +128,8 @@ def evaluate(variables: Variables, ingredients_or_config: Sequence[preflight.Ing
 
 
 def cook(recipe: str, ingredients_dir: str | Path, out: str | Path, **options: Any) -> dict[str, Any]:
-    """What ``python -m soupjax.soup --recipe RECIPE`` does (``kitchen.cook``): the results dict of its
-    report. ``options`` by the command line's names, e.g. ``ties_densities="0.2,0.5"``, ``shifts=[]``."""
+    """What ``python -m soupjax.soup --recipe RECIPE`` does for any recipe but 'inspect' (``kitchen.cook``):
+    the results dict of its report. ``options`` by the command line's names, e.g. ``ties_densities="0.2,0.5"``, ``shifts=[]``."""
     from soupjax import kitchen
     return kitchen.cook(recipe, Path(ingredients_dir), Path(out), **options)
 

@@ -209,13 +209,15 @@ class Kitchen:
         """An ingredient on every split; its training-time held-out/test logits are reused when they
         were computed on the same data config."""
         from soupjax.checkpoints import EVAL_FILE
+        from soupjax.config_base import fingerprint
         seed = {}
         stored = ingredient.path / EVAL_FILE
         if stored.exists() and ingredient.meta.get("data_fingerprint") == self._data.eval_fingerprint(self.config.data):
             with np.load(stored) as f:
                 seed = {k: f[k] for k in f.files}
         return self.evaluate(f"ingredient-{ingredient.name}", None, ingredient.load,
-                             key=f"{ingredient.path}:{ingredient.meta.get('init_fingerprint')}", prepared=True,
+                             # The meta.json's fingerprint: an ingredient retrained in place is another model.
+                             key=f"{ingredient.path}:{fingerprint(ingredient.meta)}", prepared=True,
                              seed_arrays=seed)
 
 
@@ -280,7 +282,7 @@ class Cooking:
     """
 
     def __init__(self, kitchen: Kitchen, ingredients: Sequence[Any], evals: Sequence[ModelEval],
-                 options: Mapping[str, Any], config: ConfigDict, key_of: Callable[[str], dict]):
+                 options: Mapping[str, Any], config: ConfigDict, key_of: Callable[[str], dict], theta0_key: str):
         self.kitchen = kitchen
         self.ingredients = list(ingredients)
         self.names = [ing.name for ing in ingredients]
@@ -291,6 +293,7 @@ class Cooking:
         self.options = dict(options)
         self.config = config
         self.key_of = key_of
+        self.theta0_key = theta0_key
         self.heldout_evals = 0
         self.pending: list[str] = []
         self._init_dir: Path | None = None
@@ -345,13 +348,17 @@ class Cooking:
     # The shared init, for the methods that work on displacements from it.
 
     def init_problem(self) -> str | None:
-        """Why the shared init the ingredients were fine-tuned from is unknown, or None once it is ready
-        (rebuilt from the ingredients' config, its fingerprint checked, kept under ``out/cache``)."""
+        """Why the shared init θ0 the ingredients were fine-tuned from is unknown, or None once it is
+        ready: rebuilt from the ingredients' config, checked against the fingerprints they recorded (of
+        ``init_from``'s weights and, where recorded, of the whole start, the head init included), and kept
+        under ``out/cache/init-<theta0_key>``."""
         from soupjax import checkpoints, pretrained, shared_init
-        expected = self.ingredients[0].meta.get("init_fingerprint")
-        if not expected:
-            return "the ingredients' meta.json does not record the init they were fine-tuned from (init_fingerprint)"
-        where = self.kitchen.cache / f"init-{expected}"
+        problem = _init_unknown(self.ingredients)
+        if problem:
+            return problem
+        expected = self.ingredients[0].meta["init_fingerprint"]
+        start = self.ingredients[0].meta.get("start_fingerprint")
+        where = self.kitchen.cache / f"init-{self.theta0_key}"
         if not checkpoints.is_ingredient(where):
             source = self.config.init_from.path or "none: the model's random init"
             try:
@@ -363,8 +370,11 @@ class Cooking:
                 return (f"the init rebuilt from the ingredients' config (init_from {source}) has fingerprint {got}, "
                         f"but they were fine-tuned from an init with fingerprint {expected}")
             variables = shared_init.with_head_init(self.config, base, self.kitchen.model)
+            if start and pretrained.fingerprint(variables) != start:
+                return (f"the start rebuilt from the ingredients' config (head_init {self.config.head_init}) has "
+                        f"fingerprint {pretrained.fingerprint(variables)}, but they started from {start}")
             checkpoints.save_ingredient(where, variables, {"name": "init", "init_fingerprint": expected,
-                                                           "config": self.config.to_dict()})
+                                                           "start_fingerprint": start, "config": self.config.to_dict()})
         self._init_dir = where
         return None
 
@@ -373,17 +383,15 @@ class Cooking:
         from soupjax import checkpoints
         return checkpoints.tensor_source(self._init_dir)
 
-    def init_variables(self) -> dict[str, Any]:
-        from soupjax import checkpoints
-        return checkpoints.load_variables(self._init_dir)
-
-    def dish_variables(self, name: str) -> tuple[dict[str, Any], list[float]]:
-        """A model by name: 'best_ingredient', or a soup or merge saved in ``out``; and its weights."""
+    def dish_source(self, name: str) -> tuple[Any, list[float]]:
+        """A model by name, as a tensor source on disk: 'best_ingredient', or a soup or merge saved in
+        ``out``; and its weights per ingredient."""
         from soupjax import checkpoints
         if name == "best_ingredient":
-            return self.loaders[self.best](), [float(i == self.best) for i in range(len(self.names))]
+            return (checkpoints.tensor_source(self.ingredients[self.best].path),
+                    [float(i == self.best) for i in range(len(self.names))])
         meta = checkpoints.load_meta(self.kitchen.out / name)
-        return checkpoints.load_variables(self.kitchen.out / name), list(meta["weights"])
+        return checkpoints.tensor_source(self.kitchen.out / name), list(meta["weights"])
 
     def evaluate_point(self, dish: str, label: str, variables: Mapping[str, Any], point: Mapping[str, Any]) -> ModelEval:
         """A point of a curve on every split (cached), counted as one held-out evaluation: only its held-out
@@ -442,19 +450,24 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
     # Which method makes each dish, over the whole registry: WiSE-FT may start from any of them.
     method_of = {dish: m for m in methods.methods() for dish in m.dishes(o)}
     dishes = [(m, dish) for m in wanted for dish in m.dishes(o)]
-    _check_wise_ft_bases(o, wanted, method_of, {d for _, d in dishes}, out)
 
     # What a soup is made from: the ingredients by name and meta.json fingerprint (a retrained
     # ingredient of the same name is another ingredient), the init, the evaluation data.
     ingredient_meta = {ing.name: config_fingerprint(ing.meta) for ing in ingredients}
+    # The batch size is in too: a learned soup takes one step per held-out batch, and recalibration
+    # reads that many images per batch.
     common = {"ingredients": [str(ing.path) for ing in ingredients], "ingredient_meta": ingredient_meta,
-              "init": fingerprint, "data": data.eval_fingerprint(config.data), "recalibrate_bn": o["recalibrate_bn"]}
+              "init": fingerprint, "data": data.eval_fingerprint(config.data), "recalibrate_bn": o["recalibrate_bn"],
+              "eval_batch": o["eval_batch_size"] or config.eval_batch_size}
+    theta0_key = _theta0_key(ingredients, config, data)
 
     def key_of(dish: str) -> dict[str, Any]:
         method = method_of[dish]
         after = {} if method.name != "wise_ft" else {"base": _wise_ft_base_key(dish, key_of, method_of)}
-        return plain({**common, **method.key_of(o), **after, "recipe": dish})
+        theta0 = {"theta0": theta0_key} if method.needs_init else {}
+        return plain({**common, **method.key_of(o, dish), **after, **theta0, "recipe": dish})
 
+    _check_wise_ft_bases(o, wanted, method_of, {d for _, d in dishes}, out, key_of)
     soup_names = [d for m, d in dishes if m.saves_model]
     provenance = plain({
         "recipe": recipe, "ingredients": sorted(names), "ingredient_meta": ingredient_meta, "init": fingerprint,
@@ -474,7 +487,7 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
           f"data {config.data.name}; report splits: {', '.join(kitchen.report_splits)}", flush=True)
     # 1. Every ingredient on every split, one at a time (cached). Recalibration applies to soups only.
     evals = [kitchen.evaluate_ingredient(ing) for ing in ingredients]
-    cooking = Cooking(kitchen, ingredients, evals, o, config, key_of)
+    cooking = Cooking(kitchen, ingredients, evals, o, config, key_of, theta0_key)
     best = cooking.best
     rows: list[dict[str, Any]] = []
     ingredient_rows = []
@@ -602,23 +615,59 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
 
 
 def _check_wise_ft_bases(options: Mapping[str, Any], wanted: Sequence[Any], method_of: Mapping[str, Any],
-                         cooked_now: set[str], out: Path) -> None:
-    """``InputError`` for a ``--wise_ft_of`` name that is no model, or one that will not be there to start from."""
+                         cooked_now: set[str], out: Path, key_of: Callable[[str], dict]) -> None:
+    """``InputError`` for a ``--wise_ft_of`` name that is no model, one that will not be there to start
+    from, or one in ``out`` cooked from other ingredients or options than those given now (WiSE-FT's
+    result is keyed by its base's options, so the base must be what they describe)."""
     if not any(m.name == "wise_ft" for m in wanted):
         return
     from soupjax import checkpoints
     from soupjax.methods import wise_ft
+    if not wise_ft.bases(options):
+        raise InputError(f"--wise_ft_of={options['wise_ft_of']!r}: name at least one model (best_ingredient or a soup)")
     for base in wise_ft.bases(options):
         if base == "best_ingredient":
             continue
         method = method_of.get(base)
         if method is None or not method.saves_model or method.name == "wise_ft":
             models = [d for d, m in method_of.items() if m.saves_model and m.name != "wise_ft"]
-            raise InputError(f"--wise_ft_of={options['wise_ft_of']!r}: {base!r} is not a model soupjax cooks; "
-                             f"choose from best_ingredient, {', '.join(models)}")
-        if base not in cooked_now and not checkpoints.is_ingredient(out / base):
+            raise InputError(f"--wise_ft_of={options['wise_ft_of']!r}: {base!r} is not a model soupjax cooks with "
+                             f"these options; choose from best_ingredient, {', '.join(models)}")
+        if base in cooked_now:
+            continue
+        if not checkpoints.is_ingredient(out / base):
             raise InputError(f"--wise_ft_of: the {base} soup is not in {out}: cook it first (--recipe "
                              f"{method.name}) or use --recipe all")
+        differing = _what_differs(checkpoints.load_meta(out / base).get("options") or {}, key_of(base))
+        if differing:
+            raise InputError(f"--wise_ft_of: the {base} soup in {out} was cooked from other ingredients or options "
+                             f"({'; '.join(differing[:4])}); cook it again first (--recipe {method.name} --overwrite) "
+                             "or give the options it was cooked with")
+
+
+def _init_unknown(ingredients: Sequence[Any]) -> str | None:
+    """Why no one shared init can be named for ``ingredients`` (from their meta.json alone), or None."""
+    inits = {ing.meta.get("init_fingerprint") for ing in ingredients}
+    if None in inits or "" in inits:
+        return "the ingredients' meta.json does not record the init they were fine-tuned from (init_fingerprint)"
+    if len(inits) > 1:
+        return f"the ingredients were fine-tuned from {len(inits)} different inits (--allow_mixed_init): there is no one θ0"
+    starts = {ing.meta.get("start_fingerprint") for ing in ingredients} - {None}
+    if len(starts) > 1:
+        return f"the ingredients started from {len(starts)} different points (start_fingerprint: another head init)"
+    return None
+
+
+def _theta0_key(ingredients: Sequence[Any], config: ConfigDict, data: Any) -> str:
+    """What names θ0: the fingerprint of the whole start where the ingredients recorded it; for older
+    ingredients, their init's fingerprint and what the head init is rebuilt from (config, data, probe)."""
+    from soupjax.config_base import fingerprint
+    start = ingredients[0].meta.get("start_fingerprint")
+    if start:
+        return str(start)
+    head = fingerprint({"head_init": config.head_init, "probe": config.linear_probe,
+                        "data": data.eval_fingerprint(config.data), "batch": config.eval_batch_size})
+    return f"{ingredients[0].meta.get('init_fingerprint')}-{head}"
 
 
 def _wise_ft_base_key(dish: str, key_of: Callable[[str], dict], method_of: Mapping[str, Any]) -> Any:

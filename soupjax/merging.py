@@ -116,7 +116,7 @@ def trim_top(tau: np.ndarray, density: float) -> np.ndarray:
     tau = np.asarray(tau)
     flat = tau.reshape(-1)
     # The product is rounded: 0.07 * 100 is 7.000000000000001, whose ceiling would keep 8 entries.
-    k = min(flat.size, math.ceil(round(density * flat.size, 9)))
+    k = min(flat.size, max(1, math.ceil(round(density * flat.size, 9))))  # at least one entry kept
     out = np.zeros_like(flat)
     if k:
         # A stable sort of -|tau| keeps equal magnitudes in index order; negating is exact.
@@ -391,6 +391,7 @@ def merge_by_tensor(
     combine: Callable[[str, np.ndarray, list[np.ndarray]], np.ndarray],
     *,
     merged_collections: Sequence[str] = ("params",),
+    unmerged: Callable[[str, list[np.ndarray]], np.ndarray] | None = None,
 ) -> dict:
     """Merges whole models tensor by tensor: ``combine(path, x0, xs)`` on each merged tensor.
 
@@ -400,7 +401,9 @@ def merge_by_tensor(
     ``combine`` (e.g. ``lambda path, x0, xs: ties(x0, xs, 0.2, 1.0)``) and cast back to the first
     source's stored dtype. Every other leaf (BatchNorm ``batch_stats``, integer counters) is the plain
     float32 mean of the sources, integers rounded, and the init is not read for it: statistics are
-    not displacements from the init (``soup --recalibrate_bn`` recomputes them anyway).
+    not displacements from the init (``soup --recalibrate_bn`` recomputes them anyway). ``unmerged(path,
+    xs)`` replaces that mean where a method weighs its sources unequally (SLERP: the two ends' statistics
+    in the proportion of t).
 
     Before anything is read, the init and every source are checked to have the same paths and
     shapes as the first source: a ValueError names the source (its ``name``, else "ingredient i" or
@@ -432,7 +435,7 @@ def merge_by_tensor(
             if result.shape != shape:
                 raise ValueError(f"combine returned shape {result.shape} for {path!r}, expected {shape}")
         else:
-            result = _plain_mean(xs)
+            result = _plain_mean(xs) if unmerged is None else np.asarray(unmerged(path, [x.astype(np.float32) for x in xs]))
         del xs
         out.append(_cast(result, dtype))
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -106,6 +106,7 @@ class TrainResult:
     variables: Variables
     model: Any
     init_fingerprint: str
+    start_fingerprint: str  # of every variable the run started from (init_from, then the head init)
     steps: int
     start_step: int
     seconds: float
@@ -132,6 +133,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
     base = base_init(config, model)
     fingerprint = pretrained.fingerprint(base["params"])
     init = with_head_init(config, base, model)
+    # The exact start, head included: merges take displacements from it, and the linear-probe head is
+    # not promised bit-exact when rebuilt elsewhere, so cooking checks the rebuilt one against this.
+    start_fingerprint = pretrained.fingerprint(init)
     max_steps = steps = total_steps(config)
     tx, hparams = make_optimizer(config, steps)
     plateau = _PlateauSchedule(config, workdir, max_steps, hparams)
@@ -207,7 +211,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
     if "batch_stats" in state:
         variables["batch_stats"] = state["batch_stats"]
     return TrainResult(variables=jax.device_get(variables), model=model, init_fingerprint=fingerprint,
-                       steps=steps, start_step=start_step, seconds=train_time,
+                       start_fingerprint=start_fingerprint, steps=steps, start_step=start_step, seconds=train_time,
                        images_per_second=history[-1].get("images_per_second", float("nan")) if history
                        else float("nan"),
                        heldout_curve=list(curve.points) if curve else [], decay_start=plateau.decay_start)
@@ -331,6 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         "name": ingredient_dir.name,
         "config": config.to_dict(),
         "init_fingerprint": trained.init_fingerprint,
+        "start_fingerprint": trained.start_fingerprint,
         "data_fingerprint": data.eval_fingerprint(config.data),
         "init_from": config.init_from.path,
         "activation": models.activation(model),  # e.g. 'gelu_tanh' when init_from is a .npz

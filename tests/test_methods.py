@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 import tensorflow_datasets as tfds
 
 from soupjax import checkpoints, kitchen, merging, methods, recipes, shared_init
@@ -254,3 +255,97 @@ def test_merges_need_the_shared_init(tmp_path, capsys):
         with pytest.raises(InputError, match="--recipe=ties works on the displacements from the shared init.*"
                                              "0123456789abcdef"):
             kitchen.cook("ties", unknown, tmp_path / "ties", shifts=[], **SMALL_GRIDS)
+        # The init is right but the start (the head init) recorded by the ingredients is another one.
+        other_head = _make_ingredients(tmp_path / "other_head")
+        for meta_file in other_head.glob("*/meta.json"):
+            meta = json.loads(meta_file.read_text())
+            meta_file.write_text(json.dumps({**meta, "start_fingerprint": "fedcba9876543210"}))
+        with pytest.raises(InputError, match="started from fedcba9876543210"):
+            kitchen.cook("model_stock", other_head, tmp_path / "model_stock", shifts=[])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 40), st.integers(2, 5), st.integers(0, 2**31 - 1), st.booleans())
+def test_greedy_ensemble_never_falls_below_its_first_model(k, n, classes, seed, strict):
+    """Property: along the greedy ensemble's steps the kept ensemble's held-out accuracy never falls, it
+    ends at least at the first (best) model's, and only models it kept are in it."""
+    from soupjax.methods.greedy_ensemble import select
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    logits = [rng.normal(size=(n, classes)) for _ in range(k)]
+    order = list(rng.permutation(k))
+    kept, steps = select(logits, labels, order, strict=strict)
+    held = [s["soup_heldout"] for s in steps]
+    assert held == sorted(held) and held[0] == steps[0]["heldout"]
+    assert kept[0] == order[0] and set(kept) == {s["ingredient"] for s in steps if s["action"] == "add"}
+    final = np.mean(np.mean([logits[i] for i in kept], axis=0).argmax(-1) == labels)
+    assert final == pytest.approx(held[-1])
+    # k copies of one model: all kept unless strict (equal accuracy does not rise).
+    copies, _ = select([logits[0]] * k, labels, list(range(k)), strict=strict)
+    assert copies == ([0] if strict else list(range(k)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 30), st.integers(0, 2**31 - 1))
+def test_wise_ft_line_ends_at_the_init_and_the_base(size, seed):
+    """WiSE-FT's point θ0 + α (θ − θ0) is task arithmetic with one ingredient: α = 0 is the init and
+    α = 1 the base, bit for bit (float32 values, differences exact in float64)."""
+    rng = np.random.default_rng(seed)
+    x0 = rng.normal(size=size).astype(np.float32)
+    base = (x0 + 0.01 * rng.normal(size=size)).astype(np.float32)
+    assert np.array_equal(merging.task_arithmetic(x0, [base], 0.0), x0)
+    assert np.array_equal(merging.task_arithmetic(x0, [base], 1.0), base)
+    half = merging.task_arithmetic(x0, [base], 0.5)
+    np.testing.assert_allclose(half, (x0.astype(np.float64) + base) / 2, rtol=1e-6, atol=1e-7)
+
+
+def test_no_one_init_is_named_for_mixed_or_unrecorded_inits():
+    from types import SimpleNamespace as NS
+    from soupjax.kitchen import _init_unknown
+    same = [NS(meta={"init_fingerprint": "a"}), NS(meta={"init_fingerprint": "a"})]
+    assert _init_unknown(same) is None
+    assert "2 different inits" in _init_unknown([NS(meta={"init_fingerprint": "a"}), NS(meta={"init_fingerprint": "b"})])
+    assert "does not record" in _init_unknown([NS(meta={}), *same])
+    heads = [NS(meta={"init_fingerprint": "a", "start_fingerprint": s}) for s in ("x", "y")]
+    assert "2 different points" in _init_unknown(heads)
+
+
+def test_each_dare_dish_is_keyed_by_its_own_grid():
+    dare = methods.get("dare")
+    o = methods.resolve({})
+    linear, ties = dare.key_of(o, "dare_linear"), dare.key_of(o, "dare_ties")
+    assert "dare_scales" in linear and "ties_lambdas" not in linear
+    assert "ties_lambdas" in ties and "dare_scales" not in ties
+    assert dare.key_of(methods.resolve({"ties_lambdas": "3"}), "dare_linear") == linear
+
+
+def test_slerp_ends_are_the_two_ingredients_statistics_included():
+    """SLERP's t = 0 is the first ingredient and t = 1 the second, BatchNorm statistics too (they are
+    weighed by t, not averaged)."""
+    init = {"params": {"w": np.zeros(3, np.float32)}, "batch_stats": {"var": np.ones(2, np.float32)}}
+    a = {"params": {"w": np.array([1, 0, 0], np.float32)}, "batch_stats": {"var": np.array([2, 3], np.float32)}}
+    b = {"params": {"w": np.array([0, 2, 0], np.float32)}, "batch_stats": {"var": np.array([4, 5], np.float32)}}
+    sources = [recipes.TreeSource(a), recipes.TreeSource(b)]
+    for t, want in ((0.0, a), (1.0, b)):
+        got = merging.merge_by_tensor(recipes.TreeSource(init), sources,
+                                      lambda path, x0, xs: merging.slerp(x0, xs[0], xs[1], t),
+                                      unmerged=lambda path, xs: xs[0] if t == 0 else xs[1])
+        jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+
+
+@pytest.mark.slow
+def test_wise_ft_refuses_a_base_cooked_with_other_options(ingredients, tmp_path):
+    out = tmp_path / "soups"
+    with tfds.testing.mock_data(num_examples=MOCK):
+        with pytest.raises(InputError, match="--wise_ft_of='': name at least one model"):
+            kitchen.cook("wise_ft", ingredients, out, shifts=[], wise_ft_of="")
+        with pytest.raises(InputError, match="the task_arithmetic soup is not in"):
+            kitchen.cook("wise_ft", ingredients, out, shifts=[], wise_ft_of="task_arithmetic")
+        kitchen.cook("task_arithmetic", ingredients, out, shifts=[], task_arithmetic_scales="0.5")
+        with pytest.raises(InputError, match=r"the task_arithmetic soup in .* was cooked from other ingredients or "
+                                             r"options \(task_arithmetic_scales: \[0.5\] -> \[2.0\]"):
+            kitchen.cook("wise_ft", ingredients, out, shifts=[], wise_ft_of="task_arithmetic",
+                         task_arithmetic_scales="2", wise_ft_alphas="0,1")
+        results = kitchen.cook("wise_ft", ingredients, out, shifts=[], wise_ft_of="task_arithmetic,task_arithmetic",
+                               task_arithmetic_scales="0.5", wise_ft_alphas="0,1")
+    assert [r["name"] for r in results["soups"]].count("wise_ft_task_arithmetic") == 1

@@ -125,8 +125,8 @@ class Method:
 
     ``cook(cooking)`` yields its ``Dish``es (names from ``dish_names(options)``, in that order).
     ``options`` are its own; ``uses`` names options another method defines that it reads too (pruned
-    soups follow greedy's ``greedy_strict``). ``key(options)`` is what its results depend on besides
-    the ingredients and data (stored with each dish, compared on a rerun); by default the values of
+    soups follow greedy's ``greedy_strict``). ``key(options, dish)`` is what a dish depends on besides
+    the ingredients and data (stored with it, compared on a rerun); by default the values of
     ``options`` and ``uses``. ``needs_init``: it works on displacements from the shared init.
     ``saves_model``: its dishes are models saved as checkpoints (an ensemble is not).
     ``in_all``: cooked by ``--recipe all``. ``order``: its place in ``all`` and in listings (a method
@@ -139,7 +139,7 @@ class Method:
     options: Mapping[str, Option] = dataclasses.field(default_factory=dict)
     uses: tuple[str, ...] = ()
     dish_names: Callable[[Mapping[str, Any]], list[str]] | None = None
-    key: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    key: Callable[[Mapping[str, Any], str], dict[str, Any]] | None = None
     needs_init: bool = False
     saves_model: bool = True
     in_all: bool = True
@@ -148,9 +148,9 @@ class Method:
     def dishes(self, options: Mapping[str, Any]) -> list[str]:
         return self.dish_names(options) if self.dish_names else [self.name]
 
-    def key_of(self, options: Mapping[str, Any]) -> dict[str, Any]:
+    def key_of(self, options: Mapping[str, Any], dish: str) -> dict[str, Any]:
         if self.key:
-            return self.key(options)
+            return self.key(options, dish)
         return {k: options[k] for k in (*self.options, *self.uses)}
 
     @property

@@ -21,6 +21,12 @@ OPTIONS = {
 COMBINES = ("linear", "ties")
 
 
+def key(options, dish: str) -> dict:
+    # Each dish depends on its own grid only: retuning TIES's λ grid must not recook dare_linear.
+    scales = {"dare_scales": options["dare_scales"]} if dish == "dare_linear" else {"ties_lambdas": options["ties_lambdas"]}
+    return {"dare_drop_rates": options["dare_drop_rates"], "seed": options["seed"], **scales}
+
+
 def cook(cooking):
     from soupjax import merging
     k = len(cooking.names)
@@ -48,5 +54,5 @@ def cook(cooking):
 
 
 register(Method("dare", "merge", "random drop-and-rescale of displacements, combined linearly or TIES-style",
-                cook, options=OPTIONS, uses=("seed", "ties_lambdas"),
+                cook, options=OPTIONS, uses=("seed", "ties_lambdas"), key=key,
                 dish_names=lambda o: [f"dare_{c}" for c in COMBINES], needs_init=True, order=52))

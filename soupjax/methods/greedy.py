@@ -17,7 +17,7 @@ OPTIONS = {
 }
 
 
-def key(options) -> dict:
+def key(options, dish: str) -> dict:
     # The names a soup cooked by an earlier soupjax stored, so that it is still recognised and resumed.
     recalibrated = {"recalibrated": "first_and_candidates"} if options["recalibrate_bn"] else {}
     return {"strict": options["greedy_strict"], "order": options["greedy_order"], "seed": options["seed"],

@@ -25,7 +25,7 @@ def modes(options) -> list[str]:
     return ["global", "layer"] if options["learned_mode"] == "both" else [options["learned_mode"]]
 
 
-def key(options) -> dict:
+def key(options, dish: str) -> dict:
     stats = {"train_statistics": "recalibrated_each_epoch"} if options["recalibrate_bn"] else {}
     return {"epochs": options["learned_epochs"], "lr": options["learned_lr"], "seed": options["seed"], **stats}
 

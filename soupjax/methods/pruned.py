@@ -11,7 +11,7 @@ from soupjax.methods import Dish, Method, Option, register
 OPTIONS = {"pruned_passes": Option(1, "Pruned soup: passes over the ingredients.", kind="int", low=1)}
 
 
-def key(options) -> dict:
+def key(options, dish: str) -> dict:
     return {"strict": options["greedy_strict"], "passes": options["pruned_passes"]}
 
 

@@ -24,7 +24,12 @@ def cook(cooking) -> list[Dish]:
     grid = [{"t": t} for t in grid_floats(cooking.options["slerp_ts"])]
 
     def build(point):
-        return merging.merge_by_tensor(init, pair, lambda path, x0, xs: merging.slerp(x0, xs[0], xs[1], point["t"]))
+        t = point["t"]
+        # Statistics (BatchNorm's) are no displacements: the two ends' in the proportion of t, so that
+        # t = 0 is the best ingredient and t = 1 the second, statistics included.
+        return merging.merge_by_tensor(init, pair, lambda path, x0, xs: merging.slerp(x0, xs[0], xs[1], t),
+                                       unmerged=lambda path, xs: xs[0] if t == 0 else xs[1] if t == 1
+                                       else (1 - t) * xs[0] + t * xs[1])
 
     chosen, variables, records = cooking.choose("slerp", grid, build)
     weights = [0.0] * k

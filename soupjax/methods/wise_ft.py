@@ -20,26 +20,32 @@ OPTIONS = {
 
 
 def bases(options) -> list[str]:
-    return [b.strip() for b in options["wise_ft_of"].split(",") if b.strip()]
+    """The models named by ``--wise_ft_of``, each once, in the order given."""
+    return list(dict.fromkeys(b.strip() for b in options["wise_ft_of"].split(",") if b.strip()))
 
 
-def key(options) -> dict:
+def key(options, dish: str) -> dict:
     return {"alphas": list(options["wise_ft_alphas"])}
 
 
 def cook(cooking):
-    from soupjax import recipes
-    init = cooking.init_variables()
+    from soupjax import merging
+    init = cooking.init_source()
     alphas = grid_floats(cooking.options["wise_ft_alphas"])
     for base in bases(cooking.options):
         name = f"wise_ft_{base}"
         if name not in cooking.pending:
             continue
-        soup, weights = cooking.dish_variables(base)
+        source, weights = cooking.dish_source(base)
+        # Every collection moves along the line (BatchNorm statistics too: both ends have their own).
+        collections = tuple(source.structure)
         curve = {"base": base, "alphas": alphas, "heldout": [], "test": [], "shift_mean": []}
         best = None
         for alpha in alphas:
-            variables = recipes.interpolate(init, soup, alpha)
+            # θ0 + α (θ − θ0) is task arithmetic with one ingredient and λ = α, streamed per tensor.
+            variables = merging.merge_by_tensor(
+                init, [source], lambda path, x0, xs, alpha=alpha: merging.task_arithmetic(x0, xs, alpha),
+                merged_collections=collections)
             ev = cooking.evaluate_point(name, f"{name}-{alpha:g}", variables, {"alpha": alpha})
             curve["heldout"].append(ev.accuracy("heldout"))
             curve["test"].append(ev.accuracy("test"))
@@ -47,12 +53,13 @@ def cook(cooking):
             curve["shift_mean"].append(sum(shifts) / len(shifts) if shifts else None)
             if best is None or ev.accuracy("heldout") > best[0]:
                 best = (ev.accuracy("heldout"), alpha, variables)
+            del variables
         curve["chosen_alpha"] = best[1]
         records = [{"options": {"alpha": a}, "heldout": h} for a, h in zip(alphas, curve["heldout"])]
         # The weights say what each ingredient contributes (α times its weight in the base); the models
-        # it is made of are the base's, whatever α.
+        # it is made of are the base's, or none at α = 0 (the init).
         yield Dish(name, [best[1] * w for w in weights], best[2], chosen={"alpha": best[1]}, grid=records,
-                   meta={"curve": curve, "base": base}, n_used=sum(w != 0 for w in weights))
+                   meta={"curve": curve, "base": base}, n_used=0 if best[1] == 0 else sum(w != 0 for w in weights))
 
 
 def dish_names(options) -> list[str]:
