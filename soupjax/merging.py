@@ -119,9 +119,15 @@ def trim_top(tau: np.ndarray, density: float) -> np.ndarray:
     k = min(flat.size, max(1, math.ceil(round(density * flat.size, 9))))  # at least one entry kept
     out = np.zeros_like(flat)
     if k:
-        # A stable sort of -|tau| keeps equal magnitudes in index order; negating is exact.
-        keep = np.argsort(-np.abs(flat), kind="stable")[:k]
-        out[keep] = flat[keep]
+        # The k-th largest magnitude by partition (linear time; a sort of every tensor made TIES 4x
+        # slower than task arithmetic): everything above it is kept, and of the entries equal to it,
+        # the earliest in index order fill the rest, as a stable sort would pick them.
+        magnitude = np.abs(flat)
+        threshold = np.partition(magnitude, flat.size - k)[flat.size - k]
+        above = magnitude > threshold
+        tied = np.flatnonzero(magnitude == threshold)[: k - int(above.sum())]
+        out[above] = flat[above]
+        out[tied] = flat[tied]
     return out.reshape(tau.shape)
 
 
