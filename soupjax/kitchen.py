@@ -463,7 +463,7 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
 
     def key_of(dish: str) -> dict[str, Any]:
         method = method_of[dish]
-        after = {} if method.name != "wise_ft" else {"base": _wise_ft_base_key(dish, key_of, method_of)}
+        after = {} if method.name != "wise_ft" else {"base": _wise_ft_base_key(dish, key_of, common)}
         theta0 = {"theta0": theta0_key} if method.needs_init else {}
         return plain({**common, **method.key_of(o, dish), **after, **theta0, "recipe": dish})
 
@@ -670,9 +670,13 @@ def _theta0_key(ingredients: Sequence[Any], config: ConfigDict, data: Any) -> st
     return f"{ingredients[0].meta.get('init_fingerprint')}-{head}"
 
 
-def _wise_ft_base_key(dish: str, key_of: Callable[[str], dict], method_of: Mapping[str, Any]) -> Any:
+def _wise_ft_base_key(dish: str, key_of: Callable[[str], dict], common: Mapping[str, Any]) -> Any:
+    """What a WiSE-FT dish's base is: its recipe and options (what it shares with every dish, the
+    ingredients and data, is in the WiSE-FT dish's own key already)."""
     base = dish.removeprefix("wise_ft_")
-    return "best_ingredient" if base == "best_ingredient" else key_of(base)
+    if base == "best_ingredient":
+        return base
+    return {k: v for k, v in key_of(base).items() if k not in common}
 
 
 def _check_shifts(data: Any, config: ConfigDict, shifts: Sequence[str] | None) -> list[str]:

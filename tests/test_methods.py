@@ -221,25 +221,39 @@ def test_every_method_cooks_and_each_dish_is_its_arithmetic(cooked, ingredients)
     assert (out / "wise_ft.png").stat().st_size > 0
 
 
-@pytest.mark.slow
-def test_each_method_runs_alone_from_the_command_line(ingredients, tmp_path, monkeypatch, capsys):
-    """``python -m soupjax.soup --recipe NAME`` for every registered name (in process, one out directory:
-    the ingredients' evaluations are cached, each recipe adds its dishes)."""
-    from soupjax import soup
-    out = tmp_path / "soups"
-    small = [f"--{k}={v}" for k, v in SMALL_GRIDS.items()]
-    for method in methods.methods():
-        argv = ["soup", f"--recipe={method.name}", f"--ingredients={ingredients}", f"--out={out}", "--shifts=",
-                *small]
-        soup.FLAGS.unparse_flags()
-        soup.FLAGS(argv)
-        with tfds.testing.mock_data(num_examples=MOCK):
-            assert soup.main([]) == 0
-        report = json.loads((out / "report.json").read_text())
-        expected = set(method.dishes(methods.resolve(SMALL_GRIDS)))
-        assert expected <= {row["name"] for row in report["soups"]}, method.name
-        assert report["meta"]["recipes"] == [method.name]
+# Runs every registered method through soup.py's own flags and main(), one after another in one fresh
+# process (absl defines each flag once per process, and other tests' CLIs define some of the same names).
+_EACH_METHOD = """
+import json, sys
+import tensorflow_datasets as tfds
+from soupjax import methods, soup
+ingredients, out, small = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+for method in methods.methods():
     soup.FLAGS.unparse_flags()
+    soup.FLAGS(["soup", f"--recipe={method.name}", f"--ingredients={ingredients}", f"--out={out}", "--shifts=",
+                *small])
+    with tfds.testing.mock_data(num_examples=64):
+        assert soup.main([]) == 0
+    report = json.load(open(f"{out}/report.json"))
+    expected = set(method.dishes(methods.resolve({k: soup.FLAGS[k].value for k in methods.all_options()})))
+    got = {row["name"] for row in report["soups"]}
+    assert expected <= got and report["meta"]["recipes"] == [method.name], (method.name, expected, got)
+    print("cooked alone:", method.name, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_each_method_runs_alone_from_the_command_line(ingredients, tmp_path):
+    """``python -m soupjax.soup --recipe NAME`` for every registered name, into one out directory (the
+    ingredients' evaluations are cached, each recipe adds its dishes and writes its own report)."""
+    import subprocess
+    import sys
+    small = [f"--{k}={v}" for k, v in SMALL_GRIDS.items()]
+    run = subprocess.run([sys.executable, "-c", _EACH_METHOD, str(ingredients), str(tmp_path / "soups"),
+                          json.dumps(small)], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    cooked = [line.split(": ", 1)[1] for line in run.stdout.splitlines() if line.startswith("cooked alone: ")]
+    assert cooked == methods.names()
 
 
 @pytest.mark.slow
