@@ -82,7 +82,8 @@ def test_same_ingredients_cook_the_same_report(tmp_path, finetuned_workdir, fash
     for out in ("first", "second"):
         kitchen.cook("all", ingredients, tmp_path / out, learned_epochs=1, shifts=[],
                      data_dir=fashion_mnist_data_dir, ties_densities="0.5", ties_lambdas="1", dare_drop_rates="0.5",
-                     dare_scales="1", task_arithmetic_scales="1", slerp_ts="0.5", wise_ft_alphas="0.5")
+                     dare_scales="1", task_arithmetic_scales="1", slerp_ts="0.5", wise_ft_alphas="0.5",
+                     wise_ft_of="uniform")
     first, second = (tmp_path / out / "report.json" for out in ("first", "second"))
     assert report_numbers(second) == report_numbers(first)
     rows = json.loads(first.read_text())["soups"]
