@@ -61,6 +61,19 @@ def _flat(tree) -> dict[str, np.ndarray]:
     return {recipes.path_str(p): np.asarray(x, np.float64) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def test_a_method_imported_on_its_own_does_not_hide_the_others():
+    """Importing one method's module first (as a test or a notebook may) registers that method; the
+    registry still finds every other one. Checked in a fresh process, where nothing was imported yet."""
+    import subprocess
+    import sys
+    code = ("from soupjax.methods.greedy_ensemble import select\n"
+            "from soupjax import methods\n"
+            "print(','.join(methods.names()))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert ISSUE_METHODS <= set(run.stdout.strip().split(","))
+
+
 def test_the_registry_holds_every_method_with_its_docs_and_options():
     registered = {m.name: m for m in methods.methods()}
     assert ISSUE_METHODS <= set(registered)

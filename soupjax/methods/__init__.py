@@ -188,13 +188,21 @@ SHARED_OPTIONS: dict[str, Option] = {
 }
 
 
+_discovered = False
+
+
 def _discover() -> None:
-    """Import every module of this package once: each registers its method."""
-    if _REGISTRY:
+    """Import every module of this package once: each registers its method.
+
+    Whether the registry is empty says nothing: a module imported on its own (``from
+    soupjax.methods.greedy_ensemble import select``) registers its method before discovery has run."""
+    global _discovered
+    if _discovered:
         return
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):
             importlib.import_module(f"{__name__}.{info.name}")
+    _discovered = True
 
 
 def methods() -> list[Method]:
