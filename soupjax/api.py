@@ -14,7 +14,7 @@ options). Everything here is a thin layer over the modules the command line uses
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +25,6 @@ from soupjax import recipes as soup_arithmetic
 from soupjax.cli_errors import InputError
 
 Variables = Mapping[str, Any]
-
-# merge(): the per-tensor combination of each method, given its hyperparameters by keyword.
-_MERGES: dict[str, Callable[..., Callable[[str, Any, list], Any]]] = {
-    "task_arithmetic": lambda lam: lambda path, x0, xs: merging.task_arithmetic(x0, xs, lam),
-    "ties": lambda density, lam: lambda path, x0, xs: merging.ties(x0, xs, density, lam),
-    "dare_linear": lambda p, lam, seed=0: lambda path, x0, xs: merging.dare(
-        x0, xs, p, lam, [merging.tensor_rng(seed, path, i) for i in range(len(xs))], combine="linear"),
-    "dare_ties": lambda p, lam, seed=0: lambda path, x0, xs: merging.dare(
-        x0, xs, p, lam, [merging.tensor_rng(seed, path, i) for i in range(len(xs))], combine="ties"),
-    "slerp": lambda t: lambda path, x0, xs: merging.slerp(x0, xs[0], xs[1], t),
-    "spherical_mean": lambda: lambda path, x0, xs: merging.spherical_mean(x0, xs),
-    "model_stock": lambda: lambda path, x0, xs: merging.model_stock(x0, xs),
-}
-
 
 def recipes() -> dict[str, str]:
     """Every method ``cook`` knows, with its one-line summary (``--recipe`` names, in cooking order)."""
@@ -59,27 +45,11 @@ def config_of(ingredients: Sequence[preflight.Ingredient]) -> ConfigDict:
 def shared_init(ingredients: Sequence[preflight.Ingredient]) -> Variables:
     """The variables the ingredients started from (``init_from``, then the head init), rebuilt from their
     config and checked against the fingerprints they recorded; ``InputError`` saying why when it cannot be."""
-    from soupjax import pretrained, shared_init as init_module
-    from soupjax.kitchen import _init_unknown
-    problem = _init_unknown(ingredients)
-    if problem:
-        raise InputError(f"{problem}: pass init= to merge() yourself")
-    config = config_of(ingredients)
-    expected = ingredients[0].meta["init_fingerprint"]
+    from soupjax import shared_init as init_module
     try:
-        base = init_module.base_init(config)
-    except (OSError, ValueError) as e:  # a missing or mismatched init_from file
-        raise InputError(f"the init could not be rebuilt from the ingredients' config: {e}") from e
-    got = pretrained.fingerprint(base["params"])
-    if got != expected:
-        raise InputError(f"the init rebuilt from the ingredients' config has fingerprint {got}, the ingredients "
-                         f"record {expected}: pass init= to merge() yourself")
-    variables = init_module.with_head_init(config, base)
-    start = ingredients[0].meta.get("start_fingerprint")
-    if start and pretrained.fingerprint(variables) != start:
-        raise InputError(f"the head init rebuilt from the ingredients' config differs from the one they started "
-                         f"from ({start}): pass init= to merge() yourself")
-    return variables
+        return init_module.rebuild_start(config_of(ingredients), [ing.meta for ing in ingredients])
+    except InputError as e:
+        raise InputError(f"{e}: pass init= to merge() yourself") from e
 
 
 def merge(method: str, ingredients: Sequence[preflight.Ingredient], *, init: Variables | None = None,
@@ -97,15 +67,15 @@ def merge(method: str, ingredients: Sequence[preflight.Ingredient], *, init: Var
         if hyperparameters:
             raise InputError(f"merge('uniform') takes no hyperparameters, got {', '.join(hyperparameters)}")
         return soup_arithmetic.uniform_by_tensor(sources)
-    if method not in _MERGES:
-        raise InputError(f"merge: unknown method {method!r}; choose from uniform, {', '.join(_MERGES)} "
+    if method not in merging.COMBINERS:
+        raise InputError(f"merge: unknown method {method!r}; choose from uniform, {', '.join(merging.COMBINERS)} "
                          "(the selecting recipes, greedy/pruned/learned/WiSE-FT, choose on held-out data: use cook)")
     if method == "slerp":
         if len(sources) < 2:
             raise InputError(f"merge('slerp') interpolates between two ingredients, got {len(sources)}")
         sources = sources[:2]
     try:
-        combine = _MERGES[method](**hyperparameters)
+        combine = merging.combiner(method, **hyperparameters)
     except TypeError as e:
         raise InputError(f"merge({method!r}): {e}") from e
     init_source = soup_arithmetic.TreeSource(init if init is not None else shared_init(ingredients))

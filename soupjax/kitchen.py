@@ -341,10 +341,6 @@ class Cooking:
     def named_steps(self, progression: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         return _named_steps(progression, self.names)
 
-    @staticmethod
-    def plain(value: Any) -> Any:
-        return plain(value)
-
     # The shared init, for the methods that work on displacements from it.
 
     def init_problem(self) -> str | None:
@@ -352,29 +348,20 @@ class Cooking:
         ready: rebuilt from the ingredients' config, checked against the fingerprints they recorded (of
         ``init_from``'s weights and, where recorded, of the whole start, the head init included), and kept
         under ``out/cache/init-<theta0_key>``."""
-        from soupjax import checkpoints, pretrained, shared_init
-        problem = _init_unknown(self.ingredients)
+        from soupjax import checkpoints, shared_init
+        metas = [ing.meta for ing in self.ingredients]
+        problem = shared_init.start_problem(metas)
         if problem:
             return problem
-        expected = self.ingredients[0].meta["init_fingerprint"]
-        start = self.ingredients[0].meta.get("start_fingerprint")
         where = self.kitchen.cache / f"init-{self.theta0_key}"
         if not checkpoints.is_ingredient(where):
-            source = self.config.init_from.path or "none: the model's random init"
             try:
-                base = shared_init.base_init(self.config, self.kitchen.model)
-            except (InputError, OSError, ValueError) as e:
-                return f"the init could not be rebuilt from the ingredients' config (init_from {source}): {e}"
-            got = pretrained.fingerprint(base["params"])
-            if got != expected:
-                return (f"the init rebuilt from the ingredients' config (init_from {source}) has fingerprint {got}, "
-                        f"but they were fine-tuned from an init with fingerprint {expected}")
-            variables = shared_init.with_head_init(self.config, base, self.kitchen.model)
-            if start and pretrained.fingerprint(variables) != start:
-                return (f"the start rebuilt from the ingredients' config (head_init {self.config.head_init}) has "
-                        f"fingerprint {pretrained.fingerprint(variables)}, but they started from {start}")
-            checkpoints.save_ingredient(where, variables, {"name": "init", "init_fingerprint": expected,
-                                                           "start_fingerprint": start, "config": self.config.to_dict()})
+                variables = shared_init.rebuild_start(self.config, metas, self.kitchen.model)
+            except InputError as e:
+                return str(e)
+            checkpoints.save_ingredient(where, variables, {
+                "name": "init", "init_fingerprint": metas[0]["init_fingerprint"],
+                "start_fingerprint": metas[0].get("start_fingerprint"), "config": self.config.to_dict()})
         self._init_dir = where
         return None
 
@@ -643,19 +630,6 @@ def _check_wise_ft_bases(options: Mapping[str, Any], wanted: Sequence[Any], meth
             raise InputError(f"--wise_ft_of: the {base} soup in {out} was cooked from other ingredients or options "
                              f"({'; '.join(differing[:4])}); cook it again first (--recipe {method.name} --overwrite) "
                              "or give the options it was cooked with")
-
-
-def _init_unknown(ingredients: Sequence[Any]) -> str | None:
-    """Why no one shared init can be named for ``ingredients`` (from their meta.json alone), or None."""
-    inits = {ing.meta.get("init_fingerprint") for ing in ingredients}
-    if None in inits or "" in inits:
-        return "the ingredients' meta.json does not record the init they were fine-tuned from (init_fingerprint)"
-    if len(inits) > 1:
-        return f"the ingredients were fine-tuned from {len(inits)} different inits (--allow_mixed_init): there is no one θ0"
-    starts = {ing.meta.get("start_fingerprint") for ing in ingredients} - {None}
-    if len(starts) > 1:
-        return f"the ingredients started from {len(starts)} different points (start_fingerprint: another head init)"
-    return None
 
 
 def _theta0_key(ingredients: Sequence[Any], config: ConfigDict, data: Any) -> str:

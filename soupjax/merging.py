@@ -58,6 +58,9 @@ __all__ = [
     "spherical_mean",
     "model_stock_ratio",
     "model_stock",
+    "model_stock_with_ratio",
+    "combiner",
+    "COMBINERS",
     "merge_by_tensor",
 ]
 
@@ -328,10 +331,50 @@ def model_stock_ratio(taus: Sequence[np.ndarray]) -> float:
     return k * c / (1 + (k - 1) * c)
 
 
+def model_stock_with_ratio(x0: np.ndarray, xs: Sequence[np.ndarray]) -> tuple[np.ndarray, float]:
+    """``model_stock`` and the ratio t it used (the report shows the ratios)."""
+    taus = _taus(x0, xs)
+    t = model_stock_ratio(taus)
+    return _finish(x0, t * (_sum(taus) / len(taus))), t
+
+
 def model_stock(x0: np.ndarray, xs: Sequence[np.ndarray]) -> np.ndarray:
     """Model Stock: ``x0 + t * mean_i tau_i`` (= t * mean theta_i + (1 - t) theta_0), t from ``model_stock_ratio``."""
-    taus = _taus(x0, xs)
-    return _finish(x0, model_stock_ratio(taus) * (_sum(taus) / len(taus)))
+    return model_stock_with_ratio(x0, xs)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# The per-tensor function of each method, as ``merge_by_tensor`` takes it.
+
+Combine = Callable[[str, np.ndarray, list[np.ndarray]], np.ndarray]
+
+
+def _dare_combiner(p: float, lam: float, seed: int, combine: str) -> Combine:
+    # One generator per tensor and ingredient, from the tensor's path: the same masks whatever the order.
+    return lambda path, x0, xs: dare(x0, xs, p, lam, [tensor_rng(seed, path, i) for i in range(len(xs))],
+                                     combine=combine)
+
+
+_COMBINERS: dict[str, Callable[..., Combine]] = {
+    "task_arithmetic": lambda lam: lambda path, x0, xs: task_arithmetic(x0, xs, lam),
+    "ties": lambda density, lam: lambda path, x0, xs: ties(x0, xs, density, lam),
+    "dare_linear": lambda p, lam, seed=0: _dare_combiner(p, lam, seed, "linear"),
+    "dare_ties": lambda p, lam, seed=0: _dare_combiner(p, lam, seed, "ties"),
+    "slerp": lambda t: lambda path, x0, xs: slerp(x0, xs[0], xs[1], t),
+    "spherical_mean": lambda: lambda path, x0, xs: spherical_mean(x0, xs),
+    "model_stock": lambda: lambda path, x0, xs: model_stock(x0, xs),
+}
+COMBINERS = tuple(_COMBINERS)  # the names ``combiner`` knows
+
+
+def combiner(method: str, **hyperparameters: Any) -> Combine:
+    """``combine(path, x0, xs)`` of ``method`` (one of ``COMBINERS``) with its hyperparameters by keyword
+    (task_arithmetic: lam; ties: density, lam; dare_linear / dare_ties: p, lam, seed; slerp: t): the one
+    definition the recipes and ``soupjax.api.merge`` share. ValueError for another method, TypeError for
+    a missing or unknown hyperparameter."""
+    if method not in _COMBINERS:
+        raise ValueError(f"no per-tensor merge called {method!r}; there are {', '.join(COMBINERS)}")
+    return _COMBINERS[method](**hyperparameters)
 
 
 # --------------------------------------------------------------------------------------------------

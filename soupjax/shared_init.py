@@ -6,6 +6,7 @@ were trained from, so it must be rebuilt bit-exactly wherever it is needed.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -84,3 +85,46 @@ def init_variables(config: ml_collections.ConfigDict, model: nn.Module | None = 
 def init_fingerprint(config: ml_collections.ConfigDict, model: nn.Module | None = None) -> str:
     """Fingerprint of the init an ingredient of ``config`` starts from (before the head init)."""
     return pretrained.fingerprint(base_init(config, model)["params"])
+
+
+def start_problem(metas: Sequence[Mapping[str, Any]]) -> str | None:
+    """Why no one shared start can be named for ingredients with these meta.json contents, or None.
+
+    Read from the metas alone (no model built): every ingredient must record the same ``init_fingerprint``
+    and, where recorded, the same ``start_fingerprint`` (the whole start, head init included)."""
+    inits = {meta.get("init_fingerprint") for meta in metas}
+    if None in inits or "" in inits:
+        return "the ingredients' meta.json does not record the init they were fine-tuned from (init_fingerprint)"
+    if len(inits) > 1:
+        return f"the ingredients were fine-tuned from {len(inits)} different inits (--allow_mixed_init): there is no one θ0"
+    starts = {meta.get("start_fingerprint") for meta in metas} - {None}
+    if len(starts) > 1:
+        return f"the ingredients started from {len(starts)} different points (start_fingerprint: another head init)"
+    return None
+
+
+def rebuild_start(config: ml_collections.ConfigDict, metas: Sequence[Mapping[str, Any]],
+                  model: nn.Module | None = None) -> Variables:
+    """The variables the ingredients (their meta.json contents ``metas``) started from, rebuilt from
+    ``config`` and checked against the fingerprints they recorded: ``init_from``'s weights always, the
+    whole start (the head init included) where recorded. ``InputError`` saying why when it cannot be."""
+    from soupjax.cli_errors import InputError
+    problem = start_problem(metas)
+    if problem:
+        raise InputError(problem)
+    expected, start = metas[0]["init_fingerprint"], metas[0].get("start_fingerprint")
+    model = model or build_model(config)
+    source = config.init_from.path or "none: the model's random init"
+    try:
+        base = base_init(config, model)
+    except (InputError, OSError, ValueError) as e:  # a missing or mismatched init_from file
+        raise InputError(f"the init could not be rebuilt from the ingredients' config (init_from {source}): {e}") from e
+    got = pretrained.fingerprint(base["params"])
+    if got != expected:
+        raise InputError(f"the init rebuilt from the ingredients' config (init_from {source}) has fingerprint {got}, "
+                         f"but they were fine-tuned from an init with fingerprint {expected}")
+    variables = with_head_init(config, base, model)
+    if start and pretrained.fingerprint(variables) != start:
+        raise InputError(f"the start rebuilt from the ingredients' config (head_init {config.head_init}) has "
+                         f"fingerprint {pretrained.fingerprint(variables)}, but they started from {start}")
+    return variables

@@ -329,14 +329,13 @@ def test_wise_ft_line_ends_at_the_init_and_the_base(size, seed):
 
 
 def test_no_one_init_is_named_for_mixed_or_unrecorded_inits():
-    from types import SimpleNamespace as NS
-    from soupjax.kitchen import _init_unknown
-    same = [NS(meta={"init_fingerprint": "a"}), NS(meta={"init_fingerprint": "a"})]
-    assert _init_unknown(same) is None
-    assert "2 different inits" in _init_unknown([NS(meta={"init_fingerprint": "a"}), NS(meta={"init_fingerprint": "b"})])
-    assert "does not record" in _init_unknown([NS(meta={}), *same])
-    heads = [NS(meta={"init_fingerprint": "a", "start_fingerprint": s}) for s in ("x", "y")]
-    assert "2 different points" in _init_unknown(heads)
+    from soupjax.shared_init import start_problem
+    same = [{"init_fingerprint": "a"}, {"init_fingerprint": "a"}]
+    assert start_problem(same) is None
+    assert "2 different inits" in start_problem([{"init_fingerprint": "a"}, {"init_fingerprint": "b"}])
+    assert "does not record" in start_problem([{}, *same])
+    heads = [{"init_fingerprint": "a", "start_fingerprint": s} for s in ("x", "y")]
+    assert "2 different points" in start_problem(heads)
 
 
 def test_each_dare_dish_is_keyed_by_its_own_grid():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import numbers
 import pkgutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -69,13 +70,9 @@ class Option:
         if self.kind == "str":
             return not isinstance(value, str)
         if self.kind == "int":
-            if not isinstance(value, int) or isinstance(value, bool):
-                try:
-                    import numpy as np
-                    if not isinstance(value, np.integer):
-                        return True
-                except ImportError:  # pragma: no cover
-                    return True
+            # numpy's integers are numbers.Integral too; a bool is one but is no count.
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                return True
             return self._out_of_range(float(value))
         values = list(value) if self.kind == "floats" and not isinstance(value, (int, float)) else [value]
         if self.kind == "floats" and not values:

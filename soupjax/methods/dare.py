@@ -42,11 +42,9 @@ def cook(cooking):
         else:
             grid = [{"p": p, "lambda": lam} for p, lam in itertools.product(rates, grid_floats(o["ties_lambdas"]))]
 
-        def build(point, combine=combine):
-            def one(path, x0, xs):
-                rngs = [merging.tensor_rng(seed, path, i) for i in range(len(xs))]
-                return merging.dare(x0, xs, point["p"], point["lambda"], rngs, combine=combine)
-            return merging.merge_by_tensor(init, sources, one)
+        def build(point, name=name):
+            return merging.merge_by_tensor(init, sources, merging.combiner(name, p=point["p"], lam=point["lambda"],
+                                                                           seed=seed))
 
         chosen, variables, records = cooking.choose(name, grid, build)
         weight = chosen["lambda"] if combine == "linear" else chosen["lambda"] / k

@@ -33,6 +33,7 @@ def key(options, dish: str) -> dict:
 def cook(cooking):
     import numpy as np
     from soupjax import learned
+    from soupjax.files import plain
     o = cooking.options
     budget = int(o["memory_budget_mb"] * 2**20) if o["memory_budget_mb"] > 0 else None
     for mode in modes(o):
@@ -56,7 +57,7 @@ def cook(cooking):
             weights = [float(w) for w in np.asarray(res.weights)]
         yield Dish(name, weights, res.variables,
                    meta={"history": res.history, "temperature": float(res.temperature),
-                         "layer_weights": cooking.plain(res.weights) if mode == "layer" else None})
+                         "layer_weights": plain(res.weights) if mode == "layer" else None})
 
 
 register(Method("learned", "soup", "mixing weights (per ingredient or per layer) trained on the held-out split",

@@ -17,9 +17,8 @@ def cook(cooking) -> list[Dish]:
     ratios: dict[str, float] = {}
 
     def one(path, x0, xs):
-        t = merging.model_stock_ratio([x - x0 for x in xs])
-        ratios[path] = float(t)
-        return merging.model_stock(x0, xs)
+        merged, ratios[path] = merging.model_stock_with_ratio(x0, xs)
+        return merged
 
     variables = merging.merge_by_tensor(cooking.init_source(), cooking.sources(), one)
     values = np.array(list(ratios.values()) or [1.0])

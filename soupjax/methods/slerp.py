@@ -27,9 +27,9 @@ def cook(cooking) -> list[Dish]:
         t = point["t"]
         # Statistics (BatchNorm's) are no displacements: the two ends' in the proportion of t, so that
         # t = 0 is the best ingredient and t = 1 the second, statistics included.
-        return merging.merge_by_tensor(init, pair, lambda path, x0, xs: merging.slerp(x0, xs[0], xs[1], t),
-                                       unmerged=lambda path, xs: xs[0] if t == 0 else xs[1] if t == 1
-                                       else (1 - t) * xs[0] + t * xs[1])
+        # (1 - t) a + t b is a or b exactly at t = 0 or 1.
+        return merging.merge_by_tensor(init, pair, merging.combiner("slerp", t=t),
+                                       unmerged=lambda path, xs: (1 - t) * xs[0] + t * xs[1])
 
     chosen, variables, records = cooking.choose("slerp", grid, build)
     weights = [0.0] * k

@@ -13,7 +13,7 @@ def cook(cooking) -> list[Dish]:
     from soupjax import merging
     k = len(cooking.names)
     variables = merging.merge_by_tensor(cooking.init_source(), cooking.sources(),
-                                        lambda path, x0, xs: merging.spherical_mean(x0, xs))
+                                        merging.combiner("spherical_mean"))
     return [Dish("spherical_mean", [1.0 / k] * k, variables)]
 
 

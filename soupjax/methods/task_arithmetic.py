@@ -21,7 +21,7 @@ def cook(cooking) -> list[Dish]:
     grid = [{"lambda": s / k, "scale": s} for s in grid_floats(cooking.options["task_arithmetic_scales"])]
 
     def build(point):
-        return merging.merge_by_tensor(init, sources, lambda path, x0, xs: merging.task_arithmetic(x0, xs, point["lambda"]))
+        return merging.merge_by_tensor(init, sources, merging.combiner("task_arithmetic", lam=point["lambda"]))
 
     chosen, variables, records = cooking.choose("task_arithmetic", grid, build)
     return [Dish("task_arithmetic", [chosen["lambda"]] * k, variables, chosen=chosen, grid=records)]

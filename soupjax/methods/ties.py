@@ -29,7 +29,7 @@ def cook(cooking) -> list[Dish]:
 
     def build(point):
         return merging.merge_by_tensor(
-            init, sources, lambda path, x0, xs: merging.ties(x0, xs, point["density"], point["lambda"]))
+            init, sources, merging.combiner("ties", density=point["density"], lam=point["lambda"]))
 
     chosen, variables, records = cooking.choose("ties", grid, build)
     return [Dish("ties", [chosen["lambda"] / k] * k, variables, chosen=chosen, grid=records)]

@@ -43,9 +43,8 @@ def cook(cooking):
         best = None
         for alpha in alphas:
             # θ0 + α (θ − θ0) is task arithmetic with one ingredient and λ = α, streamed per tensor.
-            variables = merging.merge_by_tensor(
-                init, [source], lambda path, x0, xs, alpha=alpha: merging.task_arithmetic(x0, xs, alpha),
-                merged_collections=collections)
+            variables = merging.merge_by_tensor(init, [source], merging.combiner("task_arithmetic", lam=alpha),
+                                                merged_collections=collections)
             ev = cooking.evaluate_point(name, f"{name}-{alpha:g}", variables, {"alpha": alpha})
             curve["heldout"].append(ev.accuracy("heldout"))
             curve["test"].append(ev.accuracy("test"))
