@@ -24,6 +24,9 @@ if ! "$PYTHON" -c "import ensurepip, venv" >/dev/null 2>&1 && command -v apt-get
   $SUDO apt-get install -y python3-venv
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# No wheel cache: the test extras pull a CUDA build of torch (about 5.5 GB installed), and a cached copy of
+# every wheel beside the installed one nearly doubles the disk the install needs at its peak.
+export PIP_NO_CACHE_DIR=1
 .venv/bin/python -m pip install --quiet --upgrade pip
 if [ "${1:-}" = "--test" ]; then
   .venv/bin/python -m pip install --quiet -r requirements-test.txt
