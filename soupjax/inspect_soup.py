@@ -73,18 +73,11 @@ def inspect(ingredients_dir: Path, out: Path, *, config: ConfigDict | None = Non
     config = load_config(ingredients, config, data_dir)
     check_writable(out)
     # Only now: the model and data modules take seconds to import, the checks above none.
-    from soupjax import pretrained, recipes, report
-    from soupjax.models import build_model
-    from soupjax.shared_init import base_init, with_head_init
-    model = build_model(config)
-    base = base_init(config, model)
-    fingerprint = pretrained.fingerprint(base["params"])
-    expected = ingredients[0].meta.get("init_fingerprint")
-    if expected and fingerprint != expected:
-        raise preflight.PreflightError(
-            f"the init rebuilt from the config has fingerprint {fingerprint}, the ingredients were fine-tuned "
-            f"from {expected}: is init_from ({config.init_from.path or 'none'}) still the same file?")
-    theta0 = _flat_f32(with_head_init(config, base, model))
+    from soupjax import recipes, report
+    from soupjax.shared_init import rebuild_start
+    # The displacements are measured from the start the ingredients recorded (init and head, checked by
+    # fingerprint), the same θ0 the merge methods use: angles from any other point would be meaningless.
+    theta0 = _flat_f32(rebuild_start(config, [ing.meta for ing in ingredients]))
     # K vectors of P float32 parameters: fine for the models this is meant for; a streamed Gram matrix
     # would be needed for K x ViT-L.
     deltas = np.stack([_flat_f32(ing.load()) for ing in ingredients])

@@ -1,7 +1,14 @@
-"""Shared fixtures: CPU only, and the real Fashion-MNIST prepared once per test session."""
+"""Shared fixtures: CPU only, and the real Fashion-MNIST, a fine-tuned sweep and the XLA cache made once
+per test run and shared by its xdist workers."""
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,11 +25,31 @@ except ImportError:
     pass
 
 
+def _shared_directory(tmp_path_factory, name: str, make: Callable[[Path], None] | None = None) -> Path:
+    """A directory made once per test run, however many xdist workers it has: the first worker to ask
+    runs ``make(directory)`` holding a lock, the others wait for it and use what it made. (A whole
+    fine-tuning run or data set made once instead of once per worker, on a 2-core machine.)"""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' base directories are siblings in this run's directory
+    directory, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when make() fails
+        if not done.exists():
+            shutil.rmtree(directory, ignore_errors=True)  # what a worker that failed half-way left
+            directory.mkdir()
+            if make is not None:
+                make(directory)
+            done.touch()
+    return directory
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """One persistent XLA cache per test process: the trainer tests compile the same programs many times."""
+    """One persistent XLA cache for the whole test run: the trainer tests, the command lines they start
+    and the other worker compile the same programs many times."""
     from soupjax.workdirs import enable_compilation_cache
-    directory = str(tmp_path_factory.mktemp("jax_cache"))
+    directory = str(_shared_directory(tmp_path_factory, "jax_cache"))
     enable_compilation_cache(directory)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = directory  # for the subprocesses the CLI tests start
     return directory
@@ -30,25 +57,29 @@ def compilation_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fashion_mnist_data_dir(tmp_path_factory) -> str:
-    """A TFDS data dir holding the real Fashion-MNIST (Debian's files), prepared once per session."""
+    """A TFDS data dir holding the real Fashion-MNIST (Debian's files), prepared once per test run."""
     from soupjax.data import fashion_mnist_local
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
-    fashion_mnist_local.prepare(data_dir=data_dir)
-    return data_dir
+    return str(_shared_directory(tmp_path_factory, "tfds",
+                                 lambda directory: fashion_mnist_local.prepare(data_dir=str(directory))))
 
 
 @pytest.fixture(scope="session")
 def finetuned_workdir(tmp_path_factory, fashion_mnist_data_dir, compilation_cache):
-    """``python -m soupjax.finetune --config configs/fashion_mnist_vit.py:testing,sweep=2`` run once,
-    as a user would run it (no --workdir: $SOUPJAX_WORKDIR), on the real Fashion-MNIST."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    """``python -m soupjax.finetune --config configs/fashion_mnist_vit.py:testing,sweep=2`` run once per
+    test run, as a user would run it (no --workdir: $SOUPJAX_WORKDIR), on the real Fashion-MNIST.
+    Shared by the workers: tests read it, and only write under its soups/ (``--recipe`` from the
+    default work directory), which no other test reads."""
     root = Path(__file__).resolve().parents[1]
-    workdir = tmp_path_factory.mktemp("finetuned") / "work"
-    env = dict(os.environ, SOUPJAX_WORKDIR=str(workdir), JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "soupjax.finetune", "--config", "configs/fashion_mnist_vit.py:testing,sweep=2",
            f"--config.data.data_dir={fashion_mnist_data_dir}"]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return {"workdir": workdir, "cmd": cmd, "env": env, "stdout": out.stdout}
+
+    def finetune(directory: Path) -> None:
+        env = dict(os.environ, SOUPJAX_WORKDIR=str(directory / "work"), JAX_PLATFORMS="cpu")
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        (directory / "stdout.txt").write_text(out.stdout)
+
+    shared = _shared_directory(tmp_path_factory, "finetuned", finetune)
+    workdir = shared / "work"
+    env = dict(os.environ, SOUPJAX_WORKDIR=str(workdir), JAX_PLATFORMS="cpu")
+    return {"workdir": workdir, "cmd": cmd, "env": env, "stdout": (shared / "stdout.txt").read_text()}

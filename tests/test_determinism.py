@@ -1,5 +1,7 @@
-"""Determinism on CPU: the same config and seed give bit-identical parameters, and the same ingredients
-cooked twice give the same report. (Across processes and through kills: tests/test_killed_runs.py.)"""
+"""Determinism on CPU: the same config and seed give bit-identical parameters. The same ingredients
+cooked twice give the same report and bit-identical soups, DARE's random masks included: that is
+tests/test_killed_runs.py's soup test, whose reference and killed-then-resumed cooks run in separate
+processes (the helpers it compares with are here)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from soupjax import checkpoints, kitchen, train
+from soupjax import train
 from soupjax.recipes import path_str
 from test_train import load_config
 
@@ -74,22 +76,3 @@ def test_same_config_and_seed_give_bit_identical_parameters(tmp_path):
     logged = [[{k: v for k, v in r.items() if k != "images_per_second"}
                for r in train.read_metrics(tmp_path / run / "metrics.jsonl")] for run in ("first", "second")]
     assert logged[0] == logged[1] and len(logged[0]) == 6
-
-
-@pytest.mark.slow
-def test_same_ingredients_cook_the_same_report(tmp_path, finetuned_workdir, fashion_mnist_data_dir):
-    ingredients = finetuned_workdir["workdir"] / "ingredients"  # a sweep fine-tuned on the real data
-    for out in ("first", "second"):
-        kitchen.cook("all", ingredients, tmp_path / out, learned_epochs=1, shifts=[],
-                     data_dir=fashion_mnist_data_dir, ties_densities="0.5", ties_lambdas="1", dare_drop_rates="0.5",
-                     dare_scales="1", task_arithmetic_scales="1", slerp_ts="0.5", wise_ft_alphas="0.5",
-                     wise_ft_of="uniform")
-    first, second = (tmp_path / out / "report.json" for out in ("first", "second"))
-    assert report_numbers(second) == report_numbers(first)
-    rows = json.loads(first.read_text())["soups"]
-    assert {r["name"] for r in rows} >= {"uniform", "greedy", "pruned", "learned_global", "learned_layer", "ensemble",
-                                         "ties", "dare_linear", "dare_ties", "model_stock", "wise_ft_uniform"}
-    for row in rows:  # DARE's random masks included: they are drawn from the seed
-        if row["kind"] in ("soup", "merge"):
-            same = [checkpoints.load_variables(tmp_path / out / row["name"]) for out in ("first", "second")]
-            assert_bit_identical(same[1], same[0], f"soup {row['name']} cooked twice")

@@ -7,6 +7,7 @@ so what survives is only what was already on disk. Every command runs as a user 
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -222,10 +223,16 @@ def test_soup_killed_while_writing_leaves_no_partial_soup_and_resumes(tmp_path, 
         assert f"{name}: cooked earlier, reused" in again
         assert _mtimes(out / name) == written[name], f"{name} was cooked again"
     reference.finish()
+    # Two processes cooked the same ingredients with the same options: the same report and every soup and
+    # merge bit for bit (DARE's random masks included: they are drawn from the seed).
     assert report_numbers(out / "report.json") == report_numbers(tmp_path / "reference" / "report.json")
-    for soup in _visible(tmp_path / "reference"):
-        if checkpoints.is_ingredient(soup):
-            assert_bit_identical(checkpoints.load_variables(out / soup.name), checkpoints.load_variables(soup), soup.name)
+    rows = json.loads((tmp_path / "reference" / "report.json").read_text())["soups"]
+    assert {r["name"] for r in rows} >= {"uniform", "greedy", "pruned", "learned_global", "learned_layer", "ensemble",
+                                         "ties", "dare_linear", "dare_ties", "model_stock", "wise_ft_uniform"}
+    saved = [soup for soup in _visible(tmp_path / "reference") if checkpoints.is_ingredient(soup)]
+    assert {soup.name for soup in saved} == {r["name"] for r in rows if r["kind"] in ("soup", "merge")}
+    for soup in saved:
+        assert_bit_identical(checkpoints.load_variables(out / soup.name), checkpoints.load_variables(soup), soup.name)
 
 
 # configs/fashion_mnist_vit.py with its stage options, shrunk to seconds per stage: the study's code

@@ -17,6 +17,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from soupjax import batchnorm, checkpoints, kitchen as soup, preflight, recipes, report, shared_init, train
+from soupjax.cli_errors import InputError
 from test_train import assert_accuracy, forward_logits, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -335,6 +336,15 @@ def test_inspect_angles_distances_and_interpolation(mocked_ingredients, tmp_path
     for accuracy, point_logits in zip(line["heldout"], logits):
         assert_accuracy(accuracy, point_logits, labels, "interpolation")
     assert (tmp_path / "inspect.json").exists() and (tmp_path / "angles.png").exists()
+
+    # Displacements are measured from the start the ingredients recorded: another head init is refused.
+    other_head = tmp_path / "other_head"
+    shutil.copytree(mocked_ingredients, other_head)
+    for meta_file in other_head.glob("*/meta.json"):
+        meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "start_fingerprint": "fedcba9876543210"}))
+    with tfds.testing.mock_data(num_examples=64), pytest.raises(InputError, match="started from fedcba9876543210"):
+        inspect(other_head, tmp_path / "refused", pairs=1, points=3)
+    assert not (tmp_path / "refused" / "inspect.json").exists()
 
 
 # ------------------------------------------------------------------------------------ BatchNorm repair
