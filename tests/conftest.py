@@ -25,6 +25,13 @@ except ImportError:
     pass
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """The tests marked ``runs_first`` first, the rest in their usual order. xdist hands tests out in
+    this order as workers become free: a two-minute study collected late would otherwise run alone at
+    the end while the other worker idles."""
+    items.sort(key=lambda item: item.get_closest_marker("runs_first") is None)  # stable
+
+
 def _shared_directory(tmp_path_factory, name: str, make: Callable[[Path], None] | None = None) -> Path:
     """A directory made once per test run, however many xdist workers it has: the first worker to ask
     runs ``make(directory)`` holding a lock, the others wait for it and use what it made. (A whole

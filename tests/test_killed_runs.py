@@ -105,6 +105,7 @@ def _without_rate(metrics: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.runs_first
 def test_finetune_killed_at_random_moments_ends_as_an_uninterrupted_run(tmp_path, fashion_mnist_data_dir):
     long = (f"--config.total_steps={STEPS}", f"--config.checkpoint_every_steps={EVERY}")
     reference = Run(_finetune(tmp_path / "reference", fashion_mnist_data_dir, "testing", *long), tmp_path / "reference")
@@ -171,6 +172,7 @@ def test_finetune_killed_at_random_moments_ends_as_an_uninterrupted_run(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.runs_first
 def test_sweep_killed_between_ingredients_skips_the_finished_one(tmp_path, fashion_mnist_data_dir,
                                                                    finetuned_workdir):
     # The same command as the finetuned_workdir fixture's uninterrupted sweep, in another work directory.
@@ -191,6 +193,7 @@ def test_sweep_killed_between_ingredients_skips_the_finished_one(tmp_path, fashi
 
 
 @pytest.mark.slow
+@pytest.mark.runs_first
 def test_soup_killed_while_writing_leaves_no_partial_soup_and_resumes(tmp_path, fashion_mnist_data_dir,
                                                                       finetuned_workdir):
     def cook(out: str) -> list[str]:
@@ -259,6 +262,7 @@ def get_config(arg=None):
 
 
 @pytest.mark.slow
+@pytest.mark.runs_first
 def test_study_killed_in_each_stage_resumes_to_the_same_report(tmp_path, fashion_mnist_data_dir):
     config = tmp_path / "tiny_study.py"
     config.write_text(_TINY_STUDY.format(path=str(ROOT / "configs" / "fashion_mnist_vit.py")))

@@ -256,6 +256,7 @@ for method in methods.methods():
 
 
 @pytest.mark.slow
+@pytest.mark.runs_first
 def test_each_method_runs_alone_from_the_command_line(ingredients, tmp_path):
     """``python -m soupjax.soup --recipe NAME`` for every registered name, into one out directory (the
     ingredients' evaluations are cached, each recipe adds its dishes and writes its own report)."""
