@@ -1,6 +1,8 @@
 """soupjax.data: the local Fashion-MNIST builder, splits, deterministic/resumable pipelines, shifts, mocks."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -284,3 +286,40 @@ def test_natural_shift_tables():
         assert len(classes) == len(set(classes)) == 200 and list(classes) == sorted(classes)
     assert natural_shifts.source("cifar10", "cifar10_corrupted/fog_6") is None
     assert natural_shifts.source("cifar10", "cifar10_corrupted/fog_5").builder == "cifar10_corrupted/fog_5"
+
+
+def test_decoded_splits_are_kept_on_disk_for_the_next_process(fashion_mnist_data_dir, tmp_path, monkeypatch):
+    """A split decoded once is read back by later processes (no decoding), identical; a damaged file is
+    decoded again and replaced; a data set prepared again (its directory changed) is decoded again."""
+    import collections
+    import shutil
+    from soupjax.data import decoded_cache, pipeline
+    data_dir = tmp_path / "tfds"  # a copy: this test changes the data set's directory
+    shutil.copytree(fashion_mnist_data_dir, data_dir, ignore=shutil.ignore_patterns(decoded_cache.SUBDIRECTORY))
+    version_dir = pipeline.fashion_mnist_local.prepare(str(data_dir)).data_dir
+    c = data.default_data_config()
+    c.data_dir, c.classes = str(data_dir), [1, 3]
+    decoded = []
+    real_decode = pipeline._decode
+    monkeypatch.setattr(pipeline, "_decode", lambda *a, **k: decoded.append(a[1]) or real_decode(*a, **k))
+
+    def read():  # as a new process would: nothing decoded in memory yet
+        monkeypatch.setattr(pipeline, "_ARRAYS", collections.OrderedDict())
+        return list(data.eval_batches(c, "test", 1000))
+
+    first = read()
+    assert decoded == ["test"] and sum(b["mask"].sum() for b in first) == 2000
+    kept = list((Path(version_dir) / decoded_cache.SUBDIRECTORY).glob("*.npz"))
+    assert len(kept) == 1
+    assert_same(read(), first)
+    assert decoded == ["test"], "read back from disk, not decoded again"
+
+    kept[0].write_bytes(b"not an npz file")
+    assert_same(read(), first)
+    assert decoded == ["test", "test"]
+    with np.load(kept[0]) as saved:  # replaced by a good one
+        assert len(saved["labels"]) == 2000
+
+    (Path(version_dir) / "touched").write_text("the data set prepared again")
+    assert_same(read(), first)
+    assert decoded == ["test", "test", "test"]

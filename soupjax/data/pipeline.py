@@ -31,6 +31,7 @@ import tensorflow_datasets as tfds
 
 from soupjax.cli_errors import InputError
 from soupjax.config_base import default_data_config  # noqa: F401  (soupjax.data's API; TF-free home)
+from soupjax.data import decoded_cache
 from soupjax.data import fashion_mnist_local
 from soupjax.data import natural_shifts
 from soupjax.data import preprocessing as pp
@@ -239,14 +240,33 @@ _ARRAYS: collections.OrderedDict = collections.OrderedDict()
 def _arrays(src: _Source, split, shape, n: int, first_index: int = 0):
     """Decoded (images uint8 [n, h, w, c], labels int32 [n], index int64 [n]) of `split` (n examples).
 
-    Memoised, least recently used dropped beyond IN_MEMORY_MAX_BYTES in all.
+    Memoised, least recently used dropped beyond IN_MEMORY_MAX_BYTES in all, and kept on disk beside
+    the data set for the next process (decoded_cache).
     """
     key = (str(src.builder.data_dir), src.builder.info.full_name, str(split), n, first_index,
            None if src.label_map is None else src.label_map.tobytes())
     if key in _ARRAYS:
         _ARRAYS.move_to_end(key)
         return _ARRAYS[key]
+    on_disk = _prepared_on_disk(src.builder)  # not when mocked by tfds.testing.mock_data
+    # What the decoded arrays depend on, for the copy kept on disk by an earlier process.
+    what = (src.builder.info.full_name, str(split), first_index,
+            None if src.label_map is None else src.label_map.tolist(), list(shape))
+    arrays = decoded_cache.load(src.builder.data_dir, what, n) if on_disk else None
+    if arrays is None:
+        arrays = _decode(src, split, shape, n, first_index)
+        if on_disk:
+            decoded_cache.save(src.builder.data_dir, what, arrays)
+    if not on_disk:
+        return arrays
+    _ARRAYS[key] = arrays
+    while sum(a[0].nbytes for a in _ARRAYS.values()) > IN_MEMORY_MAX_BYTES and len(_ARRAYS) > 1:
+        _ARRAYS.popitem(last=False)
+    return arrays
 
+
+def _decode(src: _Source, split, shape, n: int, first_index: int):
+    """``_arrays``' work: read and decode the split."""
     def decode(index, image_bytes, labels):  # a batch at a time: map_fn beats a per-example map here
         images = tf.map_fn(lambda b: pp.decode(b, shape[-1]), image_bytes,
                            fn_output_signature=tf.TensorSpec([None, None, shape[-1]], tf.uint8))
@@ -258,11 +278,6 @@ def _arrays(src: _Source, split, shape, n: int, first_index: int = 0):
     arrays = tuple(np.concatenate([p[k] for p in parts]) if parts else empty[k] for k in range(3))
     if len(arrays[1]) != n:
         raise RuntimeError(f"read {len(arrays[1])} examples from {split!r}, expected {n}")
-    if not _prepared_on_disk(src.builder):
-        return arrays
-    _ARRAYS[key] = arrays
-    while sum(a[0].nbytes for a in _ARRAYS.values()) > IN_MEMORY_MAX_BYTES and len(_ARRAYS) > 1:
-        _ARRAYS.popitem(last=False)
     return arrays
 
 
