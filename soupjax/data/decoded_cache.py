@@ -1,9 +1,9 @@
 """Decoded splits kept on disk beside a data set's TFRecords.
 
 Every command that reads a small data set (Fashion-MNIST, CIFAR) decodes whole splits into memory
-(``pipeline._arrays``); without this file each start would parse and decode them again, 4-5 s of a 16 s
-fine-tuning run on Fashion-MNIST, paid again by every ingredient of a sweep started separately, every
-resumed run and every cook.
+(``pipeline._arrays``); without this file each start would parse and decode them again: 4 s of the
+14.6 s a 2-step fine-tuning command takes on Fashion-MNIST (experiments/bench_decoded_cache.py), paid
+again by every ingredient of a sweep started separately, every resumed run and every cook.
 
 A file is named by what it holds (data set, split, class filter, first index, image shape) and by the
 name, size and modification time of every file in the data set's directory: a data set prepared again
