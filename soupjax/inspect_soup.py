@@ -74,17 +74,24 @@ def inspect(ingredients_dir: Path, out: Path, *, config: ConfigDict | None = Non
     check_writable(out)
     # Only now: the model and data modules take seconds to import, the checks above none.
     from soupjax import recipes, report
-    from soupjax.shared_init import rebuild_start
-    # The displacements are measured from the start the ingredients recorded (init and head, checked by
-    # fingerprint), the same θ0 the merge methods use: angles from any other point would be meaningless.
-    theta0 = _flat_f32(rebuild_start(config, [ing.meta for ing in ingredients]))
+    from soupjax.shared_init import rebuild_start, start_problem
+    metas = [ing.meta for ing in ingredients]
+    # Angles are between displacements from the start the ingredients recorded (init and head, checked
+    # by fingerprint), the θ0 the merge methods use. Without one shared start (from-scratch runs with
+    # --allow_mixed_init, ingredients that recorded none) there are no angles to give, but distances and
+    # the interpolation lines (the loss barrier between such runs) still mean what they say.
+    no_start = start_problem(metas)
     # K vectors of P float32 parameters: fine for the models this is meant for; a streamed Gram matrix
     # would be needed for K x ViT-L.
     deltas = np.stack([_flat_f32(ing.load()) for ing in ingredients])
     # In place: theta_i - theta_0 of two float32 numbers this close is exact (Sterbenz), and no second
-    # K x P array is made.
-    deltas -= theta0
+    # K x P array is made. Distances do not depend on the point subtracted; without θ0, ingredient 0
+    # keeps the numbers small.
+    deltas -= _flat_f32(rebuild_start(config, metas)) if no_start is None else deltas[0].copy()
     angles, l2 = displacement_geometry(deltas)
+    if no_start:
+        print(f"inspect: no angles between fine-tuning updates, {no_start}; distances and interpolation only",
+              flush=True)
 
     # With BatchNorm, points on the line need their own statistics, or every midpoint looks collapsed.
     kitchen = Kitchen(config, out, shifts=[], eval_batch_size=eval_batch_size, recalibrate_batches=recalibrate_bn)
@@ -99,8 +106,10 @@ def inspect(ingredients_dir: Path, out: Path, *, config: ConfigDict | None = Non
         lines.append({"a": ingredients[i].name, "b": ingredients[j].name, "alphas": alphas.tolist(), "heldout": accs})
         print(f"interpolation {ingredients[i].name} -> {ingredients[j].name}: "
               + " ".join(f"{x:.3f}" for x in accs), flush=True)
-    result = {"names": [ing.name for ing in ingredients], "angles_deg": angles.tolist(), "l2": l2.tolist(),
-              "interpolation": lines}
+    result = {"names": [ing.name for ing in ingredients], "angles_deg": None if no_start else angles.tolist(),
+              "l2": l2.tolist(), "interpolation": lines}
+    if no_start:
+        result["no_angles"] = no_start
     out.mkdir(parents=True, exist_ok=True)
     report.write_inspect(result, out)
     print(report.inspect_table(result), flush=True)

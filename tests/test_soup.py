@@ -346,6 +346,19 @@ def test_inspect_angles_distances_and_interpolation(mocked_ingredients, tmp_path
         inspect(other_head, tmp_path / "refused", pairs=1, points=3)
     assert not (tmp_path / "refused" / "inspect.json").exists()
 
+    # From-scratch runs (other inits, --allow_mixed_init) share no θ0: no angles, the same distances and lines.
+    mixed = tmp_path / "mixed"
+    shutil.copytree(mocked_ingredients, mixed)
+    first_meta = sorted(mixed.glob("*/meta.json"))[0]
+    first_meta.write_text(json.dumps({**json.loads(first_meta.read_text()), "init_fingerprint": "another init"}))
+    with tfds.testing.mock_data(num_examples=64):
+        apart = inspect(mixed, tmp_path / "mixed_out", pairs=1, points=3, allow_mixed_init=True)
+    assert apart["angles_deg"] is None and "different inits" in apart["no_angles"]
+    np.testing.assert_allclose(apart["l2"], want_l2, rtol=1e-3, atol=1e-6)
+    assert apart["interpolation"] == result["interpolation"]
+    assert "Not given: " in (tmp_path / "mixed_out" / "inspect.md").read_text()
+    assert not (tmp_path / "mixed_out" / "angles.png").exists()
+
 
 # ------------------------------------------------------------------------------------ BatchNorm repair
 

@@ -35,7 +35,8 @@ def inspect_table(inspect: Mapping[str, Any]) -> str:
 
     Args:
       inspect: ``{'names': [K], 'angles_deg': KxK, 'l2': KxK, 'interpolation': [{'a', 'b', 'alphas',
-        'heldout'}]}``; angles are between the fine-tuning updates ``theta_i - theta_0``.
+        'heldout'}][, 'no_angles': why]}``; angles are between the fine-tuning updates ``theta_i - theta_0``
+        (None, with ``no_angles`` saying why, when the ingredients share no start).
 
     Returns:
       Markdown text.
@@ -47,6 +48,9 @@ def inspect_table(inspect: Mapping[str, Any]) -> str:
                   "Near 0°: the two runs moved the same way; larger angles mean more diverse runs, which "
                   "the paper links to larger gains from averaging them.", "",
                   _matrix(names, inspect["angles_deg"], ".1f"), ""]
+    elif names and inspect.get("no_angles"):
+        lines += ["## Angle between fine-tuning updates θᵢ − θ₀", "",
+                  f"Not given: {inspect['no_angles']}.", ""]
     if names and inspect.get("l2"):
         lines += ["## L2 distance between ingredients", "", _matrix(names, inspect["l2"], ".4g"), ""]
     curves = [c for c in inspect.get("interpolation") or [] if c.get("alphas")]
