@@ -5,8 +5,8 @@ the copy `soupjax/data/decoded_cache.py` keeps beside the data set.
 
 Each round runs, in fresh processes and in alternating order, the same two commands a user runs most:
 `finetune` of configs/fashion_mnist_vit.py:testing (a 2-step run that reads the train, held-out and test
-splits) into a new work directory, once with the decoded copies deleted first ("decode": what every
-start cost before) and once with them in place ("read back"). The persistent XLA cache is shared and
+splits) into a new work directory, once with SOUPJAX_DECODED_CACHE=0 ("decode": no copy read or
+written, what every start did before) and once reading the copies back ("read back"). The persistent XLA cache is shared and
 warm for both, so the difference is the data. Prints each run's wall time and the medians, and the
 ratio read back / decode.
 """
@@ -31,23 +31,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from soupjax.data import decoded_cache, fashion_mnist_local
-    cached = Path(fashion_mnist_local.prepare(args.data_dir).data_dir) / decoded_cache.SUBDIRECTORY
+    from soupjax.data import decoded_cache
     scratch = Path(tempfile.mkdtemp(prefix="bench_decoded_"))
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(scratch / "xla"))
 
     def run(name: str) -> float:
-        if name == "decode":
-            shutil.rmtree(cached, ignore_errors=True)
+        # "decode" with the cache switched off: what every start did before (no copies read, none written).
+        switch = {decoded_cache.ENABLE_VARIABLE: "0" if name == "decode" else "1"}
         workdir = scratch / f"work-{time.monotonic_ns()}"
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "soupjax.finetune", "--config", "configs/fashion_mnist_vit.py:testing",
                         f"--config.data.data_dir={args.data_dir}", f"--workdir={workdir}"],
-                       cwd=ROOT, env=env, check=True, capture_output=True)
+                       cwd=ROOT, env={**env, **switch}, check=True, capture_output=True)
         return time.perf_counter() - start
 
     try:
-        run("read back")  # warms the XLA cache and the page cache; not counted
+        run("read back")  # writes the copies if missing, warms the XLA and page caches; not counted
         times: dict[str, list[float]] = {"decode": [], "read back": []}
         for r in range(args.repeats):
             for name in (("decode", "read back") if r % 2 == 0 else ("read back", "decode")):

@@ -81,13 +81,15 @@ def inspect(ingredients_dir: Path, out: Path, *, config: ConfigDict | None = Non
     # --allow_mixed_init, ingredients that recorded none) there are no angles to give, but distances and
     # the interpolation lines (the loss barrier between such runs) still mean what they say.
     no_start = start_problem(metas)
+    # Before the K ingredients are loaded: a start that does not match what they recorded is refused at once.
+    theta0 = None if no_start else _flat_f32(rebuild_start(config, metas))
     # K vectors of P float32 parameters: fine for the models this is meant for; a streamed Gram matrix
     # would be needed for K x ViT-L.
     deltas = np.stack([_flat_f32(ing.load()) for ing in ingredients])
     # In place: theta_i - theta_0 of two float32 numbers this close is exact (Sterbenz), and no second
     # K x P array is made. Distances do not depend on the point subtracted; without θ0, ingredient 0
     # keeps the numbers small.
-    deltas -= _flat_f32(rebuild_start(config, metas)) if no_start is None else deltas[0].copy()
+    deltas -= deltas[0].copy() if theta0 is None else theta0
     angles, l2 = displacement_geometry(deltas)
     if no_start:
         print(f"inspect: no angles between fine-tuning updates, {no_start}; distances and interpolation only",

@@ -39,14 +39,20 @@ def _shared_directory(tmp_path_factory, name: str, make: Callable[[Path], None] 
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # the workers' base directories are siblings in this run's directory
-    directory, done = root / name, root / f"{name}.done"
+    directory, done, failed = root / name, root / f"{name}.done", root / f"{name}.failed"
     with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when make() fails
+        if failed.exists():  # the other worker tried: one failure reported twice, not two long runs
+            pytest.fail(f"{name}, made by another worker, failed: {failed.read_text()}")
         if not done.exists():
-            shutil.rmtree(directory, ignore_errors=True)  # what a worker that failed half-way left
+            shutil.rmtree(directory, ignore_errors=True)  # what a worker killed half-way left
             directory.mkdir()
-            if make is not None:
-                make(directory)
+            try:
+                if make is not None:
+                    make(directory)
+            except BaseException as e:
+                failed.write_text(f"{type(e).__name__}: {e}"[-3000:])
+                raise
             done.touch()
     return directory
 

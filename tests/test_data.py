@@ -323,3 +323,20 @@ def test_decoded_splits_are_kept_on_disk_for_the_next_process(fashion_mnist_data
     (Path(version_dir) / "touched").write_text("the data set prepared again")
     assert_same(read(), first)
     assert decoded == ["test", "test", "test"]
+
+    # Another class filter is another file; a file is only taken for the shape and size it holds.
+    c.classes = None
+    everything = read()
+    assert decoded == ["test"] * 4 and sum(b["mask"].sum() for b in everything) == 10_000
+    kept = sorted((Path(version_dir) / decoded_cache.SUBDIRECTORY).glob("*.npz"))
+    assert len(kept) == 3  # the first, unusable since the data set changed, and one per filter now
+    what = (pipeline.fashion_mnist_local.prepare(str(data_dir)).info.full_name, "test", 0, None, [28, 28, 1])
+    images, labels, index = decoded_cache.load(version_dir, what, 10_000, (28, 28, 1))
+    np.testing.assert_array_equal(index, np.arange(10_000))
+    assert decoded_cache.load(version_dir, what, 9_999, (28, 28, 1)) is None
+    assert decoded_cache.load(version_dir, what, 10_000, (28, 28, 3)) is None
+    # Switched off: nothing read back (the split is decoded again) and nothing written.
+    monkeypatch.setenv(decoded_cache.ENABLE_VARIABLE, "0")
+    assert_same(read(), everything)
+    assert decoded == ["test"] * 5
+    assert sorted((Path(version_dir) / decoded_cache.SUBDIRECTORY).glob("*.npz")) == kept

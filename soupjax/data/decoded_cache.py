@@ -1,21 +1,23 @@
 """Decoded splits kept on disk beside a data set's TFRecords.
 
 Every command that reads a small data set (Fashion-MNIST, CIFAR) decodes whole splits into memory
-(``pipeline._arrays``); without this file each start would parse and decode them again: 4 s of the
-14.6 s a 2-step fine-tuning command takes on Fashion-MNIST (experiments/bench_decoded_cache.py), paid
+(``pipeline._arrays``); without this file each start would parse and decode them again: about 5 s of
+the 15 s a 2-step fine-tuning command takes on Fashion-MNIST (experiments/bench_decoded_cache.py), paid
 again by every ingredient of a sweep started separately, every resumed run and every cook.
 
-A file is named by what it holds (data set, split, class filter, first index, image shape) and by the
-name, size and modification time of every file in the data set's directory: a data set prepared again
-is decoded again. Files are written under a temporary name and renamed, so a reader never sees half of
-one; one that cannot be written (a read-only data directory) or read back (damaged) is skipped and the
-split decoded as before.
+A file is named by what it holds (data set, split, class filter, first index, image shape), by this
+file's ``FORMAT`` and TFDS's version, and by the name, size and modification time of every file in the
+data set's directory: a data set prepared again is decoded again. Files are written under a temporary name and renamed, so a reader never sees half of
+one; one that cannot be written (a read-only data directory, a nearly full disk) or read back (damaged)
+is skipped and the split decoded as before. ``SOUPJAX_DECODED_CACHE=0`` turns it off.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
+import time
 import zipfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,7 +27,18 @@ import numpy as np
 from soupjax import files
 
 SUBDIRECTORY = "soupjax-decoded"
+# Set to 0 to neither read nor write decoded copies (every process decodes, as before this file).
+ENABLE_VARIABLE = "SOUPJAX_DECODED_CACHE"
+# Part of every file name: raise it when what a decoded split holds changes (the decoding, the filter).
+FORMAT = 1
 _NAMES = ("images", "labels", "index")
+_DTYPES = (np.uint8, np.int32, np.int64)
+# A write killed half-way leaves its temporary file; the next write removes those older than this.
+_STALE_SECONDS = 3600
+
+
+def enabled() -> bool:
+    return os.environ.get(ENABLE_VARIABLE, "1") != "0"
 
 
 def path_for(data_dir: str | os.PathLike, what: Sequence[Any]) -> Path | None:
@@ -36,27 +49,36 @@ def path_for(data_dir: str | os.PathLike, what: Sequence[Any]) -> Path | None:
                          if e.is_file())
     except OSError:
         return None
-    digest = hashlib.sha256(json.dumps([list(what), listing], default=str).encode()).hexdigest()[:24]
+    import tensorflow_datasets as tfds  # its version decides how splits like train[:n] are read
+    key = [FORMAT, tfds.__version__, list(what), listing]
+    digest = hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:24]
     return directory / SUBDIRECTORY / f"{digest}.npz"
 
 
-def load(data_dir: str | os.PathLike, what: Sequence[Any], n: int) -> tuple[np.ndarray, ...] | None:
-    """(images, labels, index) of ``what`` with ``n`` examples, or None when there is no usable file."""
-    path = path_for(data_dir, what)
-    if path is None or not path.is_file():
+def load(data_dir: str | os.PathLike, what: Sequence[Any], n: int,
+         shape: Sequence[int]) -> tuple[np.ndarray, ...] | None:
+    """(images [n, *shape], labels, index) of ``what``, or None when there is no usable file."""
+    if not enabled():
         return None
     try:
+        path = path_for(data_dir, what)
+        if path is None or not path.is_file():
+            return None
         with np.load(path, allow_pickle=False) as saved:
             arrays = tuple(saved[name] for name in _NAMES)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None  # damaged: decoded again, and the file replaced
-    if any(len(a) != n for a in arrays) or arrays[0].dtype != np.uint8:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
+        return None  # unreadable or damaged: decoded again, and the file replaced if it can be
+    if (any(a.ndim < 1 or len(a) != n or a.dtype != d for a, d in zip(arrays, _DTYPES))
+            or arrays[0].shape[1:] != tuple(shape)):
         return None
     return arrays
 
 
 def save(data_dir: str | os.PathLike, what: Sequence[Any], arrays: Sequence[np.ndarray]) -> None:
-    """Keeps ``arrays`` (images, labels, index) for the next process; nothing when it cannot."""
+    """Keeps ``arrays`` (images, labels, index) for the next process; nothing when it cannot (a read-only
+    directory, or less free space than twice their size: checkpoints may share that disk)."""
+    if not enabled():
+        return
     path = path_for(data_dir, what)
     if path is None:
         return
@@ -67,6 +89,20 @@ def save(data_dir: str | os.PathLike, what: Sequence[Any], arrays: Sequence[np.n
 
     try:
         path.parent.mkdir(exist_ok=True)
+        _remove_stale_temporaries(path.parent)
+        if shutil.disk_usage(path.parent).free < 2 * sum(a.nbytes for a in arrays):
+            return
         files.write_atomic(path, write)
     except OSError:
-        pass  # a read-only or full data directory: the next process decodes the split itself
+        pass  # the next process decodes the split itself
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Temporary files of writes killed half-way (``files.write_atomic`` names them '.NAME.*.tmp.npz')."""
+    now = time.time()
+    for tmp in directory.glob(".*.tmp.npz"):
+        try:
+            if now - tmp.stat().st_mtime > _STALE_SECONDS:
+                tmp.unlink()
+        except OSError:
+            pass  # renamed or removed by its writer meanwhile

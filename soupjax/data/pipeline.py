@@ -252,7 +252,7 @@ def _arrays(src: _Source, split, shape, n: int, first_index: int = 0):
     # What the decoded arrays depend on, for the copy kept on disk by an earlier process.
     what = (src.builder.info.full_name, str(split), first_index,
             None if src.label_map is None else src.label_map.tolist(), list(shape))
-    arrays = decoded_cache.load(src.builder.data_dir, what, n) if on_disk else None
+    arrays = decoded_cache.load(src.builder.data_dir, what, n, shape) if on_disk else None
     if arrays is None:
         arrays = _decode(src, split, shape, n, first_index)
         if on_disk:
