@@ -351,7 +351,7 @@ def test_inspect_angles_distances_and_interpolation(mocked_ingredients, tmp_path
     shutil.copytree(mocked_ingredients, mixed)
     first_meta = sorted(mixed.glob("*/meta.json"))[0]
     first_meta.write_text(json.dumps({**json.loads(first_meta.read_text()), "init_fingerprint": "another init"}))
-    with tfds.testing.mock_data(num_examples=64):
+    with tfds.testing.mock_data(num_examples=64), pytest.warns(UserWarning, match="2 different inits"):
         apart = inspect(mixed, tmp_path / "mixed_out", pairs=1, points=3, allow_mixed_init=True)
     assert apart["angles_deg"] is None and "different inits" in apart["no_angles"]
     np.testing.assert_allclose(apart["l2"], want_l2, rtol=1e-3, atol=1e-6)
