@@ -7,9 +7,10 @@ again by every ingredient of a sweep started separately, every resumed run and e
 
 A file is named by what it holds (data set, split, class filter, first index, image shape), by this
 file's ``FORMAT`` and TFDS's version, and by the name, size and modification time of every file in the
-data set's directory: a data set prepared again is decoded again. Files are written under a temporary name and renamed, so a reader never sees half of
-one; one that cannot be written (a read-only data directory, a nearly full disk) or read back (damaged)
-is skipped and the split decoded as before. ``SOUPJAX_DECODED_CACHE=0`` turns it off.
+data set's directory: a data set prepared again is decoded again. Files are written under a temporary
+name and renamed, so a reader never sees half of one; one that cannot be written (a read-only data
+directory, a nearly full disk) or read back (damaged) is skipped and the split decoded as before.
+``SOUPJAX_DECODED_CACHE=0`` turns it off.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ _STALE_SECONDS = 3600
 
 
 def enabled() -> bool:
+    """False when ``SOUPJAX_DECODED_CACHE=0``."""
     return os.environ.get(ENABLE_VARIABLE, "1") != "0"
 
 
