@@ -6,8 +6,8 @@ the copy `soupjax/data/decoded_cache.py` keeps beside the data set.
 Each round runs, in fresh processes and in alternating order, the same two commands a user runs most:
 `finetune` of configs/fashion_mnist_vit.py:testing (a 2-step run that reads the train, held-out and test
 splits) into a new work directory, once with SOUPJAX_DECODED_CACHE=0 ("decode": no copy read or
-written, what every start did before) and once reading the copies back ("read back"). The persistent XLA cache is shared and
-warm for both, so the difference is the data. Prints each run's wall time and the medians, and the
+written, what every start did before) and once reading the copies back ("read back"). The persistent
+XLA cache is shared and warm for both, so the difference is the data. Prints each run's wall time and the medians, and the
 ratio read back / decode.
 """
 from __future__ import annotations
