@@ -107,6 +107,11 @@ class ModelEval:
     def correct(self, split: str) -> np.ndarray:
         return (self.logits[split].argmax(-1) == self.labels[split]).astype(np.int8)
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Logits and labels as ``Kitchen.evaluate`` stores them (its ``seed_arrays``)."""
+        return {f"{s}/{kind}": arrays[s] for s in self.logits
+                for kind, arrays in (("logits", self.logits), ("labels", self.labels))}
+
 
 class Kitchen:
     """Everything a recipe needs: the model, the data, the evaluator and a cache of evaluations."""
@@ -237,8 +242,7 @@ def _known_logits(variables: dict[str, Any], weights: Sequence[float], loaders: 
     if mine[1] != theirs[1] or not all(np.array_equal(np.asarray(a), np.asarray(b))
                                        for a, b in zip(mine[0], theirs[0])):
         return None
-    ev = evals[used[0]]
-    return {f"{s}/{kind}": arrays[s] for s in ev.logits for kind, arrays in (("logits", ev.logits), ("labels", ev.labels))}
+    return evals[used[0]].arrays()
 
 
 def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -426,7 +430,7 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
     # First, as it imports only JAX and orbax: unusable ingredients are refused before TensorFlow loads.
     ingredients = preflight.gather(ingredients_dir, allow_mixed_init=allow_mixed_init)
 
-    from soupjax import checkpoints, config_base, data, report
+    from soupjax import checkpoints, data, report
     from soupjax.config_base import fingerprint as config_fingerprint
     from soupjax.memory import PeakMemory
     config = load_config(ingredients, config, data_dir)
@@ -523,8 +527,11 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
         path = None
         if dish.variables is not None:
             variables = kitchen.prepare(dish.variables)
+            # A dish chosen from evaluated points (WiSE-FT's line) brings its evaluation: not run again.
+            known = dish.evaluation.arrays() if dish.evaluation is not None else \
+                _known_logits(variables, weights, loaders, evals)
             ev = kitchen.evaluate(f"soup-{name}", variables, key=config_fingerprint(key_of(name)), prepared=True,
-                                  seed_arrays=_known_logits(variables, weights, loaders, evals))
+                                  seed_arrays=known)
             meta = {"name": name, "recipe": name, "method": method.name, "kind": method.kind,
                     "config": config.to_dict(), "init_fingerprint": fingerprint,
                     "data_fingerprint": data.eval_fingerprint(config.data), "options": key_of(name),

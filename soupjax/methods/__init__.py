@@ -99,6 +99,8 @@ def _num(x: float) -> str:
 @dataclasses.dataclass
 class Dish:
     """One result of a method: a model (``variables``) or, for an ensemble, its evaluation (``evaluation``).
+    A model may bring ``evaluation`` too, when it is exactly a point the method evaluated on every split
+    while choosing it: its logits are then reused instead of evaluated again.
 
     ``weights`` are per ingredient (the report's 'in soups' column and the ingredients a dish used);
     ``chosen`` the hyperparameters picked on the held-out split and ``grid`` every point tried

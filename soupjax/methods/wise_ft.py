@@ -51,13 +51,14 @@ def cook(cooking):
             shifts = [ev.accuracy(s) for s in cooking.kitchen.shifts]
             curve["shift_mean"].append(sum(shifts) / len(shifts) if shifts else None)
             if best is None or ev.accuracy("heldout") > best[0]:
-                best = (ev.accuracy("heldout"), alpha, variables)
+                best = (ev.accuracy("heldout"), alpha, variables, ev)
             del variables
         curve["chosen_alpha"] = best[1]
         records = [{"options": {"alpha": a}, "heldout": h} for a, h in zip(alphas, curve["heldout"])]
         # The weights say what each ingredient contributes (α times its weight in the base); the models
         # it is made of are the base's, or none at α = 0 (the init).
-        yield Dish(name, [best[1] * w for w in weights], best[2], chosen={"alpha": best[1]}, grid=records,
+        yield Dish(name, [best[1] * w for w in weights], best[2], evaluation=best[3], chosen={"alpha": best[1]},
+                   grid=records,
                    meta={"curve": curve, "base": base}, n_used=0 if best[1] == 0 else sum(w != 0 for w in weights))
 
 
