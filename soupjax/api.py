@@ -79,7 +79,8 @@ def merge(method: str, ingredients: Sequence[preflight.Ingredient], *, init: Var
     except TypeError as e:
         raise InputError(f"merge({method!r}): {e}") from e
     init_source = soup_arithmetic.TreeSource(init if init is not None else shared_init(ingredients))
-    return merging.merge_by_tensor(init_source, sources, combine)
+    return merging.merge_by_tensor(init_source, sources, combine,
+                                   unmerged=merging.statistics_rule(method, **hyperparameters))
 
 
 def evaluate(variables: Variables, ingredients_or_config: Sequence[preflight.Ingredient] | ConfigDict, *,

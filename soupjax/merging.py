@@ -43,9 +43,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from soupjax.recipes import TensorSource, path_str
+from soupjax.recipes import TensorSource, cast_to_stored, path_str
 
 __all__ = [
+    "statistics_rule",
     "task_arithmetic",
     "trim_top",
     "elect_sign",
@@ -377,6 +378,17 @@ def combiner(method: str, **hyperparameters: Any) -> Combine:
     return _COMBINERS[method](**hyperparameters)
 
 
+def statistics_rule(method: str, **hyperparameters: Any) -> Callable[[str, list[np.ndarray]], np.ndarray] | None:
+    """How ``method`` combines what is no displacement (BatchNorm statistics): ``merge_by_tensor``'s
+    ``unmerged``, shared by the recipes and ``soupjax.api.merge``. SLERP takes the two ends' in the
+    proportion of t, so that t = 0 is the first ingredient and t = 1 the second, statistics included
+    ((1 - t) a + t b is a or b exactly there); the others their plain mean (None)."""
+    if method == "slerp":
+        t = hyperparameters["t"]
+        return lambda path, xs: (1 - t) * xs[0] + t * xs[1]
+    return None
+
+
 # --------------------------------------------------------------------------------------------------
 # Whole models, one tensor at a time.
 
@@ -426,12 +438,6 @@ def _plain_mean(xs: Sequence[np.ndarray]) -> np.ndarray:
     for x in xs[1:]:
         acc += x.astype(np.float32) - ref
     return ref + acc / np.float32(len(xs))
-
-
-def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    if not jnp.issubdtype(dtype, jnp.inexact):
-        x = np.round(x)  # integers are rounded, not truncated
-    return np.asarray(x).astype(dtype)
 
 
 def merge_by_tensor(
@@ -486,5 +492,5 @@ def merge_by_tensor(
         else:
             result = _plain_mean(xs) if unmerged is None else np.asarray(unmerged(path, [x.astype(np.float32) for x in xs]))
         del xs
-        out.append(_cast(result, dtype))
+        out.append(cast_to_stored(result, dtype))
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -610,15 +610,15 @@ def weighted_by_tensor(
                 if denom is not None:
                     np.divide(acc, denom, out=acc)
                 np.add(x0, acc, out=x0)
-            out.append(_cast_np(x0, dtype))
+            out.append(cast_to_stored(x0, dtype))
             del x0, acc
     finally:
         results.close()
     return layout.unflatten(out)
 
 
-def _cast_np(x: np.ndarray, dtype: Any) -> np.ndarray:
-    """``_cast`` in numpy: a float32 result back to its stored dtype, integers rounded."""
+def cast_to_stored(x: np.ndarray, dtype: Any) -> np.ndarray:
+    """``_cast`` in numpy: a float32 or float64 result back to its stored dtype, integers rounded."""
     dtype = np.dtype(dtype)
     if dtype == x.dtype:
         return x

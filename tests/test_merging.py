@@ -122,6 +122,19 @@ def test_dare_by_hand():
         merging.dare(x0, xs, 0.5, 1.0, rngs()[:1])
 
 
+def test_statistics_rule_is_shared_by_the_recipe_and_the_api():
+    """BatchNorm statistics under SLERP are the two ends' in the proportion of t (the ends exact); the other
+    methods leave them to merge_by_tensor's plain mean. soupjax.api.merge and the slerp recipe both ask
+    merging.statistics_rule, so they cannot disagree."""
+    a, b = a32(2, 4), a32(6, 8)
+    rule = merging.statistics_rule("slerp", t=0.25)
+    close(rule("batch_stats/bn/mean", [a, b]), [3.0, 5.0])
+    np.testing.assert_array_equal(merging.statistics_rule("slerp", t=0.0)("s", [a, b]), a)
+    np.testing.assert_array_equal(merging.statistics_rule("slerp", t=1.0)("s", [a, b]), b)
+    assert merging.statistics_rule("ties", density=0.5, lam=1.0) is None
+    assert merging.statistics_rule("task_arithmetic", lam=1.0) is None
+
+
 def test_slerp_by_hand():
     x0 = a32(1, 1)
     a, b = a32(2, 1), a32(1, 2)

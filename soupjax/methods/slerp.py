@@ -24,12 +24,9 @@ def cook(cooking) -> list[Dish]:
     grid = [{"t": t} for t in grid_floats(cooking.options["slerp_ts"])]
 
     def build(point):
-        t = point["t"]
-        # Statistics (BatchNorm's) are no displacements: the two ends' in the proportion of t, so that
-        # t = 0 is the best ingredient and t = 1 the second, statistics included.
-        # (1 - t) a + t b is a or b exactly at t = 0 or 1.
-        return merging.merge_by_tensor(init, pair, merging.combiner("slerp", t=t),
-                                       unmerged=lambda path, xs: (1 - t) * xs[0] + t * xs[1])
+        # Statistics (BatchNorm's) are no displacements: merging.statistics_rule weighs them by t.
+        return merging.merge_by_tensor(init, pair, merging.combiner("slerp", t=point["t"]),
+                                       unmerged=merging.statistics_rule("slerp", t=point["t"]))
 
     chosen, variables, records = cooking.choose("slerp", grid, build)
     weights = [0.0] * k
