@@ -146,13 +146,6 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-# The configs' name for files.plain, the one conversion to JSON values: a live ConfigDict and one read
-# back from meta.json compare equal after it (tuples become lists, references values). Kept for the
-# callers that still use this name (soupjax/data/pipeline.py, soupjax/kitchen.py); new code calls
-# files.plain.
-as_plain = plain
-
-
 def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     """Dotted paths whose values differ between two configs, with both values."""
     a, b = plain(a), plain(b)

@@ -331,10 +331,11 @@ def test_decoded_splits_are_kept_on_disk_for_the_next_process(fashion_mnist_data
     kept = sorted((Path(version_dir) / decoded_cache.SUBDIRECTORY).glob("*.npz"))
     assert len(kept) == 3  # the first, unusable since the data set changed, and one per filter now
     what = (pipeline.fashion_mnist_local.prepare(str(data_dir)).info.full_name, "test", 0, None, [28, 28, 1])
-    images, labels, index = decoded_cache.load(version_dir, what, 10_000, (28, 28, 1))
+    path = decoded_cache.path_for(version_dir, what)
+    images, labels, index = decoded_cache.load(path, 10_000, (28, 28, 1))
     np.testing.assert_array_equal(index, np.arange(10_000))
-    assert decoded_cache.load(version_dir, what, 9_999, (28, 28, 1)) is None
-    assert decoded_cache.load(version_dir, what, 10_000, (28, 28, 3)) is None
+    assert decoded_cache.load(path, 9_999, (28, 28, 1)) is None
+    assert decoded_cache.load(path, 10_000, (28, 28, 3)) is None
     # Switched off: nothing read back (the split is decoded again) and nothing written.
     monkeypatch.setenv(decoded_cache.ENABLE_VARIABLE, "0")
     assert_same(read(), everything)

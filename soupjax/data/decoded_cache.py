@@ -44,7 +44,10 @@ def enabled() -> bool:
 
 
 def path_for(data_dir: str | os.PathLike, what: Sequence[Any]) -> Path | None:
-    """The cache file of ``what`` for the data set in ``data_dir`` (None: the directory cannot be listed)."""
+    """The cache file of ``what`` for the data set in ``data_dir`` (None: switched off, or the directory
+    cannot be listed)."""
+    if not enabled():
+        return None
     directory = Path(data_dir)
     try:
         listing = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(directory)
@@ -57,13 +60,9 @@ def path_for(data_dir: str | os.PathLike, what: Sequence[Any]) -> Path | None:
     return directory / SUBDIRECTORY / f"{digest}.npz"
 
 
-def load(data_dir: str | os.PathLike, what: Sequence[Any], n: int,
-         shape: Sequence[int]) -> tuple[np.ndarray, ...] | None:
-    """(images [n, *shape], labels, index) of ``what``, or None when there is no usable file."""
-    if not enabled():
-        return None
+def load(path: Path | None, n: int, shape: Sequence[int]) -> tuple[np.ndarray, ...] | None:
+    """(images [n, *shape], labels, index) from ``path`` (``path_for``'s), or None when it is no usable file."""
     try:
-        path = path_for(data_dir, what)
         if path is None or not path.is_file():
             return None
         with np.load(path, allow_pickle=False) as saved:
@@ -76,25 +75,19 @@ def load(data_dir: str | os.PathLike, what: Sequence[Any], n: int,
     return arrays
 
 
-def save(data_dir: str | os.PathLike, what: Sequence[Any], arrays: Sequence[np.ndarray]) -> None:
-    """Keeps ``arrays`` (images, labels, index) for the next process; nothing when it cannot (a read-only
-    directory, or less free space than twice their size: checkpoints may share that disk)."""
-    if not enabled():
-        return
-    path = path_for(data_dir, what)
+def save(path: Path | None, arrays: Sequence[np.ndarray]) -> None:
+    """Keeps ``arrays`` (images, labels, index) at ``path`` (``path_for``'s) for the next process; nothing
+    when it cannot (None, a read-only directory, or less free space than twice their size: checkpoints
+    may share that disk)."""
     if path is None:
         return
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez would add '.npz' to a temporary name
-            np.savez(f, **dict(zip(_NAMES, arrays)))
 
     try:
         path.parent.mkdir(exist_ok=True)
         _remove_stale_temporaries(path.parent)
         if shutil.disk_usage(path.parent).free < 2 * sum(a.nbytes for a in arrays):
             return
-        files.write_atomic(path, write)
+        files.write_atomic(path, lambda tmp: np.savez(tmp, **dict(zip(_NAMES, arrays))))
     except OSError:
         pass  # the next process decodes the split itself
 

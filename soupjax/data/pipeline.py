@@ -59,9 +59,9 @@ def eval_fingerprint(cfg) -> str:
     An ingredient's training-time logits are reused when cooking only under the same hash; a sweep
     over augmentation strength or mixup must not make every ingredient be evaluated again.
     """
-    from soupjax.config_base import as_plain, fingerprint
-    plain = as_plain(cfg)
-    return fingerprint({k: v for k, v in plain.items() if k not in TRAINING_ONLY_FIELDS})
+    from soupjax.config_base import fingerprint
+    from soupjax.files import plain
+    return fingerprint({k: v for k, v in plain(cfg).items() if k not in TRAINING_ONLY_FIELDS})
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -249,14 +249,14 @@ def _arrays(src: _Source, split, shape, n: int, first_index: int = 0):
         _ARRAYS.move_to_end(key)
         return _ARRAYS[key]
     on_disk = _prepared_on_disk(src.builder)  # not when mocked by tfds.testing.mock_data
-    # What the decoded arrays depend on, for the copy kept on disk by an earlier process.
-    what = (src.builder.info.full_name, str(split), first_index,
-            None if src.label_map is None else src.label_map.tolist(), list(shape))
-    arrays = decoded_cache.load(src.builder.data_dir, what, n, shape) if on_disk else None
+    # The copy an earlier process kept, named by what the decoded arrays depend on.
+    kept = decoded_cache.path_for(src.builder.data_dir, (
+        src.builder.info.full_name, str(split), first_index,
+        None if src.label_map is None else src.label_map.tolist(), list(shape))) if on_disk else None
+    arrays = decoded_cache.load(kept, n, shape)
     if arrays is None:
         arrays = _decode(src, split, shape, n, first_index)
-        if on_disk:
-            decoded_cache.save(src.builder.data_dir, what, arrays)
+        decoded_cache.save(kept, arrays)
     if not on_disk:
         return arrays
     _ARRAYS[key] = arrays
