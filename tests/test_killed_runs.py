@@ -21,6 +21,7 @@ import pytest
 
 from soupjax import checkpoints, train
 from test_determinism import assert_bit_identical, report_numbers
+from test_soup import ONE_POINT_GRIDS
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 600
@@ -198,8 +199,7 @@ def test_soup_killed_while_writing_leaves_no_partial_soup_and_resumes(tmp_path, 
                                                                       finetuned_workdir):
     def cook(out: str) -> list[str]:
         return [sys.executable, "-m", "soupjax.soup", "--recipe", "all", "--learned_epochs=1", "--shifts=",
-                "--ties_densities=0.5", "--ties_lambdas=1", "--dare_drop_rates=0.5", "--dare_scales=1",
-                "--task_arithmetic_scales=1", "--slerp_ts=0.5", "--wise_ft_alphas=0,1",
+                *[f"--{name}={value}" for name, value in ONE_POINT_GRIDS.items()],
                 f"--ingredients={finetuned_workdir['workdir'] / 'ingredients'}",
                 f"--data_dir={fashion_mnist_data_dir}", f"--out={tmp_path / out}"]
 
