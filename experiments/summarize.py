@@ -22,9 +22,7 @@ from typing import Any
 import numpy as np
 
 from soupjax.report import fields
-from soupjax.report.formatting import MISSING, mebibytes, num
-
-SIGNIFICANT = 0.05
+from soupjax.report.formatting import MISSING, SIGNIFICANCE, mebibytes, num, table
 
 
 def _stat(values: Sequence[float]) -> str:
@@ -41,8 +39,8 @@ def _wins_losses(rows: Sequence[Mapping[str, Any]], which: str) -> str:
              if isinstance(t, Mapping) and num(t.get("p")) is not None and num(t.get("diff")) is not None]
     if not tests:
         return MISSING
-    wins = sum(t["p"] < SIGNIFICANT and t["diff"] > 0 for t in tests)
-    losses = sum(t["p"] < SIGNIFICANT and t["diff"] < 0 for t in tests)
+    wins = sum(t["p"] < SIGNIFICANCE and t["diff"] > 0 for t in tests)
+    losses = sum(t["p"] < SIGNIFICANCE and t["diff"] < 0 for t in tests)
     return f"{wins}/{losses}"
 
 
@@ -77,8 +75,7 @@ def summary_table(reports: Sequence[Mapping[str, Any]]) -> str:
         headers.append("held-out evals")
     if show_memory:
         headers.append("peak memory")
-    align = [":---"] + ["---:"] * (len(headers) - 1)
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
+    table_rows = []
     for entry in entries:
         rows = entry["rows"]
         name = entry["name"]
@@ -97,8 +94,8 @@ def summary_table(reports: Sequence[Mapping[str, Any]]) -> str:
         if show_memory:
             memory = _values(rows, lambda r: r.get("peak_memory_mb"))
             cells.append(mebibytes(np.mean(memory)) if memory else MISSING)
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table_rows.append(cells)
+    return table(headers, table_rows, [False] + [True] * (len(headers) - 1))
 
 
 def main(paths: list[str]) -> None:
