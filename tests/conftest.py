@@ -80,8 +80,7 @@ def fashion_mnist_data_dir(tmp_path_factory) -> str:
 def finetuned_workdir(tmp_path_factory, fashion_mnist_data_dir, compilation_cache):
     """``python -m soupjax.finetune --config configs/fashion_mnist_vit.py:testing,sweep=2`` run once per
     test run, as a user would run it (no --workdir: $SOUPJAX_WORKDIR), on the real Fashion-MNIST.
-    Shared by the workers: tests read it, and only write under its soups/ (``--recipe`` from the
-    default work directory), which no other test reads."""
+    Shared by the workers: tests that cook or change ingredients work on copies of it."""
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "soupjax.finetune", "--config", "configs/fashion_mnist_vit.py:testing,sweep=2",
            f"--config.data.data_dir={fashion_mnist_data_dir}"]

@@ -296,8 +296,7 @@ def test_an_ingredient_fine_tuned_from_a_replaced_init_is_not_skipped(tmp_path, 
 @pytest.mark.slow
 def test_a_changed_config_over_finished_ingredients_is_refused_unless_overwrite(finetuned_workdir, tmp_path):
     workdir = tmp_path / "work"
-    # Not soups/: another worker may be cooking there (tests/conftest.py), and this test is about ingredients.
-    shutil.copytree(finetuned_workdir["workdir"], workdir, ignore=shutil.ignore_patterns("soups"))
+    shutil.copytree(finetuned_workdir["workdir"], workdir)
     first, second = workdir / "ingredients" / "sweep0_000", workdir / "ingredients" / "sweep0_001"
     before = {p: (p / "meta.json").read_bytes() for p in (first, second)}
     cmd = finetuned_workdir["cmd"][3:]  # --config ... --config.data.data_dir=...

@@ -213,11 +213,14 @@ def test_cooking_reuses_training_time_logits_across_augmentation_sweeps(mocked_i
 
 
 @pytest.mark.slow
-def test_bare_cli_finds_the_ingredients_of_a_bare_finetune(finetuned_workdir, fashion_mnist_data_dir):
-    work = finetuned_workdir["workdir"]
+def test_bare_cli_finds_the_ingredients_of_a_bare_finetune(finetuned_workdir, fashion_mnist_data_dir, tmp_path):
+    # A copy of the bare finetune's work directory: the shared one stays as it was made, for the other tests.
+    work = tmp_path / "work"
+    shutil.copytree(finetuned_workdir["workdir"], work)
     cooked = subprocess.run([sys.executable, "-m", "soupjax.soup", "--recipe", "uniform", "--shifts=",
                              f"--data_dir={fashion_mnist_data_dir}"],
-                            env=finetuned_workdir["env"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+                            env={**finetuned_workdir["env"], "SOUPJAX_WORKDIR": str(work)},
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert cooked.returncode == 0, cooked.stderr[-3000:]
     assert f"work directory {work}" in cooked.stdout
     assert "uniform" in cooked.stdout and "best_ingredient" in cooked.stdout
