@@ -10,7 +10,7 @@ BatchNorm statistics recovers them.
 Options: init=PATH (timm resnet50d .safetensors/.pth; required outside testing), data_dir=DIR,
 testing (resnet-testing on 32 px images, a few steps), seeds=N (default 6).
 """
-from soupjax.config_base import base_config, check_options, int_option, parse_options
+from soupjax.config.base import base_config, check_options, int_option, parse_options
 
 
 def get_config(arg: str | None = None):

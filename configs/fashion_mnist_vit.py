@@ -23,8 +23,8 @@ then decays linearly to 0 over a cool-down (one epoch upstream, half an epoch fo
 num_epochs is only the most a run may take. Measured figures are in README.md (with the command and
 machine that produced them).
 """
-from soupjax.cli_errors import InputError
-from soupjax.config_base import base_config, check_options, int_option, parse_options
+from soupjax.cli.errors import InputError
+from soupjax.config.base import base_config, check_options, int_option, parse_options
 
 UPSTREAM_CLASSES = [0, 1, 2, 3, 4]
 DOWNSTREAM_CLASSES = [5, 6, 7, 8, 9]

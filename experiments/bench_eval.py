@@ -8,7 +8,7 @@ shared machine must not favour one); medians are printed with every round's figu
 at the same model, batch, float32 and machine, over the same number of images already decoded in host
 memory (the model side of evaluation):
 
-  soupjax        `soupjax.evaluate.Evaluator`, what every recipe and the report evaluate with: batches
+  soupjax        `soupjax.evaluation.evaluate.Evaluator`, what every recipe and the report evaluate with: batches
                  copied to the devices, the jitted forward pass, loss/accuracy/logits read back. The
                  compilation is done before timing.
   timm           the same architecture in timm, `model.eval()` under `torch.inference_mode()`.
@@ -53,8 +53,8 @@ def _soupjax_worker(case: str, batches: int, repeats: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
     from soupjax import models
-    from soupjax.evaluate import Evaluator
-    from soupjax.train_step import apply_for_eval
+    from soupjax.evaluation.evaluate import Evaluator
+    from soupjax.training.train_step import apply_for_eval
 
     name, _, batch, size, channels = CASES[case]
     model = (models.get_model("vit", NUM_CLASSES, **STUDY_VIT) if name == "study"

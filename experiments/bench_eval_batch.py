@@ -2,7 +2,7 @@
 
     python experiments/bench_eval_batch.py [--config configs/fashion_mnist_vit.py] [--sizes 128,250,500,1000]
 
-Prints images/s of `soupjax.evaluate.Evaluator` (the jitted, data-parallel forward pass every recipe
+Prints images/s of `soupjax.evaluation.evaluate.Evaluator` (the jitted, data-parallel forward pass every recipe
 uses) per batch size, so a config's `eval_batch_size` can be set to the fastest one for a machine.
 """
 from __future__ import annotations
@@ -22,11 +22,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import jax
-    from soupjax import evaluate
+    from soupjax.evaluation import evaluate
     from soupjax.experiment import load_config
     from soupjax.models import build_model
-    from soupjax.shared_init import base_init
-    from soupjax.train_step import apply_for_eval
+    from soupjax.training.shared_init import base_init
+    from soupjax.training.train_step import apply_for_eval
 
     config = load_config(args.config)
     model = build_model(config)

@@ -10,10 +10,10 @@ Setup (not timed):
   * Ingredients. By default K synthetic ingredients of the study's default ViT
     (configs/fashion_mnist_vit.py:stage=downstream: width 96, depth 4, 4 heads, 4x4 patches, 28x28x1,
     5 classes): one init plus a different small random perturbation each, saved with
-    `soupjax.checkpoints.save_ingredient` (meta.json: init fingerprint, config, and the held-out
+    `soupjax.io.checkpoints.save_ingredient` (meta.json: init fingerprint, config, and the held-out
     accuracy measured below, as training writes it). `--ingredients DIR` uses finished ones instead.
     The same weights are exported to one timm `.pt` state dict per ingredient
-    (`soupjax.timm_export`), as the official code keeps its ingredients.
+    (`soupjax.importers.timm_export`), as the official code keeps its ingredients.
   * Held-out images. The config's held-out split through soupjax's own pipeline
     (`soupjax.data.eval_batches`, Debian's Fashion-MNIST), decoded once into memory; the first
     `--heldout` images. Both sides get exactly these images and labels at the config's evaluation
@@ -27,7 +27,7 @@ Setup (not timed):
 Timed, interleaved over `--rounds` (soupjax, PyTorch, soupjax, PyTorch, ...), for each K:
   soupjax   what `python -m soupjax.soup --recipe greedy` does: scores from each meta.json,
             `checkpoints.ingredient_loader` per ingredient, `recipes.greedy` with an evaluator built
-            as `soupjax.kitchen.Kitchen.heldout_accuracy` (an `evaluate.Evaluator` over the held-out
+            as `soupjax.cooking.kitchen.Kitchen.heldout_accuracy` (an `evaluate.Evaluator` over the held-out
             batches), until the soup's arrays are ready.
   PyTorch   the greedy loop of mlfoundations/model-soups `main.py`, rewritten from its description:
             ingredients sorted by held-out accuracy; the soup starts as the best one's state dict;
@@ -130,10 +130,10 @@ def make_synthetic(root: Path, config, k: int, seed: int) -> list[Path]:
     """
     import jax
     import jax.numpy as jnp
-    from soupjax import checkpoints
+    from soupjax.io import checkpoints
     from soupjax.models import build_model
-    from soupjax.pretrained import fingerprint
-    from soupjax.shared_init import input_shape
+    from soupjax.importers.pretrained import fingerprint
+    from soupjax.training.shared_init import input_shape
     model = build_model(config)
     shape = input_shape(config)
     init = jax.device_get(jax.jit(lambda r: model.init(r, jnp.zeros(shape, jnp.float32), train=False))(
@@ -155,7 +155,8 @@ def make_synthetic(root: Path, config, k: int, seed: int) -> list[Path]:
 
 def record_heldout(paths: list[Path], heldout_accuracy: Callable[[Any], float], n: int) -> None:
     """Writes each synthetic ingredient's held-out accuracy into its meta.json, as training does."""
-    from soupjax import checkpoints, files
+    from soupjax.io import checkpoints
+    from soupjax.io import files
     for path in paths:
         meta = checkpoints.load_meta(path)
         meta["metrics"]["heldout"] = {"accuracy": heldout_accuracy(checkpoints.load_variables(path)),
@@ -165,8 +166,8 @@ def record_heldout(paths: list[Path], heldout_accuracy: Callable[[Any], float], 
 
 def export_torch(paths: list[Path], out: Path) -> list[Path]:
     """One timm state dict per ingredient (`NAME.pt`), the file layout of the official code."""
-    from soupjax import checkpoints
-    from soupjax.timm_export import save_timm_state_dict
+    from soupjax.io import checkpoints
+    from soupjax.importers.timm_export import save_timm_state_dict
     out.mkdir(parents=True, exist_ok=True)
     return [save_timm_state_dict(checkpoints.load_variables(p), out / f"{p.name}.pt") for p in paths]
 
@@ -185,7 +186,8 @@ class Run:
 def soupjax_greedy(paths: list[Path], evaluate: Callable[[Any], float], strict: bool) -> Run:
     """`soupjax.soup --recipe greedy`'s work: scores from meta.json, streamed loaders, recipes.greedy."""
     import jax
-    from soupjax import checkpoints, recipes
+    from soupjax.io import checkpoints
+    from soupjax.arithmetic import soups as recipes
     parts = {"load": 0.0, "eval": 0.0}
 
     def timed(fn: Callable, part: str) -> Callable:
@@ -300,10 +302,13 @@ def main() -> None:
 
     import jax
     from ml_collections import ConfigDict
-    from soupjax import checkpoints, evaluate, preflight, sharding
+    from soupjax.io import checkpoints
+    from soupjax.evaluation import evaluate
+    from soupjax.cooking import preflight
+    from soupjax.devices import sharding
     from soupjax.models import build_model
-    from soupjax.timm_export import timm_vit_kwargs
-    from soupjax.train_step import apply_for_eval
+    from soupjax.importers.timm_export import timm_vit_kwargs
+    from soupjax.training.train_step import apply_for_eval
 
     device = args.torch_device
     if device == "auto":
@@ -335,7 +340,7 @@ def main() -> None:
           f"{config.data.image_size}x{config.data.channels}, classes {list(config.data.get('classes') or [])}), "
           f"batch {batch_size}, decoded once in {time.perf_counter() - t:.1f} s")
 
-    # The evaluator, built as soupjax.kitchen.Kitchen builds it.
+    # The evaluator, built as soupjax.cooking.kitchen.Kitchen builds it.
     model = build_model(config)
     evaluator = evaluate.Evaluator(apply_for_eval(model), sharding.data_mesh())
 
@@ -362,7 +367,7 @@ def main() -> None:
         print(f"measured each synthetic ingredient's held-out accuracy (soupjax evaluator) in "
               f"{time.perf_counter() - t:.1f} s")
     t = time.perf_counter()
-    from soupjax import recipes
+    from soupjax.arithmetic import soups as recipes
     scores = [checkpoints.load_meta(p)["metrics"]["heldout"]["accuracy"] for p in paths]
     recipes.greedy([checkpoints.ingredient_loader(p) for p in paths[:2]], scores[:2], heldout_accuracy)
     print(f"soup arithmetic compiled by a K=2 greedy soup ({time.perf_counter() - t:.2f} s, not timed)")

@@ -12,10 +12,10 @@ parameters (86 MB), and at 32 px its forward pass is cheap, so the ingredients d
 The output of the commands is experiments/results/bench_learned.log.
 
 K synthetic ingredients (the model's init plus a per-ingredient random perturbation) are written once as
-real soupjax ingredients (soupjax.checkpoints.save_ingredient) into a reusable directory (``--dir``).
-Then, for each K and each way of keeping them, soupjax.learned.learned runs in a fresh process (so that
+real soupjax ingredients (soupjax.io.checkpoints.save_ingredient) into a reusable directory (``--dir``).
+Then, for each K and each way of keeping them, soupjax.arithmetic.learned.learned runs in a fresh process (so that
 its peak resident memory, ru_maxrss, is its own) over a fixed synthetic held-out set, as
-soupjax.kitchen calls it (ingredient_loader per ingredient, apply_for_eval of the model):
+soupjax.cooking.kitchen calls it (ingredient_loader per ingredient, apply_for_eval of the model):
 
   host   memory_budget_bytes=None: the K ingredients are loaded once and kept as numpy in host memory;
          every pass copies them to the device one at a time.
@@ -44,7 +44,7 @@ value_and_grad, the two streaming passes 8-12% at K = 8; from disk every read is
 (55-75 ms for the study's 1.8 MB ViT, ~0.35 s for ViT-S), so an epoch grows linearly in K (18 s at
 K = 16) and reads are nearly all of it. Host memory grows by about one model per ingredient; from disk
 it should stay flat, and did not: each load re-read the checkpoint's metadata, which leaks Python memory
-in TensorStore (~0.4 MB per load of the study's ViT). The loaders now read it once (soupjax.checkpoints
+in TensorStore (~0.4 MB per load of the study's ViT). The loaders now read it once (soupjax.io.checkpoints
 .ingredient_loader); the figures after that fix are in docs/benchmarks.md.
 
 ``--parts`` times the pieces of one step instead, for each K and mode: reading the K ingredients
@@ -88,7 +88,7 @@ def make_ingredients(root: Path, model_name: str, image_size: int, channels: int
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from soupjax import checkpoints
+    from soupjax.io import checkpoints
     tag = {"bench": "bench_learned", "model": model_name, "image_size": image_size, "channels": channels,
            "scale": scale}
     paths = [root / f"ing{i:02d}" for i in range(k)]
@@ -132,8 +132,9 @@ def _heldout(spec: dict):
 
 def child_learned(spec: dict) -> dict:
     import jax
-    from soupjax import checkpoints, learned
-    from soupjax.train_step import apply_for_eval
+    from soupjax.io import checkpoints
+    from soupjax.arithmetic import learned
+    from soupjax.training.train_step import apply_for_eval
     model = build_model(spec["model"])
     apply_fn = apply_for_eval(model)
     batches = _heldout(spec)
@@ -189,8 +190,9 @@ def child_parts(spec: dict) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from soupjax import checkpoints, learned
-    from soupjax.train_step import apply_for_eval
+    from soupjax.io import checkpoints
+    from soupjax.arithmetic import learned
+    from soupjax.training.train_step import apply_for_eval
     model = build_model(spec["model"])
     apply_fn = apply_for_eval(model)
     batches = _heldout(spec)
@@ -319,7 +321,7 @@ def main() -> None:
     root = Path(args.dir or f"/tmp/soupjax_bench_learned/{args.model.replace('/', '_')}-{image_size}x{channels}")
     t_start = time.perf_counter()
     paths = make_ingredients(root, args.model, image_size, channels, max(ks), args.scale)
-    from soupjax import checkpoints
+    from soupjax.io import checkpoints
     import numpy as np
     structure = checkpoints.variables_structure(paths[0])
     import jax

@@ -54,7 +54,8 @@ _CHILD = r"""
 import json, math, sys, time
 from pathlib import Path
 import jax, numpy as np
-from soupjax import checkpoints, merging
+from soupjax.io import checkpoints
+from soupjax.arithmetic import merging
 
 method, variant, root, k, save = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 density, ties_lam, ta_lam = float(sys.argv[6]), float(sys.argv[7]), float(sys.argv[8])

@@ -46,7 +46,8 @@ _CHILD = r"""
 import hashlib, json, os, sys, time
 from pathlib import Path
 import jax, numpy as np
-from soupjax import checkpoints, recipes
+from soupjax.io import checkpoints
+from soupjax.arithmetic import soups as recipes
 method, root, k = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 paths = checkpoints.list_ingredients(root)[:k]
 assert len(paths) == k, (len(paths), k)
@@ -100,7 +101,8 @@ def make_ingredients(root: Path, model_name: str, k: int, image_size: int) -> tu
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from soupjax import checkpoints, models
+    from soupjax import models
+    from soupjax.io import checkpoints
     t = time.perf_counter()
     meta = {"bench_model": model_name, "image_size": image_size, "init_fingerprint": "bench"}
     model = models.get_model(model_name, 10)

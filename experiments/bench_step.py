@@ -4,7 +4,7 @@
     python experiments/bench_step.py --model resnet50d --image_size 224 --batch 128
 
 Needs JAX, Flax, optax and orbax only (no TensorFlow), so it runs on an accelerator host that has no
-input pipeline installed: it times the jitted, data-parallel step that soupjax.train runs, the
+input pipeline installed: it times the jitted, data-parallel step that soupjax.training.train runs, the
 evaluator's forward pass, and a streamed uniform soup of K ingredients saved as orbax checkpoints.
 Prints measured images/s and seconds; the data-input side is measured by experiments/bench_input.py.
 """
@@ -22,9 +22,12 @@ import numpy as np
 
 
 def main() -> None:
-    from soupjax import checkpoints, models, recipes, sharding
-    from soupjax.evaluate import Evaluator
-    from soupjax.train_step import apply_for_eval, make_optimizer, make_train_step
+    from soupjax import models
+    from soupjax.io import checkpoints
+    from soupjax.arithmetic import soups as recipes
+    from soupjax.devices import sharding
+    from soupjax.evaluation.evaluate import Evaluator
+    from soupjax.training.train_step import apply_for_eval, make_optimizer, make_train_step
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit-ti/16")

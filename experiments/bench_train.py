@@ -7,7 +7,7 @@ Each measurement is a fresh worker process, and the rounds interleave the conten
 soupjax, timm, ...) so that a slow spell of a shared machine does not favour one; the medians are
 printed with every round's figure. Contenders, each at the same model, batch, float32 and machine:
 
-  soupjax        `soupjax.train.train`: the loop `python -m soupjax.finetune` runs, input pipeline
+  soupjax        `soupjax.training.train.train`: the loop `python -m soupjax.finetune` runs, input pipeline
                  (TFDS over Debian's Fashion-MNIST, pad-crop + flip), host-to-device copies, the jitted
                  AdamW step, metrics and checkpoints included. Rate from the end of the first step on.
   timm           the same architecture in timm, `torch.optim.AdamW`, eager, fed by a `DataLoader` over
@@ -51,7 +51,7 @@ STUDY_VIT = dict(hidden_size=96, num_layers=4, num_heads=4, mlp_dim=384, patch_s
 
 def _soupjax_worker(case: str, steps: int, with_flops: bool) -> dict:
     import jax
-    from soupjax import train
+    from soupjax.training import train
     from soupjax.experiment import load_config
 
     model_name, batch, size, channels = CASES[case]
@@ -81,10 +81,10 @@ def _step_flops(config) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from soupjax import sharding
+    from soupjax.devices import sharding
     from soupjax.models import build_model
-    from soupjax.shared_init import base_init
-    from soupjax.train_step import make_optimizer, make_train_step
+    from soupjax.training.shared_init import base_init
+    from soupjax.training.train_step import make_optimizer, make_train_step
 
     mesh = sharding.data_mesh()
     model = build_model(config)

@@ -24,10 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-from soupjax import checkpoints, kitchen, train
+from soupjax.io import checkpoints
+from soupjax.cooking import kitchen
+from soupjax.training import train
 from soupjax.experiment import load_config
-from soupjax.sweep import finetune_all
-from soupjax.workdirs import enable_compilation_cache, quiet_logs
+from soupjax.training.sweep import finetune_all
+from soupjax.io.workdirs import enable_compilation_cache, quiet_logs
 
 LEARNING_RATES = (0.1, 0.05, 0.2, 0.1)
 RECALIBRATION_BATCHES = 50

@@ -3,7 +3,7 @@
     python experiments/profile_step.py                               # study ViT, batch 64: rate + profile
     XLA_FLAGS=--xla_cpu_use_thunk_runtime=false python experiments/profile_step.py --no_profile
 
-Builds the jitted step `soupjax.train` runs (AdamW, the study's ViT of configs/fashion_mnist_vit.py by
+Builds the jitted step `soupjax.training.train` runs (AdamW, the study's ViT of configs/fashion_mnist_vit.py by
 default) on one synthetic batch already on the device, so that only the step is timed, and prints:
   * its rate: images/s, median of `--rounds` rounds of `--steps` steps (compilation excluded);
   * with the profile (default): a `jax.profiler` trace of 10 steps, the time of XLA's operations summed by
@@ -35,8 +35,9 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from soupjax import models, sharding
-    from soupjax.train_step import make_optimizer, make_train_step
+    from soupjax import models
+    from soupjax.devices import sharding
+    from soupjax.training.train_step import make_optimizer, make_train_step
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)

@@ -20,9 +20,12 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from soupjax import checkpoints, merging, methods, preflight
-from soupjax import recipes as soup_arithmetic
-from soupjax.cli_errors import InputError
+from soupjax import methods
+from soupjax.io import checkpoints
+from soupjax.arithmetic import merging
+from soupjax.cooking import preflight
+from soupjax.arithmetic import soups as soup_arithmetic
+from soupjax.cli.errors import InputError
 
 Variables = Mapping[str, Any]
 
@@ -45,7 +48,7 @@ def config_of(ingredients: Sequence[preflight.Ingredient]) -> ConfigDict:
 def shared_init(ingredients: Sequence[preflight.Ingredient]) -> Variables:
     """The variables the ingredients started from (``init_from``, then the head init), rebuilt from their
     config and checked against the fingerprints they recorded; ``InputError`` saying why when it cannot be."""
-    from soupjax import shared_init as init_module
+    from soupjax.training import shared_init as init_module
     try:
         return init_module.rebuild_start(config_of(ingredients), [ing.meta for ing in ingredients])
     except InputError as e:
@@ -60,7 +63,7 @@ def merge(method: str, ingredients: Sequence[preflight.Ingredient], *, init: Var
     and 'dare_ties' (p, lam, seed), 'slerp' (t; the first two ingredients), 'spherical_mean',
     'model_stock') work on displacements from ``init`` (default: ``shared_init(ingredients)``), a
     variables tree with the ingredients' structure, held in memory; the ingredients are read from disk
-    one tensor at a time. Conventions of lam: ``soupjax.merging``.
+    one tensor at a time. Conventions of lam: ``soupjax.arithmetic.merging``.
     """
     sources = [checkpoints.tensor_source(ing.path) for ing in ingredients]
     if method == "uniform":
@@ -87,9 +90,10 @@ def evaluate(variables: Variables, ingredients_or_config: Sequence[preflight.Ing
              split: str = "test", batch_size: int | None = None) -> dict[str, float]:
     """Accuracy and loss of ``variables`` on ``split`` ('heldout', 'test' or a shift split) of the data the
     ingredients were fine-tuned on (or of ``config``), jitted and data-parallel over every device."""
-    from soupjax import data, models, sharding
-    from soupjax.evaluate import Evaluator
-    from soupjax.train_step import apply_for_eval
+    from soupjax import data, models
+    from soupjax.devices import sharding
+    from soupjax.evaluation.evaluate import Evaluator
+    from soupjax.training.train_step import apply_for_eval
     config = (ingredients_or_config if isinstance(ingredients_or_config, ConfigDict)
               else config_of(ingredients_or_config))
     evaluator = Evaluator(apply_for_eval(models.build_model(config)), sharding.data_mesh())
@@ -101,7 +105,7 @@ def evaluate(variables: Variables, ingredients_or_config: Sequence[preflight.Ing
 def cook(recipe: str, ingredients_dir: str | Path, out: str | Path, **options: Any) -> dict[str, Any]:
     """What ``python -m soupjax.soup --recipe RECIPE`` does for any recipe but 'inspect' (``kitchen.cook``):
     the results dict of its report. ``options`` by the command line's names, e.g. ``ties_densities="0.2,0.5"``, ``shifts=[]``."""
-    from soupjax import kitchen
+    from soupjax.cooking import kitchen
     return kitchen.cook(recipe, Path(ingredients_dir), Path(out), **options)
 
 

@@ -36,9 +36,10 @@ from pathlib import Path
 
 from absl import app, flags
 
-from soupjax import command_line, config_base
-from soupjax.cli_errors import InputError, exit_on_input_error
-from soupjax.workdirs import enable_compilation_cache, quiet_logs
+from soupjax.cli import flags as command_line
+from soupjax.config import base as config_base
+from soupjax.cli.errors import InputError, exit_on_input_error
+from soupjax.io.workdirs import enable_compilation_cache, quiet_logs
 
 PROGRAM = "soupjax.experiment"
 FLAGS = flags.FLAGS
@@ -73,7 +74,7 @@ def run_sweep_study(config, workdir: Path, *, recipe: str = "all", recalibrate_b
                     learned_epochs: int = 5, overwrite: bool = False) -> dict:
     """A reference-scale study: the config's sweep, then ``recipe`` (and, for BatchNorm models, the
     same again with recalibrated statistics, so the two can be compared)."""
-    from soupjax import sweep
+    from soupjax.training import sweep
     ingredients_dir = workdir / "ingredients"
     plan = sweep.plan_runs(sweep.ingredient_configs(config), ingredients_dir, workdir / "train", overwrite=overwrite)
     sweep.run_plan(plan)
@@ -106,7 +107,7 @@ def run_study(configs, workdir: Path, *, seed: int, quick: bool, ingredients_onl
     """Upstream run, sweep, every recipe, from the ``(upstream, downstream)`` configs of
     ``study_configs``; returns the soup results (also written as a report), or ``{}`` with
     ``ingredients_only``."""
-    from soupjax import sweep
+    from soupjax.training import sweep
 
     upstream, downstream = configs
     start = time.time()
@@ -132,7 +133,7 @@ def run_study(configs, workdir: Path, *, seed: int, quick: bool, ingredients_onl
 
     sweep.finetune_all(runs, workdir, ingredients_dir, label="2/3 ingredient", overwrite=overwrite)
     if downstream.eval_every_steps > 0:
-        from soupjax import learning_curves
+        from soupjax.report import learning_curves
         out = workdir / f"learning-curves-seed{seed}"
         print(learning_curves.write(workdir, [seed], out), flush=True)
         print(f"learning curves: {out}.png", flush=True)
@@ -150,13 +151,13 @@ def run_study(configs, workdir: Path, *, seed: int, quick: bool, ingredients_onl
 def _cook(recipe: str, ingredients_dir: Path, out: Path, overwrite: bool, **kwargs) -> dict:
     """``kitchen.cook`` into ``out``: soups there cooked from other ingredients (some were replaced with
     --overwrite) are refused by the kitchen, or with ``overwrite`` cooked again."""
-    from soupjax import kitchen
+    from soupjax.cooking import kitchen
     return kitchen.cook(recipe, ingredients_dir, out, command=" ".join(sys.argv), overwrite=overwrite, **kwargs)
 
 
 def main(argv) -> int:
     del argv  # the flags parser refused positional arguments
-    from soupjax.workdirs import default_workdir
+    from soupjax.io.workdirs import default_workdir
     workdir = Path(FLAGS.workdir or os.path.join(default_workdir(), "study")).absolute()
     if FLAGS.sweep_config:
         ignored = [f"--{name}" for name in ("quick", "seed", "ingredients", "config") if FLAGS[name].present]

@@ -21,9 +21,9 @@ import os
 
 from absl import app, flags
 
-from soupjax import command_line
-from soupjax.cli_errors import exit_on_input_error
-from soupjax.workdirs import default_workdir, enable_compilation_cache, quiet_logs
+from soupjax.cli import flags as command_line
+from soupjax.cli.errors import exit_on_input_error
+from soupjax.io.workdirs import default_workdir, enable_compilation_cache, quiet_logs
 
 PROGRAM = "soupjax.finetune"
 FLAGS = flags.FLAGS
@@ -39,7 +39,8 @@ flags.DEFINE_list("only", None, "Fine-tune only these ingredients of the sweep, 
 def main(argv) -> int:
     del argv  # the flags parser refused positional arguments
     # JAX and TensorFlow are imported only now: a bad flag or config was refused in the first second.
-    from soupjax import sharding, sweep
+    from soupjax.devices import sharding
+    from soupjax.training import sweep
     sharding.initialize_multihost()
 
     workdir = os.path.abspath(FLAGS.workdir or default_workdir())

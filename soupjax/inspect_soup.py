@@ -56,9 +56,9 @@ def inspect(ingredients_dir: Path, out: Path, *, config: ConfigDict | None = Non
             allow_mixed_init: bool = False,
             pairs: int = 3, points: int = 11, eval_batch_size: int = 0, recalibrate_bn: int = 0) -> dict[str, Any]:
     """Compute the angles, distances and interpolation curves; write inspect.md/.json and plots."""
-    from soupjax import preflight
-    from soupjax.cli_errors import InputError
-    from soupjax.kitchen import Kitchen, check_options, check_writable, load_config
+    from soupjax.cooking import preflight
+    from soupjax.cli.errors import InputError
+    from soupjax.cooking.kitchen import Kitchen, check_options, check_writable, load_config
 
     check_options(eval_batch_size=eval_batch_size, recalibrate_bn=recalibrate_bn)
     if pairs < 1 or points < 2:
@@ -73,8 +73,9 @@ def inspect(ingredients_dir: Path, out: Path, *, config: ConfigDict | None = Non
     config = load_config(ingredients, config, data_dir)
     check_writable(out)
     # Only now: the model and data modules take seconds to import, the checks above none.
-    from soupjax import recipes, report
-    from soupjax.shared_init import rebuild_start, start_problem
+    from soupjax import report
+    from soupjax.arithmetic import soups as recipes
+    from soupjax.training.shared_init import rebuild_start, start_problem
     metas = [ing.meta for ing in ingredients]
     # Angles are between displacements from the start the ingredients recorded (init and head, checked
     # by fingerprint), the θ0 the merge methods use. Without one shared start (from-scratch runs with

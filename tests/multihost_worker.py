@@ -1,7 +1,7 @@
 """One process of tests/test_multihost.py: a training step and an evaluation on a fixed global batch.
 
 Run as ``python tests/multihost_worker.py OUT.npz`` with ``JAX_COORDINATOR_ADDRESS``,
-``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` set, so that ``soupjax.sharding.initialize_multihost``
+``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` set, so that ``soupjax.devices.sharding.initialize_multihost``
 starts ``jax.distributed`` as it would on a cluster; without them it is one process holding the whole
 batch, the reference. Every process builds the same global data and feeds only its own rows, as the
 input pipeline does on a pod slice (each host reads its shard), through the same soupjax code the
@@ -51,7 +51,7 @@ def _my_rows(batch: dict[str, np.ndarray], process: int, count: int) -> dict[str
 
 def compute() -> dict[str, Any]:
     """One step and one evaluation; returns this process's view of the results."""
-    from soupjax import sharding
+    from soupjax.devices import sharding
 
     sharding.initialize_multihost()  # a no-op without the JAX_* variables: the one-process reference
 
@@ -59,9 +59,9 @@ def compute() -> dict[str, Any]:
     import jax.numpy as jnp
 
     from soupjax import models
-    from soupjax.config_base import base_config
-    from soupjax.evaluate import Evaluator
-    from soupjax.train_step import apply_for_eval, make_optimizer, make_train_step
+    from soupjax.config.base import base_config
+    from soupjax.evaluation.evaluate import Evaluator
+    from soupjax.training.train_step import apply_for_eval, make_optimizer, make_train_step
 
     process, count = jax.process_index(), jax.process_count()
     train_batch, eval_batches = global_data()

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from soupjax import api, merging
-from soupjax.cli_errors import InputError
+from soupjax import api
+from soupjax.arithmetic import merging
+from soupjax.cli.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 

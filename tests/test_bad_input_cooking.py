@@ -20,7 +20,12 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from soupjax import checkpoints, cli_errors, files, kitchen, preflight, shared_init
+from soupjax.io import checkpoints
+from soupjax.cli import errors as cli_errors
+from soupjax.io import files
+from soupjax.cooking import kitchen
+from soupjax.cooking import preflight
+from soupjax.training import shared_init
 from test_train import load_config
 
 ROOT = Path(__file__).resolve().parents[1]

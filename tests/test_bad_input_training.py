@@ -53,7 +53,7 @@ def assert_nothing_written(workdir: Path) -> None:
 def config_files(tmp_path) -> dict[str, str]:
     """Config files that are broken in the ways a user's own config can be."""
     files = {
-        "no_get_config": "from soupjax.config_base import base_config\nCONFIG = base_config()\n",
+        "no_get_config": "from soupjax.config.base import base_config\nCONFIG = base_config()\n",
         "raises": "def get_config(arg=None):\n    raise RuntimeError('the cluster is not reachable')\n",
         "syntax": "def get_config(arg=None)\n    return None\n",
     }
@@ -140,7 +140,7 @@ def test_finetune_refuses_an_empty_heldout_split(tmp_path):
 
 def test_heldout_that_leaves_no_training_or_no_kept_class_is_refused_with_the_numbers(fashion_mnist_data_dir):
     from soupjax import data
-    from soupjax.cli_errors import InputError
+    from soupjax.cli.errors import InputError
     from test_train import load_config
     cfg = load_config("fashion_mnist_vit", "testing").data
     cfg.data_dir = fashion_mnist_data_dir
@@ -188,8 +188,8 @@ def test_finetune_names_a_read_only_work_directory(tmp_path):
 def _finetune_command(runs, workdir):
     """What ``soupjax.finetune`` runs, with its error handling, in this process (importing the module
     itself would define its absl flags a second time beside soupjax.experiment's)."""
-    from soupjax import sweep
-    from soupjax.cli_errors import exit_on_input_error
+    from soupjax.training import sweep
+    from soupjax.cli.errors import exit_on_input_error
     return exit_on_input_error("soupjax.finetune", lambda: sweep.finetune_all(runs, workdir))
 
 
@@ -197,7 +197,7 @@ def test_read_only_work_directory_is_refused_before_anything_is_written(tmp_path
     """The file system refuses a file in the work directory, as a read-only mount would (even to root,
     whom chmod does not stop)."""
     import tempfile
-    from soupjax import sweep
+    from soupjax.training import sweep
     from test_train import load_config
     workdir = tmp_path / "work"
     workdir.mkdir()
@@ -220,7 +220,9 @@ def test_read_only_work_directory_is_refused_before_anything_is_written(tmp_path
 @pytest.mark.slow
 def test_a_full_disk_leaves_no_half_written_ingredient_and_the_rerun_finishes(tmp_path, monkeypatch, capsys):
     import tensorflow_datasets as tfds
-    from soupjax import checkpoints, files, sweep
+    from soupjax.io import checkpoints
+    from soupjax.io import files
+    from soupjax.training import sweep
     from test_train import load_config
     runs = sweep.ingredient_configs(load_config("fashion_mnist_vit", "testing"))
     real_write = files.write_json_atomic
@@ -249,7 +251,7 @@ def test_a_full_disk_leaves_no_half_written_ingredient_and_the_rerun_finishes(tm
 
 
 def test_replacing_a_directory_keeps_the_old_one_until_the_new_one_is_in(tmp_path, monkeypatch):
-    from soupjax import files
+    from soupjax.io import files
     old, new = tmp_path / "ingredient", tmp_path / ".replacing" / "ingredient"
     for directory, text in ((old, "old"), (new, "new")):
         directory.mkdir(parents=True)
@@ -275,8 +277,9 @@ def test_replacing_a_directory_keeps_the_old_one_until_the_new_one_is_in(tmp_pat
 
 
 def test_an_ingredient_fine_tuned_from_a_replaced_init_is_not_skipped(tmp_path, monkeypatch):
-    from soupjax import checkpoints, sweep
-    from soupjax.cli_errors import InputError
+    from soupjax.io import checkpoints
+    from soupjax.training import sweep
+    from soupjax.cli.errors import InputError
     from test_train import load_config
     config = load_config("fashion_mnist_vit", "testing")
     upstream = tmp_path / "upstream"
@@ -317,7 +320,8 @@ def test_a_changed_config_over_finished_ingredients_is_refused_unless_overwrite(
 
 def test_machines_that_split_a_sweep_with_only_make_the_same_ingredients_as_one():
     """--only: the shares of several machines are exactly the runs of the whole sweep (docs/multihost.md)."""
-    from soupjax import config_base, sweep
+    from soupjax.config import base as config_base
+    from soupjax.training import sweep
     runs = sweep.ingredient_configs(config_base.load_config(f"{ROOT / CONFIG}:testing,sweep=4"))
     shares = sweep.select(runs, ["2", "0"]) + sweep.select(runs, ["1", "3", "1"])
     assert sorted(name for name, _, _ in shares) == [name for name, _, _ in runs]
@@ -341,7 +345,7 @@ def _fake_ingredient(directory: Path, config, **extra) -> Path:
 
 
 def _no_training(monkeypatch):
-    from soupjax import train
+    from soupjax.training import train
 
     def refuse(*args, **kwargs):
         raise AssertionError("trained again: the finished ingredient should have been used")
@@ -353,8 +357,9 @@ def test_a_resumed_run_may_read_its_data_elsewhere_or_belong_to_an_extended_swee
     too: an 8-ingredient sweep killed mid-ingredient and extended to 16, or moved to another data_dir,
     resumes instead of failing once training starts."""
     import copy
-    from soupjax import sweep, train
-    from soupjax.cli_errors import InputError
+    from soupjax.training import sweep
+    from soupjax.training import train
+    from soupjax.cli.errors import InputError
     from test_train import load_config
     config = load_config("fashion_mnist_vit", "testing,sweep=8")
     train_dir = tmp_path / "train" / "sweep0_003"
@@ -374,7 +379,9 @@ def test_a_kill_while_swapping_in_a_replacement_neither_retrains_nor_leaves_stag
     """Killed between files.replace_directory's two renames: the target is missing, the new ingredient
     complete in .replacing/, the old one in .NAME.replaced. The rerun swaps the new one in."""
     import copy
-    from soupjax import checkpoints, files, sweep
+    from soupjax.io import checkpoints
+    from soupjax.io import files
+    from soupjax.training import sweep
     from test_train import load_config
     old_config = load_config("fashion_mnist_vit", "testing")
     config = copy.deepcopy(old_config)
@@ -397,7 +404,9 @@ def test_an_ingredient_left_aside_by_a_killed_save_is_put_back(tmp_path, monkeyp
     """save_ingredient replaces an ingredient through files.replace_directory: killed between its
     renames, the old ingredient is whole at .NAME.replaced, and the next plan puts it back."""
     import numpy as np
-    from soupjax import checkpoints, files, sweep
+    from soupjax.io import checkpoints
+    from soupjax.io import files
+    from soupjax.training import sweep
     from test_train import load_config
     config = load_config("fashion_mnist_vit", "testing")
     target = tmp_path / "ingredients" / "ingredient"
@@ -429,7 +438,8 @@ def test_an_ingredient_left_aside_by_a_killed_save_is_put_back(tmp_path, monkeyp
 
 
 def test_a_corrupt_meta_json_is_replaced_with_overwrite(tmp_path):
-    from soupjax import checkpoints, sweep
+    from soupjax.io import checkpoints
+    from soupjax.training import sweep
     from test_train import load_config
     config = load_config("fashion_mnist_vit", "testing")
     target = _fake_ingredient(tmp_path / "ingredients" / "ingredient", config)
@@ -441,8 +451,8 @@ def test_a_corrupt_meta_json_is_replaced_with_overwrite(tmp_path):
 
 
 def test_only_a_cut_last_line_of_metrics_is_dropped(tmp_path):
-    from soupjax import train
-    from soupjax.cli_errors import InputError
+    from soupjax.training import train
+    from soupjax.cli.errors import InputError
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
     assert train.read_metrics(path) == [{"step": 1, "loss": 2.0}]

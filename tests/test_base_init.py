@@ -9,7 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from soupjax import checkpoints, pretrained, shared_init
+from soupjax.io import checkpoints
+from soupjax.importers import pretrained
+from soupjax.training import shared_init
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from soupjax.batchnorm import recalibrate
+from soupjax.evaluation.batchnorm import recalibrate
 
 CHANNELS, FEATURES = 3, 4
 
@@ -94,7 +94,9 @@ def resnet_ingredients(tmp_path_factory):
     """Three ResNet ingredients around one init (no training: the recipes only need their variables)."""
     import tensorflow_datasets as tfds
 
-    from soupjax import checkpoints, pretrained, shared_init
+    from soupjax.io import checkpoints
+    from soupjax.importers import pretrained
+    from soupjax.training import shared_init
     from test_base_init import _config
 
     root = tmp_path_factory.mktemp("bn_soup")
@@ -114,14 +116,15 @@ def resnet_ingredients(tmp_path_factory):
 
 
 def _params_key(variables) -> str:
-    from soupjax import pretrained
+    from soupjax.importers import pretrained
     return pretrained.fingerprint(variables["params"])
 
 
 def test_greedy_scores_its_first_ingredient_with_recalibrated_statistics(resnet_ingredients, tmp_path, monkeypatch):
     import tensorflow_datasets as tfds
 
-    from soupjax import checkpoints, kitchen
+    from soupjax.io import checkpoints
+    from soupjax.cooking import kitchen
 
     scored = {}  # params fingerprint -> held-out accuracy, as the kitchen scores candidates
     real = kitchen.Kitchen.heldout_accuracy
@@ -146,7 +149,8 @@ def test_greedy_scores_its_first_ingredient_with_recalibrated_statistics(resnet_
 def test_learned_soups_train_with_recalibrated_statistics(resnet_ingredients, tmp_path, monkeypatch):
     import tensorflow_datasets as tfds
 
-    from soupjax import kitchen, learned
+    from soupjax.cooking import kitchen
+    from soupjax.arithmetic import learned
 
     prepared = []
     real_prepare = kitchen.Kitchen.prepare

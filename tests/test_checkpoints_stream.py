@@ -5,7 +5,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from soupjax import checkpoints, recipes
+from soupjax.io import checkpoints
+from soupjax.arithmetic import soups as recipes
 
 
 def _variables(seed, kernel_shape=(3, 4)):

@@ -1,13 +1,13 @@
-"""Tests for soupjax.evaluate: the evaluator's numbers, padded batches, and its overlap of batches."""
+"""Tests for soupjax.evaluation.evaluate: the evaluator's numbers, padded batches, and its overlap of batches."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from soupjax import evaluate
+from soupjax.evaluation import evaluate
 from soupjax.models import get_model
-from soupjax.train_step import apply_for_eval
+from soupjax.training.train_step import apply_for_eval
 
 
 def _setup(batches: int = 3, size: int = 8, last_real: int = 5):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from soupjax import checkpoints, experiment
+from soupjax import experiment
+from soupjax.io import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 

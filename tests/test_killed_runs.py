@@ -19,7 +19,8 @@ from typing import Callable
 
 import pytest
 
-from soupjax import checkpoints, train
+from soupjax.io import checkpoints
+from soupjax.training import train
 from test_determinism import assert_bit_identical, report_numbers
 from test_soup import ONE_POINT_GRIDS
 

@@ -1,4 +1,4 @@
-"""Tests for soupjax.learned: the streamed gradient is the true gradient, and learning finds the best mix."""
+"""Tests for soupjax.arithmetic.learned: the streamed gradient is the true gradient, and learning finds the best mix."""
 
 import flax.linen as nn
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from soupjax import learned as learned_lib
+from soupjax.arithmetic import learned as learned_lib
 
 
 class MLP(nn.Module):
@@ -219,7 +219,7 @@ def test_ingredients_budget_decides_host_or_streaming():
 
 
 def test_zero_epochs_is_the_uniform_soup_and_init_weights():
-    from soupjax import recipes
+    from soupjax.arithmetic import soups as recipes
 
     trees = _ingredients(k=3)
     loaders = [lambda t=t: t for t in trees]
@@ -332,7 +332,8 @@ class TrainableMLP(nn.Module):
 
 
 def test_learned_soup_trains_with_recalibrated_statistics():
-    from soupjax import batchnorm, recipes
+    from soupjax.evaluation import batchnorm
+    from soupjax.arithmetic import soups as recipes
 
     model = TrainableMLP()
     trees = _ingredients(k=3)

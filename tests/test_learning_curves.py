@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from soupjax import learning_curves
+from soupjax.report import learning_curves
 
 
 def _meta(name, curve, steps, decay_start, every=50, max_epochs=4.0, heldout=0.9):

@@ -1,4 +1,4 @@
-"""Tests for soupjax.merging: hand-computed examples, hypothesis properties, and merge_by_tensor.
+"""Tests for soupjax.arithmetic.merging: hand-computed examples, hypothesis properties, and merge_by_tensor.
 
 The hand examples write the expected numbers out, with the arithmetic in comments, so a sign error or
 a wrong lam convention shows up as a wrong number rather than as two implementations agreeing.
@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from soupjax import merging
-from soupjax.recipes import TreeSource
+from soupjax.arithmetic import merging
+from soupjax.arithmetic.soups import TreeSource
 
 F32 = np.float32
 BF16 = np.dtype(ml_dtypes.bfloat16)

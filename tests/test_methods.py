@@ -16,9 +16,14 @@ import pytest
 from hypothesis import given, settings, strategies as st
 import tensorflow_datasets as tfds
 
-from soupjax import checkpoints, kitchen, merging, methods, recipes, shared_init
-from soupjax.cli_errors import InputError
-from soupjax.config_base import load_config
+from soupjax import methods
+from soupjax.io import checkpoints
+from soupjax.cooking import kitchen
+from soupjax.arithmetic import merging
+from soupjax.arithmetic import soups as recipes
+from soupjax.training import shared_init
+from soupjax.cli.errors import InputError
+from soupjax.config.base import load_config
 
 ISSUE_METHODS = {"uniform", "greedy", "pruned", "learned", "ensemble", "greedy_ensemble", "task_arithmetic", "ties",
                  "dare", "slerp", "spherical_mean", "model_stock", "wise_ft"}
@@ -330,7 +335,7 @@ def test_wise_ft_line_ends_at_the_init_and_the_base(size, seed):
 
 
 def test_no_one_init_is_named_for_mixed_or_unrecorded_inits():
-    from soupjax.shared_init import start_problem
+    from soupjax.training.shared_init import start_problem
     same = [{"init_fingerprint": "a"}, {"init_fingerprint": "a"}]
     assert start_problem(same) is None
     assert "2 different inits" in start_problem([{"init_fingerprint": "a"}, {"init_fingerprint": "b"}])

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from soupjax.models import ResNet, build_model, get_model, list_models
-from soupjax.pretrained import flatten
+from soupjax.importers.pretrained import flatten
 
 KEY = jax.random.key(0, impl='rbg')
 
@@ -393,7 +393,7 @@ def test_models_import_without_tensorflow():
 
 
 def test_build_model_from_a_config():
-    from soupjax.config_base import base_config
+    from soupjax.config.base import base_config
     config = base_config()
     config.model = {'name': 'resnet-testing'}
     config.data.classes = [0, 3, 7]  # the head's width, without reading any data

@@ -11,9 +11,10 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from soupjax import data, train
-from soupjax.plateau import PlateauRule
-from soupjax.train_step import learning_rate_at, make_optimizer
+from soupjax import data
+from soupjax.training import train
+from soupjax.training.plateau import PlateauRule
+from soupjax.training.train_step import learning_rate_at, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Tests for soupjax.pretrained, against independent references.
+"""Tests for soupjax.importers.pretrained, against independent references.
 
 timm checkpoints: a randomly initialised timm model (pretrained=False, no network) is saved,
 converted, and must give timm's logits. .npz checkpoints: files written with np.savez from our own
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from soupjax.models import get_model
-from soupjax.pretrained import (
+from soupjax.importers.pretrained import (
     PretrainedMismatchError,
     convert_timm_resnet,
     convert_timm_vit,

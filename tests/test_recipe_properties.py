@@ -1,4 +1,4 @@
-"""Properties of the recipe arithmetic (soupjax.recipes, soupjax.learned), checked with hypothesis.
+"""Properties of the recipe arithmetic (soupjax.arithmetic.soups, soupjax.arithmetic.learned), checked with hypothesis.
 
 Ingredients are drawn trees of one fixed layout with a float32, a bfloat16 and an int32 leaf, so the
 kernels compile once and every property runs on all three dtypes. Values are finite, not subnormal,
@@ -28,7 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from soupjax import learned, recipes
+from soupjax.arithmetic import learned
+from soupjax.arithmetic import soups as recipes
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 U32 = 2.0 ** -24              # float32 unit roundoff

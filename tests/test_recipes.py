@@ -1,4 +1,4 @@
-"""Tests for soupjax.recipes: arithmetic, streaming memory, and greedy/pruned on scripted evaluators."""
+"""Tests for soupjax.arithmetic.soups: arithmetic, streaming memory, and greedy/pruned on scripted evaluators."""
 
 import inspect
 import itertools
@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from soupjax import recipes
+from soupjax.arithmetic import soups as recipes
 
 
 def _tree(seed, dtype=np.float32):

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from soupjax import files, report, stats
+from soupjax import report
+from soupjax.io import files
+from soupjax.report import stats
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

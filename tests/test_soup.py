@@ -16,8 +16,15 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from soupjax import batchnorm, checkpoints, kitchen as soup, preflight, recipes, report, shared_init, train
-from soupjax.cli_errors import InputError
+from soupjax import report
+from soupjax.evaluation import batchnorm
+from soupjax.io import checkpoints
+from soupjax.cooking import kitchen as soup
+from soupjax.cooking import preflight
+from soupjax.arithmetic import soups as recipes
+from soupjax.training import shared_init
+from soupjax.training import train
+from soupjax.cli.errors import InputError
 from test_train import assert_accuracy, forward_logits, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +39,7 @@ def _make_ingredients(root: Path, name: str = "fashion_mnist_vit", count: int = 
     config = load_config(name, f"testing,sweep={count}")
     for key, value in overrides.items():
         config[key] = value
-    from soupjax import sweep
+    from soupjax.training import sweep
     for run_name, run, hparams in sweep.ingredient_configs(config):
         train.train_and_evaluate(run, root / "train" / run_name, root / "ingredients" / run_name,
                                  extra_meta={"hparams": hparams})

@@ -1,4 +1,4 @@
-"""soupjax.timm_export: our ViT -> a timm state dict, checked two ways.
+"""soupjax.importers.timm_export: our ViT -> a timm state dict, checked two ways.
 
 Round trip: exporting then importing with `convert_timm_vit` gives back the identical tree.
 Parity against an independent reference: a timm VisionTransformer built by hand (not from our
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from soupjax.models import get_model
-from soupjax.pretrained import convert_timm_vit, flatten, load_timm_state_dict
-from soupjax.timm_export import export_timm_vit, save_timm_state_dict, timm_vit_kwargs
+from soupjax.importers.pretrained import convert_timm_vit, flatten, load_timm_state_dict
+from soupjax.importers.timm_export import export_timm_vit, save_timm_state_dict, timm_vit_kwargs
 
 KEY = jax.random.key(0, impl='rbg')
 SMALL = dict(patch_size=4, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64)

@@ -14,9 +14,13 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from soupjax import checkpoints, data, shared_init, sweep, train
+from soupjax import data
+from soupjax.io import checkpoints
+from soupjax.training import shared_init
+from soupjax.training import sweep
+from soupjax.training import train
 from soupjax.models import build_model
-from soupjax.train_step import apply_for_eval
+from soupjax.training.train_step import apply_for_eval
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["fashion_mnist_vit", "cifar10_vit_ti16", "cifar10_resnet50d", "imagenet_vit_b32"]
@@ -146,10 +150,11 @@ _LOSS_SCRIPT = r"""
 import json, sys
 import importlib.util
 import jax, numpy as np, tensorflow_datasets as tfds
-from soupjax import data, sharding
+from soupjax import data
+from soupjax.devices import sharding
 from soupjax.models import build_model
-from soupjax.shared_init import init_variables
-from soupjax.train_step import make_optimizer, make_train_step
+from soupjax.training.shared_init import init_variables
+from soupjax.training.train_step import make_optimizer, make_train_step
 spec = importlib.util.spec_from_file_location("cfg", sys.argv[1]); m = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(m); config = m.get_config("testing")
 config.batch_size = 16
@@ -231,7 +236,8 @@ def test_finetune_cli_names_a_missing_pretrained_file(tmp_path, fashion_mnist_da
 
 @pytest.mark.slow
 def test_linear_probe_fits_the_head_once_per_init(fashion_mnist_data_dir, monkeypatch):
-    from soupjax import evaluate, linear_probe
+    from soupjax.evaluation import evaluate
+    from soupjax.training import linear_probe
     config = load_config("fashion_mnist_vit", "testing")
     config.data.data_dir = fashion_mnist_data_dir
     config.data.heldout = 1000
@@ -296,7 +302,7 @@ def test_work_made_with_another_config_is_refused_with_the_fields_named(tmp_path
 def test_config_json_is_the_plain_form_of_the_config(tmp_path):
     # files.plain is the one conversion to JSON values: config.json read back equals the live config's
     # plain form, and arrays, numpy scalars and paths in results become JSON numbers and strings.
-    from soupjax import files
+    from soupjax.io import files
     config = load_config("fashion_mnist_vit", "testing")
     config.model.stages = (1, 2)  # a tuple, which JSON reads back as a list
     train.check_same_config(tmp_path / "config.json", config, "the training state")

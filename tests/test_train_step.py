@@ -7,9 +7,10 @@ import numpy as np
 import optax
 import pytest
 
-from soupjax import models, sharding
-from soupjax.config_base import base_config
-from soupjax.train_step import learning_rate_at, make_optimizer, make_train_step
+from soupjax import models
+from soupjax.devices import sharding
+from soupjax.config.base import base_config
+from soupjax.training.train_step import learning_rate_at, make_optimizer, make_train_step
 
 
 def _config(**overrides):

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from soupjax import checkpoints
-from soupjax.cli_errors import InputError
-from soupjax.config_base import parse_options, refuse_changed
-from soupjax.pretrained import load_npz, load_pretrained, load_timm_state_dict
+from soupjax.io import checkpoints
+from soupjax.cli.errors import InputError
+from soupjax.config.base import parse_options, refuse_changed
+from soupjax.importers.pretrained import load_npz, load_pretrained, load_timm_state_dict
 from test_bad_input_training import assert_refused
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ google-research/vision_transformer (vit_jax/models_vit.py) and google-research/b
 class token, position embedding, pre-LayerNorm blocks (LayerNorm eps 1e-6, multi-head dot-product
 attention, MLP with Flax's nn.gelu, whose default is the tanh approximation), encoder_norm, head.
 Random parameters are written to .npz files with each codebase's names, loaded through
-soupjax.pretrained, and run by a model built the way train.py builds it: the activation is picked
+soupjax.importers.pretrained, and run by a model built the way train.py builds it: the activation is picked
 from the checkpoint by pretrained.with_checkpoint_activation, not given by the test.
 """
 
@@ -23,8 +23,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from soupjax import models, shared_init
-from soupjax.pretrained import (
+from soupjax import models
+from soupjax.training import shared_init
+from soupjax.importers.pretrained import (
     ActivationMismatchError,
     checkpoint_activation,
     flatten,
@@ -441,8 +442,8 @@ def test_activation_of_an_upstream_ingredient(tmp_path):
 
 
 def test_train_refuses_a_contradicting_config_before_writing_anything(tmp_path):
-    from soupjax import train
-    from soupjax.config_base import base_config
+    from soupjax.training import train
+    from soupjax.config.base import base_config
     config = base_config()
     config.model = {'name': 'vit-testing', 'gelu_approximate': False}
     config.init_from.path = str(tmp_path / 'augreg.npz')  # refused before it is even read
@@ -459,7 +460,8 @@ def test_ingredient_meta_records_the_activation_it_ran(tmp_path):
 
     import tensorflow_datasets as tfds
 
-    from soupjax import checkpoints, train
+    from soupjax.io import checkpoints
+    from soupjax.training import train
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location('cifar10_vit_ti16',
                                                   root / 'configs' / 'cifar10_vit_ti16.py')

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from soupjax import files
+from soupjax.io import files
 
 SUBDIRECTORY = "soupjax-decoded"
 # Set to 0 to neither read nor write decoded copies (every process decodes, as before this file).

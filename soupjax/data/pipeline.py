@@ -29,8 +29,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from soupjax.cli_errors import InputError
-from soupjax.config_base import default_data_config  # noqa: F401  (soupjax.data's API; TF-free home)
+from soupjax.cli.errors import InputError
+from soupjax.config.base import default_data_config  # noqa: F401  (soupjax.data's API; TF-free home)
 from soupjax.data import decoded_cache
 from soupjax.data import fashion_mnist_local
 from soupjax.data import natural_shifts
@@ -59,8 +59,8 @@ def eval_fingerprint(cfg) -> str:
     An ingredient's training-time logits are reused when cooking only under the same hash; a sweep
     over augmentation strength or mixup must not make every ingredient be evaluated again.
     """
-    from soupjax.config_base import fingerprint
-    from soupjax.files import plain
+    from soupjax.config.base import fingerprint
+    from soupjax.io.files import plain
     return fingerprint({k: v for k, v in plain(cfg).items() if k not in TRAINING_ONLY_FIELDS})
 
 

@@ -22,7 +22,7 @@ import pkgutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from soupjax.cli_errors import InputError
+from soupjax.cli.errors import InputError
 
 KINDS = ("soup", "merge", "ensemble")
 

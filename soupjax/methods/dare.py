@@ -28,7 +28,7 @@ def key(options, dish: str) -> dict:
 
 
 def cook(cooking):
-    from soupjax import merging
+    from soupjax.arithmetic import merging
     k = len(cooking.names)
     init, sources = cooking.init_source(), cooking.sources()
     o, seed = cooking.options, cooking.options["seed"]

@@ -25,7 +25,7 @@ def key(options, dish: str) -> dict:
 
 
 def cook(cooking) -> list[Dish]:
-    from soupjax import recipes
+    from soupjax.arithmetic import soups as recipes
     o = cooking.options
     res = recipes.greedy(cooking.loaders, cooking.heldout, cooking.heldout_accuracy, strict=o["greedy_strict"],
                          order=o["greedy_order"], seed=o["seed"], evaluate_first=bool(o["recalibrate_bn"]))

@@ -1,6 +1,6 @@
 """Learned soup: mixing weights trained by gradient descent on the held-out split (Wortsman et al. 2022),
 one per ingredient ('global') or one per ingredient per parameter tensor ('layer'), through a softmax
-with a learned temperature (``soupjax.learned``).
+with a learned temperature (``soupjax.arithmetic.learned``).
 
 Costs ``--learned_epochs`` passes over the held-out split, forward and backward; memory: the K
 ingredients on the host (or streamed from disk within ``--memory_budget_mb``). With ``--recalibrate_bn``
@@ -32,8 +32,8 @@ def key(options, dish: str) -> dict:
 
 def cook(cooking):
     import numpy as np
-    from soupjax import learned
-    from soupjax.files import plain
+    from soupjax.arithmetic import learned
+    from soupjax.io.files import plain
     o = cooking.options
     budget = int(o["memory_budget_mb"] * 2**20) if o["memory_budget_mb"] > 0 else None
     for mode in modes(o):

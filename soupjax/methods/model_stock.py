@@ -12,7 +12,7 @@ from soupjax.methods import Dish, Method, register
 
 def cook(cooking) -> list[Dish]:
     import numpy as np
-    from soupjax import merging
+    from soupjax.arithmetic import merging
     k = len(cooking.names)
     ratios: dict[str, float] = {}
 

@@ -16,7 +16,7 @@ def key(options, dish: str) -> dict:
 
 
 def cook(cooking) -> list[Dish]:
-    from soupjax import recipes
+    from soupjax.arithmetic import soups as recipes
     o = cooking.options
     res = recipes.pruned(cooking.loaders, cooking.heldout_accuracy, passes=o["pruned_passes"],
                          heldout_scores=cooking.heldout, strict=o["greedy_strict"])

@@ -14,7 +14,7 @@ OPTIONS = {"slerp_ts": Option((0.0, 0.25, 0.5, 0.75, 1.0), "SLERP: the grid of t
 
 
 def cook(cooking) -> list[Dish]:
-    from soupjax import merging
+    from soupjax.arithmetic import merging
     k = len(cooking.names)
     if k == 1:
         return [Dish("slerp", [1.0], cooking.loaders[0](), meta={"note": "one ingredient: SLERP is that ingredient"})]

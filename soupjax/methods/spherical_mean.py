@@ -10,7 +10,7 @@ from soupjax.methods import Dish, Method, register
 
 
 def cook(cooking) -> list[Dish]:
-    from soupjax import merging
+    from soupjax.arithmetic import merging
     k = len(cooking.names)
     variables = merging.merge_by_tensor(cooking.init_source(), cooking.sources(),
                                         merging.combiner("spherical_mean"))

@@ -15,7 +15,7 @@ OPTIONS = {"task_arithmetic_scales": Option(
 
 
 def cook(cooking) -> list[Dish]:
-    from soupjax import merging
+    from soupjax.arithmetic import merging
     k = len(cooking.names)
     init, sources = cooking.init_source(), cooking.sources()
     grid = [{"lambda": s / k, "scale": s} for s in grid_floats(cooking.options["task_arithmetic_scales"])]

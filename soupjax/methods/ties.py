@@ -20,7 +20,7 @@ OPTIONS = {
 
 
 def cook(cooking) -> list[Dish]:
-    from soupjax import merging
+    from soupjax.arithmetic import merging
     k = len(cooking.names)
     init, sources = cooking.init_source(), cooking.sources()
     o = cooking.options

@@ -9,7 +9,7 @@ from soupjax.methods import Dish, Method, register
 
 
 def cook(cooking) -> list[Dish]:
-    from soupjax import recipes
+    from soupjax.arithmetic import soups as recipes
     k = len(cooking.names)
     return [Dish("uniform", [1.0 / k] * k, recipes.uniform_by_tensor(cooking.sources()))]
 

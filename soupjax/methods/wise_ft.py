@@ -29,7 +29,7 @@ def key(options, dish: str) -> dict:
 
 
 def cook(cooking):
-    from soupjax import merging
+    from soupjax.arithmetic import merging
     init = cooking.init_source()
     alphas = grid_floats(cooking.options["wise_ft_alphas"])
     for base in bases(cooking.options):

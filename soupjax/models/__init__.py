@@ -63,7 +63,7 @@ def activation(model: nn.Module) -> str:
     """The nonlinearity a built model runs, as meta.json records it.
 
     'gelu_exact' or 'gelu_tanh' for a ViT (its `gelu_approximate`), 'relu' for a ResNet.
-    soupjax.pretrained.checkpoint_activation reads it back when a run starts from an ingredient.
+    soupjax.importers.pretrained.checkpoint_activation reads it back when a run starts from an ingredient.
     """
     if isinstance(model, VisionTransformer):
         return 'gelu_tanh' if model.gelu_approximate else 'gelu_exact'
@@ -99,7 +99,7 @@ def get_model(name: str, num_classes: int, **cfg: Any) -> nn.Module:
     ViT cfg: patch_size, hidden_size, num_layers, num_heads, mlp_dim, pooling ('token' | 'gap'),
     dropout_rate, attention_dropout_rate, representation_size, gelu_approximate (default False,
     the exact GELU of timm; True is the tanh approximation that vision_transformer and big_vision
-    trained with: soupjax.pretrained.with_checkpoint_activation picks the init checkpoint's),
+    trained with: soupjax.importers.pretrained.with_checkpoint_activation picks the init checkpoint's),
     head_zero_init (default True), dtype.
     ResNet cfg: stem ('imagenet' | 'deep' | 'cifar'), avg_down, width, bn_momentum (default 0.9,
     i.e. PyTorch's 0.1), zero_init_last_bn, stage_sizes, block ('basic' | 'bottleneck'), dtype.

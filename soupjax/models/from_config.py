@@ -18,7 +18,8 @@ def build_model(config: "ml_collections.ConfigDict") -> nn.Module:
     GELU its ``init_from`` checkpoint was trained with (``pretrained.with_checkpoint_activation``)."""
     # Imported here: soupjax.data imports TensorFlow, which soupjax.models must not need to be imported
     # (the step benchmark runs on hosts with JAX alone); pretrained imports soupjax.models in turn.
-    from soupjax import data, pretrained
+    from soupjax import data
+    from soupjax.importers import pretrained
     from soupjax.models import get_model
 
     config = pretrained.with_checkpoint_activation(config)

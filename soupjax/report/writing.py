@@ -1,4 +1,4 @@
-"""Writing a report's set of files together, atomically (``soupjax.files.write_files_atomic``), and
+"""Writing a report's set of files together, atomically (``soupjax.io.files.write_files_atomic``), and
 ``write_report``, the soup report's set.
 
 Every file is written under a temporary name in the output directory and renamed into place only once
@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from soupjax import files as soupjax_files  # `files` is the name of a report's set of files below
+from soupjax.io import files as soupjax_files  # `files` is the name of a report's set of files below
 from soupjax.report import fields, plots, tabular
 from soupjax.report.markdown import markdown_table
 

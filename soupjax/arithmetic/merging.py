@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from soupjax.recipes import TensorSource, cast_to_stored, path_str
+from soupjax.arithmetic.soups import TensorSource, cast_to_stored, path_str
 
 __all__ = [
     "statistics_rule",

@@ -22,19 +22,23 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from soupjax import checkpoints, data, files, models, pretrained, sharding
-from soupjax.cli_errors import InputError
-from soupjax.evaluate import Evaluator
+from soupjax import data, models
+from soupjax.io import checkpoints
+from soupjax.io import files
+from soupjax.importers import pretrained
+from soupjax.devices import sharding
+from soupjax.cli.errors import InputError
+from soupjax.evaluation.evaluate import Evaluator
 from soupjax.models import build_model
-from soupjax.progress import Progress
-from soupjax.shared_init import Variables, base_init, with_head_init
-from soupjax.train_step import apply_for_eval, make_optimizer, make_train_step
+from soupjax.cli.progress import Progress
+from soupjax.training.shared_init import Variables, base_init, with_head_init
+from soupjax.training.train_step import apply_for_eval, make_optimizer, make_train_step
 
 
 
 def check_same_config(path: Path, config: ml_collections.ConfigDict, what: str) -> None:
     """Refuse to resume or reuse work made with another config, naming the fields that differ."""
-    from soupjax.config_base import MAY_DIFFER, refuse_changed
+    from soupjax.config.base import MAY_DIFFER, refuse_changed
     if path.is_file():
         # The fields sweep.plan_run lets differ: a resumed run may read its data from elsewhere, or
         # belong to a sweep extended since; config.json keeps the values it was started with.
@@ -264,7 +268,7 @@ class _PlateauSchedule:
     ``max_steps``: a run that does not level off cools down over its last steps)."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: Path, max_steps: int, hparams: dict):
-        from soupjax.plateau import PlateauRule
+        from soupjax.training.plateau import PlateauRule
         self.active = config.lr_schedule == "plateau"
         self.max_steps, self.hparams = max_steps, hparams
         self.path = workdir / "plateau.json"
@@ -288,7 +292,7 @@ class _PlateauSchedule:
 
     def resume(self, start_step: int) -> int:
         """The run's length after a restart at ``start_step``."""
-        from soupjax.plateau import read_decision
+        from soupjax.training.plateau import read_decision
         if not self.active:
             return self.length
         decided = read_decision(self.path)
@@ -297,7 +301,7 @@ class _PlateauSchedule:
 
     def update(self, step: int, points: list[tuple[int, float]]) -> int:
         """After an evaluation at ``step``: the run's length, cooling down from here if the curve levelled off."""
-        from soupjax.plateau import write_decision
+        from soupjax.training.plateau import write_decision
         if (self.active and self.decay_start is None and step < self.max_steps - self.cooldown
                 and self.rule.levelled_off([a for _, a in points])):
             write_decision(self.path, step, points)

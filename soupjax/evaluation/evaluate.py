@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from soupjax import sharding
+from soupjax.devices import sharding
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 

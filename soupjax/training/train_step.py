@@ -15,7 +15,7 @@ import optax
 if TYPE_CHECKING:  # ml_collections is only needed for the annotation
     import ml_collections
 
-from soupjax import sharding
+from soupjax.devices import sharding
 
 
 def make_optimizer(config: "ml_collections.ConfigDict", steps: int

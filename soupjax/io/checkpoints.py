@@ -14,7 +14,7 @@ ingredient that a later sweep would skip as finished or a soup would cook with. 
 existed are version 1). An ingredient that cannot be read (a missing or malformed meta.json, a
 truncated or deleted checkpoint file) raises ``IngredientError``, an ``InputError`` that names it.
 
-``meta.json`` and ``eval_logits.npz`` are written through ``soupjax.files`` (under a temporary name,
+``meta.json`` and ``eval_logits.npz`` are written through ``soupjax.io.files`` (under a temporary name,
 renamed into place); the variables by orbax, into the staging directory that is renamed as a whole.
 
 An ingredient is read whole (``load_variables``, an orbax restore of the tree) or one array at a time
@@ -39,9 +39,9 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
-from soupjax import files
-from soupjax.cli_errors import InputError
-from soupjax.recipes import path_str  # parameters are named as every soup error names them
+from soupjax.io import files
+from soupjax.cli.errors import InputError
+from soupjax.arithmetic.soups import path_str  # parameters are named as every soup error names them
 
 META_FILE = "meta.json"
 VARIABLES_DIR = "variables"

@@ -25,8 +25,8 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from soupjax import checkpoints
-from soupjax.cli_errors import InputError
+from soupjax.io import checkpoints
+from soupjax.cli.errors import InputError
 
 
 class PreflightError(InputError):

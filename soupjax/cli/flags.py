@@ -15,8 +15,8 @@ from typing import Callable
 from absl import flags
 from ml_collections import config_flags
 
-from soupjax import config_base
-from soupjax.cli_errors import InputError, fail
+from soupjax.config import base as config_base
+from soupjax.cli.errors import InputError, fail
 
 FLAGS = flags.FLAGS
 

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from soupjax.recipes import Loader, Variables, _finisher, _Layout
+from soupjax.arithmetic.soups import Loader, Variables, _finisher, _Layout
 
 __all__ = ["Ingredients", "MixingProblem", "LearnedResult", "learned"]
 

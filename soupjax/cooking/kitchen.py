@@ -13,7 +13,7 @@ data and the recipe's options) is stored in its meta.json, and that of the whole
 ``meta.provenance``. A rerun into the same ``out`` with the same ingredients and options resumes; with
 others, it is refused before any work, naming what differs, unless ``overwrite`` is given: a soup or
 report is never silently replaced by a different one. Every file is written under a temporary name
-and renamed into place (``soupjax.files``).
+and renamed into place (``soupjax.io.files``).
 
 Bad options and unusable inputs raise ``InputError`` before anything is written; ``check_options``
 needs no import of JAX, so the command line refuses a bad flag at once.
@@ -35,8 +35,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from ml_collections import ConfigDict
 
-from soupjax.cli_errors import InputError
-from soupjax.files import plain
+from soupjax.cli.errors import InputError
+from soupjax.io.files import plain
 
 # A soup's stored options use short names; a refusal names the option as the command line spells it.
 _OPTION_NAMES = {"strict": "greedy_strict", "order": "greedy_order", "passes": "pruned_passes",
@@ -49,7 +49,7 @@ def check_writable(out: Path) -> None:
 
     Checked before any work: hours of cooking must not end at the first write.
     """
-    from soupjax import files
+    from soupjax.io import files
     if out.exists() and not out.is_dir():
         raise InputError(f"the output directory {out} (--out) is a file, not a directory")
     problem = files.writable_problem(out, create=True)
@@ -65,7 +65,7 @@ def _what_differs(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[
     (``ingredient_meta``) where both have it, so a moved ingredients directory is the same one; per-recipe
     options only for the recipes both cooked.
     """
-    from soupjax.config_base import differences
+    from soupjax.config.base import differences
     stored, wanted = dict(stored), {k: v for k, v in wanted.items() if k in stored}
     out = []
     if "ingredient_meta" in wanted:
@@ -118,8 +118,10 @@ class Kitchen:
 
     def __init__(self, config: ConfigDict, out: Path, *, shifts: Sequence[str] | None, eval_batch_size: int,
                  recalibrate_batches: int = 0):
-        from soupjax import data, evaluate, models, sharding
-        from soupjax.train_step import apply_for_eval
+        from soupjax import data, models
+        from soupjax.evaluation import evaluate
+        from soupjax.devices import sharding
+        from soupjax.training.train_step import apply_for_eval
         import jax
         if jax.process_count() > 1:
             # Cooking reads and writes shared files and compares accuracies computed per process;
@@ -161,7 +163,7 @@ class Kitchen:
     def prepare(self, variables: dict[str, Any]) -> dict[str, Any]:
         """What a candidate soup goes through before it is evaluated (BatchNorm recalibration)."""
         if self.recalibrate_batches and "batch_stats" in variables:
-            from soupjax.batchnorm import recalibrate
+            from soupjax.evaluation.batchnorm import recalibrate
             return recalibrate(self.model, variables, self.batches("train"), self.recalibrate_batches)
         return variables
 
@@ -178,9 +180,9 @@ class Kitchen:
         ``seed_arrays`` are logits already known (an ingredient's from training time); ``prepared``
         says BatchNorm recalibration was applied already.
         """
-        from soupjax.config_base import fingerprint
-        from soupjax.evaluate import metrics_from_logits
-        from soupjax.progress import Progress
+        from soupjax.config.base import fingerprint
+        from soupjax.evaluation.evaluate import metrics_from_logits
+        from soupjax.cli.progress import Progress
         splits = list(splits or ["heldout", *self.report_splits])
         tag = fingerprint({"key": key, "data": self._data.eval_fingerprint(self.config.data), "recalibrate": self.recalibrate_batches,
                            "batch": self.batch_size})
@@ -213,8 +215,8 @@ class Kitchen:
     def evaluate_ingredient(self, ingredient) -> ModelEval:
         """An ingredient on every split; its training-time held-out/test logits are reused when they
         were computed on the same data config."""
-        from soupjax.checkpoints import EVAL_FILE
-        from soupjax.config_base import fingerprint
+        from soupjax.io.checkpoints import EVAL_FILE
+        from soupjax.config.base import fingerprint
         seed = {}
         stored = ingredient.path / EVAL_FILE
         if stored.exists() and ingredient.meta.get("data_fingerprint") == self._data.eval_fingerprint(self.config.data):
@@ -246,7 +248,7 @@ def _known_logits(variables: dict[str, Any], weights: Sequence[float], loaders: 
 
 
 def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    from soupjax import files
+    from soupjax.io import files
     files.write_atomic(path, lambda tmp: np.savez(tmp, **arrays))
 
 
@@ -265,7 +267,7 @@ def _row(name: str, kind: str, ev: ModelEval, kitchen: Kitchen, *, n: int, passe
 
 def _vs_best(ev: ModelEval, best: ModelEval, shifts: Sequence[str]) -> dict[str, Any]:
     """Paired McNemar tests against the best ingredient on the test set and on all shift images."""
-    from soupjax.stats import mcnemar
+    from soupjax.report.stats import mcnemar
 
     def as_dict(r):
         return {"diff": float(r.diff), "p": float(r.p), "n": int(r.n)}
@@ -308,7 +310,7 @@ class Cooking:
 
     def sources(self) -> list[Any]:
         """Every ingredient as a ``recipes.TensorSource`` on disk (read one tensor at a time)."""
-        from soupjax import checkpoints
+        from soupjax.io import checkpoints
         return [checkpoints.tensor_source(ing.path) for ing in self.ingredients]
 
     def heldout_accuracy(self, variables: Mapping[str, Any]) -> float:
@@ -352,7 +354,8 @@ class Cooking:
         ready: rebuilt from the ingredients' config, checked against the fingerprints they recorded (of
         ``init_from``'s weights and, where recorded, of the whole start, the head init included), and kept
         under ``out/cache/init-<theta0_key>``."""
-        from soupjax import checkpoints, shared_init
+        from soupjax.io import checkpoints
+        from soupjax.training import shared_init
         metas = [ing.meta for ing in self.ingredients]
         problem = shared_init.start_problem(metas)
         if problem:
@@ -371,13 +374,13 @@ class Cooking:
 
     def init_source(self) -> Any:
         """The shared init as a tensor source (``init_problem`` must have said None)."""
-        from soupjax import checkpoints
+        from soupjax.io import checkpoints
         return checkpoints.tensor_source(self._init_dir)
 
     def dish_source(self, name: str) -> tuple[Any, list[float]]:
         """A model by name, as a tensor source on disk: 'best_ingredient', or a soup or merge saved in
         ``out``; and its weights per ingredient."""
-        from soupjax import checkpoints
+        from soupjax.io import checkpoints
         if name == "best_ingredient":
             return (checkpoints.tensor_source(self.ingredients[self.best].path),
                     [float(i == self.best) for i in range(len(self.names))])
@@ -387,7 +390,7 @@ class Cooking:
     def evaluate_point(self, dish: str, label: str, variables: Mapping[str, Any], point: Mapping[str, Any]) -> ModelEval:
         """A point of a curve on every split (cached), counted as one held-out evaluation: only its held-out
         accuracy may choose; test and shift are for the report's curve."""
-        from soupjax.config_base import fingerprint
+        from soupjax.config.base import fingerprint
         self.heldout_evals += 1
         return self.kitchen.evaluate(label, dict(variables), key=fingerprint({"dish": self.key_of(dish), **point}))
 
@@ -426,13 +429,14 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
     o = check_options(recipe=recipe, **options)
     wanted = methods.wanted(recipe)
     out = Path(out)
-    from soupjax import preflight
+    from soupjax.cooking import preflight
     # First, as it imports only JAX and orbax: unusable ingredients are refused before TensorFlow loads.
     ingredients = preflight.gather(ingredients_dir, allow_mixed_init=allow_mixed_init)
 
-    from soupjax import checkpoints, data, report
-    from soupjax.config_base import fingerprint as config_fingerprint
-    from soupjax.memory import PeakMemory
+    from soupjax import data, report
+    from soupjax.io import checkpoints
+    from soupjax.config.base import fingerprint as config_fingerprint
+    from soupjax.devices.memory import PeakMemory
     config = load_config(ingredients, config, data_dir)
     shift_names = _check_shifts(data, config, shifts)
     names = [ing.name for ing in ingredients]
@@ -615,7 +619,7 @@ def _check_wise_ft_bases(options: Mapping[str, Any], wanted: Sequence[Any], meth
     result is keyed by its base's options, so the base must be what they describe)."""
     if not any(m.name == "wise_ft" for m in wanted):
         return
-    from soupjax import checkpoints
+    from soupjax.io import checkpoints
     from soupjax.methods import wise_ft
     if not wise_ft.bases(options):
         raise InputError(f"--wise_ft_of={options['wise_ft_of']!r}: name at least one model (best_ingredient or a soup)")
@@ -642,7 +646,7 @@ def _check_wise_ft_bases(options: Mapping[str, Any], wanted: Sequence[Any], meth
 def _theta0_key(ingredients: Sequence[Any], config: ConfigDict, data: Any) -> str:
     """What names θ0: the fingerprint of the whole start where the ingredients recorded it; for older
     ingredients, their init's fingerprint and what the head init is rebuilt from (config, data, probe)."""
-    from soupjax.config_base import fingerprint
+    from soupjax.config.base import fingerprint
     start = ingredients[0].meta.get("start_fingerprint")
     if start:
         return str(start)
@@ -684,7 +688,7 @@ def _refuse_changed_outputs(out: Path, provenance: Mapping[str, Any], soup_keys:
 
     A report or soup written by a soupjax that did not record its provenance is not compared.
     """
-    from soupjax import checkpoints
+    from soupjax.io import checkpoints
     report_file = out / "report.json"
     if report_file.is_file():
         try:
@@ -715,7 +719,7 @@ def load_config(ingredients, config: ConfigDict | None, data_dir: str | None) ->
 
 def ensemble_of(evals: Sequence[ModelEval], splits: Sequence[str]) -> ModelEval:
     """The logit ensemble: the mean of the K models' logits (as the official code does)."""
-    from soupjax.evaluate import metrics_from_logits
+    from soupjax.evaluation.evaluate import metrics_from_logits
     logits = {s: np.mean([ev.logits[s] for ev in evals], axis=0) for s in splits}
     labels = {s: evals[0].labels[s] for s in splits}
     return ModelEval({s: metrics_from_logits(logits[s], labels[s]).metrics() for s in splits}, logits, labels)

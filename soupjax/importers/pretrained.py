@@ -12,7 +12,7 @@ A ViT must also run the GELU its checkpoint was trained with (tanh for .npz, exa
 `with_checkpoint_activation(config)` sets the config's `model.gelu_approximate` from
 `init_from.path`, and refuses a config that asks for the other one.
 
-Our own Orbax checkpoints are read by soupjax.checkpoints, not here.
+Our own Orbax checkpoints are read by soupjax.io.checkpoints, not here.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from soupjax.cli_errors import InputError
+from soupjax.cli.errors import InputError
 
 if TYPE_CHECKING:
     from ml_collections import ConfigDict
@@ -430,7 +430,8 @@ def checkpoint_activation(path: str | Path) -> CheckpointActivation | None:
         return CheckpointActivation(True, 'a vision_transformer/big_vision .npz')
     if path.suffix in _TIMM_EXTENSIONS:
         return CheckpointActivation(False, f'a timm state dict ({path.suffix})')
-    from soupjax import checkpoints, models  # orbax: only for ingredient directories
+    from soupjax import models
+    from soupjax.io import checkpoints  # orbax: only for ingredient directories
     if not checkpoints.is_ingredient(path):
         return None  # load_pretrained / merge_params will say what is wrong with it
     meta = checkpoints.load_meta(path)

@@ -16,9 +16,9 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
-from soupjax import files
-from soupjax.cli_errors import InputError
-from soupjax.config_base import MAY_DIFFER
+from soupjax.io import files
+from soupjax.cli.errors import InputError
+from soupjax.config.base import MAY_DIFFER
 
 
 class UnknownFieldError(InputError, KeyError):
@@ -180,7 +180,7 @@ def run_plan(plan: list[PlannedRun], label: str = "") -> list[dict[str, Any]]:
     """Carry out a ``plan_runs`` plan: skip the finished, fine-tune the rest; return every meta."""
     import time
 
-    from soupjax import train
+    from soupjax.training import train
 
     prefix = f"{label} " if label else ""
     start, metas = time.time(), []
@@ -234,8 +234,8 @@ def plan_run(name: str, config: ml_collections.ConfigDict, hparams: Mapping[str,
     naming the differing fields, unless ``overwrite``. ``check_init=False`` leaves out the check that an
     ingredient named by ``init_from`` was not replaced since (when it is yet to be made).
     """
-    from soupjax import checkpoints
-    from soupjax.config_base import refuse_changed
+    from soupjax.io import checkpoints
+    from soupjax.config.base import refuse_changed
 
     run = PlannedRun(name, config, dict(hparams), Path(target), Path(train_dir))
     if not checkpoints.is_ingredient(run.target):
@@ -281,7 +281,7 @@ def plan_run(name: str, config: ml_collections.ConfigDict, hparams: Mapping[str,
 def check_plan(plan: list[PlannedRun], *, check_init: bool = True) -> None:
     """For the runs that will train: their directories can be written, the init file exists
     (``check_init``), the data set is available offline and its held-out split is usable."""
-    from soupjax.config_base import fingerprint
+    from soupjax.config.base import fingerprint
     todo = [run for run in plan if run.meta is None]
     for directory in sorted({d for run in todo for d in (run.target.parent, run.train_dir.parent)}):
         problem = files.writable_problem(directory)  # creates nothing: bad input leaves nothing behind
@@ -322,8 +322,8 @@ def _init_ingredient_id(config: ml_collections.ConfigDict) -> str | None:
     run made again with ``--overwrite``), ingredients fine-tuned from the old one must not pass as
     finished.
     """
-    from soupjax import checkpoints
-    from soupjax.config_base import fingerprint
+    from soupjax.io import checkpoints
+    from soupjax.config.base import fingerprint
     path = config.init_from.path
     if not path or not checkpoints.is_ingredient(path):
         return None
@@ -340,8 +340,8 @@ def _refuse_replaced_init(stored: dict, config: ml_collections.ConfigDict, what:
 def _staged_meta(run: PlannedRun) -> dict | None:
     """The meta of an ingredient already complete in staging with this config (an earlier --overwrite run
     stopped before swapping it in), so that it is swapped in instead of trained again."""
-    from soupjax import checkpoints
-    from soupjax.config_base import changed_fields
+    from soupjax.io import checkpoints
+    from soupjax.config.base import changed_fields
     if not checkpoints.is_ingredient(run.staged_target):
         return None
     try:
@@ -354,7 +354,7 @@ def _staged_meta(run: PlannedRun) -> dict | None:
 def _discard_other_staging(run: PlannedRun) -> None:
     """Drop the training state of an abandoned replacement made with yet another config (an earlier
     --overwrite run, stopped): it is soupjax's own unfinished staging, not anyone's finished work."""
-    from soupjax.config_base import changed_fields
+    from soupjax.config.base import changed_fields
     state = run.staged_train_dir / "config.json"
     if state.is_file() and changed_fields(json.loads(state.read_text()), run.config):
         shutil.rmtree(run.staged_train_dir)

@@ -1,6 +1,6 @@
 """The held-out learning curves of a study: did the upstream model and every ingredient level off?
 
-    python -m soupjax.learning_curves runs/regime --seeds 100 --out experiments/results/curves-pilot
+    python -m soupjax.report.learning_curves runs/regime --seeds 100 --out experiments/results/curves-pilot
 
 The study (``python -m soupjax.experiment``) writes them for its sweep beside its report.
 
@@ -16,8 +16,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from soupjax import data, files
-from soupjax.checkpoints import list_ingredients, load_meta
+from soupjax import data
+from soupjax.io import files
+from soupjax.io.checkpoints import list_ingredients, load_meta
 
 
 def describe(meta: dict[str, Any], steps_per_epoch: float) -> dict[str, Any]:

@@ -46,5 +46,5 @@ def read_decision(path: Path) -> int | None:
 
 def write_decision(path: Path, decay_start: int, curve: Sequence[tuple[int, float]]) -> None:
     """Record the rule's decision (atomically), so that a resumed run cools down at the same step."""
-    from soupjax.files import write_json_atomic
+    from soupjax.io.files import write_json_atomic
     write_json_atomic(path, {"decay_start": int(decay_start), "heldout_curve": [list(p) for p in curve]})

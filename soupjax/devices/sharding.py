@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from soupjax.cli_errors import InputError
+from soupjax.cli.errors import InputError
 
 DATA_AXIS = "data"
 

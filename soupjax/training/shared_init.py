@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from soupjax import checkpoints, pretrained
+from soupjax.io import checkpoints
+from soupjax.importers import pretrained
 from soupjax.models import build_model
 
 Variables = dict[str, Any]
@@ -69,7 +70,7 @@ def with_head_init(config: ml_collections.ConfigDict, variables: Variables,
     """Apply ``config.head_init`` to a base init ('default' keeps it; 'linear_probe' fits the head)."""
     if config.head_init == "linear_probe":
         # Imported here: the probe reads the training data, and soupjax.data imports TensorFlow.
-        from soupjax.linear_probe import fit_head
+        from soupjax.training.linear_probe import fit_head
         return fit_head(model or build_model(config), variables, config)
     if config.head_init != "default":
         raise ValueError(f"head_init must be 'default' or 'linear_probe', got {config.head_init!r}")
@@ -108,7 +109,7 @@ def rebuild_start(config: ml_collections.ConfigDict, metas: Sequence[Mapping[str
     """The variables the ingredients (their meta.json contents ``metas``) started from, rebuilt from
     ``config`` and checked against the fingerprints they recorded: ``init_from``'s weights always, the
     whole start (the head init included) where recorded. ``InputError`` saying why when it cannot be."""
-    from soupjax.cli_errors import InputError
+    from soupjax.cli.errors import InputError
     problem = start_problem(metas)
     if problem:
         raise InputError(problem)
