@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from soupjax.io import trees
 from soupjax.io import checkpoints
 from soupjax.importers import pretrained
 from soupjax.training import shared_init
@@ -40,7 +41,7 @@ def _upstream(tmp_path: Path, model: str, classes: int) -> tuple[Path, dict]:
 
 
 def _flat(variables: dict) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v) for k, v in pretrained.flatten(variables).items()}
+    return {k: np.asarray(v) for k, v in trees.flatten(variables).items()}
 
 
 @pytest.mark.parametrize("model", ["vit-testing", "resnet-testing"])

@@ -5,6 +5,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from soupjax.io.trees import path_str
 from soupjax.io import checkpoints
 from soupjax.arithmetic import soups as recipes
 
@@ -33,7 +34,7 @@ def test_reads_each_array_alone_with_its_stored_dtype(ingredients):
     trees, dirs = ingredients
     src = checkpoints.tensor_source(dirs[1])
     assert isinstance(src, recipes.TensorSource)
-    flat = {recipes.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(trees[1])}
+    flat = {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(trees[1])}
     assert set(src.paths) == set(flat)
     assert dict(zip(src.paths, src.shapes)) == {p: x.shape for p, x in flat.items()}
     for path, want in flat.items():

@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from soupjax.training import train
-from soupjax.arithmetic.soups import path_str
+from soupjax.io.trees import path_str
 from test_train import load_config
 
 # What differs between two cooks of the same soups and says nothing about their results: when and by

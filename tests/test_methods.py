@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 import tensorflow_datasets as tfds
 
+from soupjax.io import trees
 from soupjax import methods
 from soupjax.io import checkpoints
 from soupjax.cooking import kitchen
@@ -63,7 +64,7 @@ def cooked(ingredients, tmp_path_factory):
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
-    return {recipes.path_str(p): np.asarray(x, np.float64) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    return {trees.path_str(p): np.asarray(x, np.float64) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def test_a_method_imported_on_its_own_does_not_hide_the_others():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from soupjax.models import ResNet, build_model, get_model, list_models
-from soupjax.importers.pretrained import flatten
+from soupjax.io.trees import flatten
 
 KEY = jax.random.key(0, impl='rbg')
 

@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from soupjax.io import trees
 from soupjax.arithmetic import learned
 from soupjax.arithmetic import soups as recipes
 
@@ -61,7 +62,7 @@ def _loaders(trees):
 
 
 def _leaves(tree) -> dict[str, np.ndarray]:
-    return {recipes.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    return {trees.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _assert_same_bits(got, want, what: str) -> None:

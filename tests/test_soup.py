@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from soupjax.io import trees
 from soupjax import report
 from soupjax.evaluation import batchnorm
 from soupjax.io import checkpoints
 from soupjax.cooking import kitchen as soup
 from soupjax.cooking import preflight
-from soupjax.arithmetic import soups as recipes
 from soupjax.training import shared_init
 from soupjax.training import train
 from soupjax.cli.errors import InputError
@@ -107,9 +107,9 @@ def test_every_recipe_cooks_and_each_soup_loads_back(mocked_ingredients, tmp_pat
             if row["name"] == "learned_layer":
                 # Per layer: each parameter is its own convex combination of the ingredients' parameters.
                 layer_weights = meta["layer_weights"]
-                flat = {recipes.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(variables)}
+                flat = {trees.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(variables)}
                 assert set(layer_weights) == set(flat)
-                leaves = [{recipes.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(t)} for t in loaded]
+                leaves = [{trees.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(t)} for t in loaded]
                 for path, w in layer_weights.items():
                     assert abs(sum(w) - 1.0) < 1e-5, path
                     np.testing.assert_allclose(flat[path], sum(wk * leaf[path] for wk, leaf in zip(w, leaves)),

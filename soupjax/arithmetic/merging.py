@@ -43,7 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from soupjax.arithmetic.soups import TensorSource, cast_to_stored, path_str
+from soupjax.arithmetic.soups import TensorSource, cast_to_stored
+
+from soupjax.io.trees import path_str
 
 __all__ = [
     "statistics_rule",
@@ -450,7 +452,7 @@ def merge_by_tensor(
 ) -> dict:
     """Merges whole models tensor by tensor: ``combine(path, x0, xs)`` on each merged tensor.
 
-    For each leaf of ``sources[0].structure`` (named as ``recipes.path_str`` names it, e.g.
+    For each leaf of ``sources[0].structure`` (named as ``trees.path_str`` names it, e.g.
     ``params/head/kernel``): a floating-point leaf in a collection named in ``merged_collections`` (the
     path's first component) is read from ``init`` and from every source, converted to float32, given to
     ``combine`` (e.g. ``lambda path, x0, xs: ties(x0, xs, 0.2, 1.0)``) and cast back to the first

@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from soupjax.io.trees import path_str
+
 Variables = Mapping[str, Any]
 Loader = Callable[[], Variables]
 HeldoutEval = Callable[[Variables], float]
@@ -61,29 +63,7 @@ __all__ = [
     "greedy",
     "pruned",
     "interpolate",
-    "path_str",
 ]
-
-
-# --------------------------------------------------------------------------------------------------
-# Tree plumbing: flatten with '/'-joined paths so every error names the parameter it is about.
-
-
-def path_str(path: Sequence[Any]) -> str:
-    """Returns a jax key path as a '/'-joined name, e.g. ``params/Dense_0/kernel``."""
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(str(key.name))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(key.key))
-        else:  # an unknown key type: its own string form is still informative.
-            parts.append(str(key))
-    return "/".join(parts)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,11 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from soupjax.cli.errors import InputError
+from soupjax.io.trees import Tree, flatten, unflatten
 
 if TYPE_CHECKING:
     from ml_collections import ConfigDict
 
-Tree = dict[str, Any]
+
 
 _TIMM_EXTENSIONS = ('.safetensors', '.pth', '.pt', '.bin')
 _POSEMB = 'Transformer/posembed_input/pos_embedding'
@@ -58,30 +59,6 @@ class PretrainedMismatchError(ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # Tree helpers: everything is compared by '/'-joined path.
-
-def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-    """Nested mapping -> {'a/b/c': leaf}. Works for dicts and Flax FrozenDicts."""
-    flat = {}
-    for key, value in tree.items():
-        path = f'{prefix}{key}'
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, path + '/'))
-        else:
-            flat[path] = value
-    return flat
-
-
-def unflatten(flat: Mapping[str, Any]) -> Tree:
-    """{'a/b/c': leaf} -> nested dicts (the inverse of `flatten`)."""
-    tree: Tree = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split('/')
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
 
 def _matches(path: str, patterns: Iterable[str]) -> bool:
     # fullmatch, as big_vision: 'head/.*' must not catch 'pre_logits_head/...'.

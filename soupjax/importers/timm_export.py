@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from soupjax.importers.pretrained import flatten
+from soupjax.io.trees import flatten
 
 __all__ = ['export_timm_vit', 'save_timm_state_dict', 'timm_vit_kwargs']
 

@@ -41,7 +41,7 @@ from etils import epath
 
 from soupjax.io import files
 from soupjax.cli.errors import InputError
-from soupjax.arithmetic.soups import path_str  # parameters are named as every soup error names them
+from soupjax.io.trees import path_str  # parameters are named as every soup error names them
 
 META_FILE = "meta.json"
 VARIABLES_DIR = "variables"
@@ -301,7 +301,7 @@ class IngredientTensors:
 
     ``structure`` is the ingredient's tree of ``jax.ShapeDtypeStruct`` (from the checkpoint metadata,
     nothing loaded); ``paths``, ``shapes`` and ``dtypes`` are its leaves in tree order, each named by its
-    '/'-joined path as ``recipes.path_str`` names it (``params/head/kernel``). ``read(path)`` reads that
+    '/'-joined path as ``trees.path_str`` names it (``params/head/kernel``). ``read(path)`` reads that
     array alone, in its stored dtype, as a numpy array in host memory, and ``read_into(path, out)`` reads
     it into a buffer of the caller's: the TensorStore spec is orbax's own
     (``type_handlers.get_json_tspec_read``), so any checkpoint orbax restores reads the same here.

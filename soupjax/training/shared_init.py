@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from soupjax.io import trees
 from soupjax.io import checkpoints
 from soupjax.importers import pretrained
 from soupjax.models import build_model
@@ -59,7 +60,7 @@ def base_init(config: ml_collections.ConfigDict, model: nn.Module | None = None)
         except pretrained.PretrainedMismatchError as err:
             problems += [f"{collection}/{p}" for p in err.problems]
     problems += [f"{c}: collection in the checkpoint but not in the model" for c in loaded
-                 if c not in variables and pretrained.flatten(loaded[c])]
+                 if c not in variables and trees.flatten(loaded[c])]
     if problems:
         raise pretrained.PretrainedMismatchError(str(path), problems)
     return merged
