@@ -7,6 +7,7 @@ were trained from, so it must be rebuilt bit-exactly wherever it is needed.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -130,3 +131,41 @@ def rebuild_start(config: ml_collections.ConfigDict, metas: Sequence[Mapping[str
         raise InputError(f"the start rebuilt from the ingredients' config (head_init {config.head_init}) has "
                          f"fingerprint {pretrained.fingerprint(variables)}, but they started from {start}")
     return variables
+
+
+def start_key(metas: Sequence[Mapping[str, Any]], config: ml_collections.ConfigDict) -> str:
+    """What names θ0: the fingerprint of the whole start where the ingredients recorded it; for older
+    ingredients, their init's fingerprint and what the head init is rebuilt from (config, data, probe)."""
+    from soupjax.config.base import fingerprint
+    from soupjax.data.pipeline import eval_fingerprint
+    start = metas[0].get("start_fingerprint")
+    if start:
+        return str(start)
+    head = fingerprint({"head_init": config.head_init, "probe": config.linear_probe,
+                        "data": eval_fingerprint(config.data), "batch": config.eval_batch_size})
+    return f"{metas[0].get('init_fingerprint')}-{head}"
+
+
+def locate_start(ingredients_dir: str | Path, metas: Sequence[Mapping[str, Any]], config: ml_collections.ConfigDict,
+                 model: nn.Module | None, cache_dir: str | Path) -> tuple[Path | None, str | None]:
+    """Where the shared start θ0 of the ingredients under ``ingredients_dir`` (their meta.json contents
+    ``metas``) can be read, as an ingredient-format checkpoint: ``(directory, None)``, or ``(None, why)``
+    when it cannot be had.
+
+    Rebuilt from ``config`` (``rebuild_start``: checked against the fingerprints the ingredients
+    recorded) and kept under ``cache_dir / f"init-{start_key(metas, config)}"``, where a later call finds it.
+    """
+    from soupjax.cli.errors import InputError
+    problem = start_problem(metas)
+    if problem:
+        return None, problem
+    where = Path(cache_dir) / f"init-{start_key(metas, config)}"
+    if not checkpoints.is_ingredient(where):
+        try:
+            variables = rebuild_start(config, metas, model)
+        except InputError as e:
+            return None, str(e)
+        checkpoints.save_ingredient(where, variables, {
+            "name": "init", "init_fingerprint": metas[0]["init_fingerprint"],
+            "start_fingerprint": metas[0].get("start_fingerprint"), "config": config.to_dict()})
+    return where, None
