@@ -29,7 +29,7 @@ from soupjax.cooking import kitchen
 from soupjax.training import train
 from soupjax.experiment import load_config
 from soupjax.training.sweep import finetune_all
-from soupjax.io.workdirs import enable_compilation_cache, quiet_logs
+from soupjax.cli.startup import enable_compilation_cache, quiet_logs
 
 LEARNING_RATES = (0.1, 0.05, 0.2, 0.1)
 RECALIBRATION_BATCHES = 50

@@ -39,7 +39,7 @@ from absl import app, flags
 from soupjax.cli import flags as command_line
 from soupjax.config import base as config_base
 from soupjax.cli.errors import InputError, exit_on_input_error
-from soupjax.io.workdirs import enable_compilation_cache, quiet_logs
+from soupjax.cli.startup import compilation_cache_in, quiet_logs
 
 PROGRAM = "soupjax.experiment"
 FLAGS = flags.FLAGS
@@ -180,7 +180,7 @@ def main(argv) -> int:
                                   ingredients_only=FLAGS.ingredients_only, overwrite=FLAGS.overwrite)
     print(f"{PROGRAM}: work directory {workdir}", flush=True)
     fresh = not workdir.exists()
-    enable_compilation_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(workdir / ".jax_cache"))
+    compilation_cache_in(workdir)
     try:
         study()
     except InputError:

@@ -23,7 +23,8 @@ from absl import app, flags
 
 from soupjax.cli import flags as command_line
 from soupjax.cli.errors import exit_on_input_error
-from soupjax.io.workdirs import default_workdir, enable_compilation_cache, quiet_logs
+from soupjax.cli.startup import compilation_cache_in, quiet_logs
+from soupjax.io.workdirs import default_workdir
 
 PROGRAM = "soupjax.finetune"
 FLAGS = flags.FLAGS
@@ -53,7 +54,7 @@ def main(argv) -> int:
     plan = sweep.plan_runs(runs, os.path.join(workdir, "ingredients"), os.path.join(workdir, "train"),
                            overwrite=FLAGS.overwrite)
     if any(run.meta is None for run in plan):
-        enable_compilation_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(workdir, ".jax_cache"))
+        compilation_cache_in(workdir)
     sweep.run_plan(plan)
     return 0
 

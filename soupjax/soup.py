@@ -25,7 +25,6 @@ anything is written; option values are checked before JAX is even imported.
 """
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -35,7 +34,8 @@ from absl import app, flags
 from soupjax import methods
 from soupjax.cli import flags as command_line
 from soupjax.cli.errors import exit_on_input_error
-from soupjax.io.workdirs import default_workdir, enable_compilation_cache, quiet_logs
+from soupjax.cli.startup import compilation_cache_in, quiet_logs
+from soupjax.io.workdirs import default_workdir
 
 PROGRAM = "soupjax.soup"
 FLAGS = flags.FLAGS
@@ -67,7 +67,7 @@ def main(argv) -> int:
     ingredients_dir = Path(FLAGS.ingredients).absolute() if FLAGS.ingredients else workdir / "ingredients"
     out = Path(FLAGS.out).absolute() if FLAGS.out else workdir / "soups"
     print(f"{PROGRAM}: work directory {workdir}", flush=True)
-    enable_compilation_cache(os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(workdir / ".jax_cache"))
+    compilation_cache_in(workdir)
     if FLAGS.recipe == "inspect":
         from soupjax.inspect_soup import inspect
         inspect(ingredients_dir, out, config=FLAGS.config, data_dir=FLAGS.data_dir,

@@ -61,7 +61,7 @@ def _shared_directory(tmp_path_factory, name: str, make: Callable[[Path], None] 
 def compilation_cache(tmp_path_factory):
     """One persistent XLA cache for the whole test run: the trainer tests, the command lines they start
     and the other worker compile the same programs many times."""
-    from soupjax.io.workdirs import enable_compilation_cache
+    from soupjax.cli.startup import enable_compilation_cache
     directory = str(_shared_directory(tmp_path_factory, "jax_cache"))
     enable_compilation_cache(directory)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = directory  # for the subprocesses the CLI tests start

@@ -1,0 +1,35 @@
+"""What every command line does before its work: quiet the libraries' logs and keep compiled programs.
+
+One home for both, so ``finetune``, ``soup`` and ``experiment`` start the same way.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CACHE_ENV_VAR = "JAX_COMPILATION_CACHE_DIR"
+
+
+def quiet_logs() -> None:
+    """Keep the terminal for soupjax's own progress lines: orbax, TFDS and TF log at INFO otherwise."""
+    import logging
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+
+def enable_compilation_cache(directory: str | os.PathLike) -> None:
+    """Keep compiled XLA programs on disk: a sweep builds the same train step for every ingredient,
+    and a resumed or repeated command starts without recompiling."""
+    import jax
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def compilation_cache_in(workdir: str | os.PathLike) -> None:
+    """The command lines' cache: ``$JAX_COMPILATION_CACHE_DIR`` when set (tests share one), else
+    ``WORKDIR/.jax_cache``, so that each work directory keeps what its runs compiled."""
+    enable_compilation_cache(os.environ.get(CACHE_ENV_VAR) or Path(workdir) / ".jax_cache")
