@@ -155,6 +155,31 @@ def test_slerp_by_hand():
     close(merging.slerp(a32(0, 0), a32(0, 0), a32(0, 2), 0.5), [0.0, 1.0])
 
 
+def test_slerp_of_nearly_antiparallel_displacements_is_linear():
+    """Issue 17: displacements that are antiparallel up to the float32 rounding of the stored weights.
+
+    a = x0 + 0.01 d and b = x0 - 0.005 d, rounded to float32, have displacements at sin W ~ 5e-6 from
+    antiparallel: above a threshold on sin W of 1e-6, the slerp formula ran with coefficients ~0.8 / sin W
+    and missed the linear blend by ~1.8e3 (|ta| is 0.08). Within |cos W| > 0.9995 (mergekit's threshold)
+    slerp is the linear blend, to float32 rounding.
+    """
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal(64).astype(F32)
+    d = rng.standard_normal(64)
+    a = (x0 + 0.01 * d).astype(F32)
+    b = (x0 - 0.005 * d).astype(F32)
+    ta, tb = a.astype(np.float64) - x0, b.astype(np.float64) - x0
+    assert abs(np.dot(ta, tb) / (np.linalg.norm(ta) * np.linalg.norm(tb))) > 0.9995
+    for t in (0.3, 0.5, 0.9):
+        want = x0 + (1 - t) * ta + t * tb
+        close(merging.slerp(x0, a, b, t), want, rtol=2 ** -23, atol=2 ** -23 * float(np.abs(want).max()))
+    # Nearly parallel, the same way: a and a displacement twice as long.
+    c = (x0 + 0.02 * d).astype(F32)
+    tc = c.astype(np.float64) - x0
+    want = x0 + 0.7 * ta + 0.3 * tc
+    close(merging.slerp(x0, a, c, 0.3), want, rtol=2 ** -23, atol=2 ** -23 * float(np.abs(want).max()))
+
+
 def test_spherical_mean_by_hand():
     zero3 = a32(0, 0, 0)
     # Directions e1, e2, e3 (lengths 1, 2, 3): by symmetry the mean direction is (1, 1, 1)/sqrt3, the

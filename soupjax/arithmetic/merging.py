@@ -67,10 +67,12 @@ __all__ = [
     "merge_by_tensor",
 ]
 
-# Below this sin(angle), two directions count as parallel (or antiparallel): the slerp coefficients
-# sin(t W)/sin W would divide rounding noise by rounding noise, and the linear interpolation they
-# tend to is exact enough there.
-_PARALLEL_SIN = 1e-6
+# Above this |cos(angle)|, two directions count as parallel (or antiparallel) and slerp is the linear
+# blend, as in mergekit (its ``dot_threshold``). A threshold on sin W near 0 is not enough: the float32
+# rounding of stored weights alone puts displacements 1e-2 the size of the weights at sin W ~ 5e-6 from
+# (anti)parallel, where the coefficients sin(t W)/sin W divide rounding noise by rounding noise (issue
+# 17). At |cos W| = 0.9995 (W ~ 1.8 degrees) the linear blend is itself within ~1e-4 of the slerp.
+_PARALLEL_COS = 0.9995
 
 
 def _f64(x: np.ndarray) -> np.ndarray:
@@ -237,8 +239,9 @@ def slerp(x0: np.ndarray, a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
     """Spherical interpolation from ``a`` (t = 0) to ``b`` (t = 1) of their displacements from ``x0``.
 
     With ta = a - x0, tb = b - x0 (flattened) and W the angle between them, the result is
-    ``x0 + sin((1-t) W)/sin W * ta + sin(t W)/sin W * tb``. Where sin W is tiny (parallel or antiparallel
-    displacements) or either displacement is zero, it is the linear ``x0 + (1-t) ta + t tb``. The
+    ``x0 + sin((1-t) W)/sin W * ta + sin(t W)/sin W * tb``. Where ``|cos W| > 0.9995`` (nearly parallel or
+    antiparallel displacements, mergekit's threshold) or either displacement is zero, it is the linear
+    ``x0 + (1-t) ta + t tb``. The
     endpoints are special-cased, so t = 0 gives ``a`` and t = 1 gives ``b`` bit for bit.
     """
     if np.shape(a) != np.shape(x0) or np.shape(b) != np.shape(x0):
@@ -250,9 +253,9 @@ def slerp(x0: np.ndarray, a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
     ta, tb = _taus(x0, [a, b])
     na, nb = float(np.linalg.norm(ta)), float(np.linalg.norm(tb))
     if na > 0 and nb > 0:
-        _, omega = _angle(ta.reshape(-1) / na, tb.reshape(-1) / nb)
-        s = math.sin(omega)
-        if s >= _PARALLEL_SIN:
+        c, omega = _angle(ta.reshape(-1) / na, tb.reshape(-1) / nb)
+        if abs(c) <= _PARALLEL_COS:
+            s = math.sin(omega)
             return _finish(x0, math.sin((1 - t) * omega) / s * ta + math.sin(t * omega) / s * tb)
     return _finish(x0, (1 - t) * ta + t * tb)
 
