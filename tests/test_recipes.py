@@ -394,6 +394,34 @@ def test_greedy_random_order_is_seeded():
         recipes.greedy(LOADERS, None, ev)  # sorted order needs the scores
 
 
+def test_greedy_tie_order_index_or_official():
+    """Tied held-out scores: ``ties="index"`` visits them in index order, ``ties="official"`` in reverse
+    index order, as mlfoundations/model-soups main.py does (an ascending sort, reversed). The soups differ."""
+    scores = [0.80, 0.90, 0.90, 0.90]  # 1, 2 and 3 tie for best
+    # Soups holding 3 and 1 but not 2 are best; a soup with 2 in it is worse than the ingredient alone.
+    subsets = [frozenset(c) for n in range(1, K + 1) for c in itertools.combinations(range(K), n)]
+    table = {s: 0.95 if {1, 3} <= s and 2 not in s else (0.85 if 2 in s and len(s) > 1 else 0.90)
+             for s in subsets}
+    index = recipes.greedy(LOADERS, scores, ScriptedEval(table))
+    assert [s["ingredient"] for s in index.progression] == [1, 2, 3, 0]
+    assert index.used == [1, 3, 0]
+    official = recipes.greedy(LOADERS, scores, ScriptedEval(table), ties="official")
+    assert [s["ingredient"] for s in official.progression] == [3, 2, 1, 0]
+    assert official.used == [3, 1, 0]
+    # Same ingredients here, but a different first one: with strict ">" the soups differ.
+    strict_table = dict(table)
+    strict_table.update({frozenset({1, 2}): 0.85, frozenset({2, 3}): 0.91, frozenset({1, 2, 3}): 0.92})
+    a = recipes.greedy(LOADERS, scores, ScriptedEval(strict_table), strict=True)
+    b = recipes.greedy(LOADERS, scores, ScriptedEval(strict_table), strict=True, ties="official")
+    assert a.used == [1, 3]
+    assert b.used == [3, 2, 1]
+    assert _members(a.variables) != _members(b.variables)
+    # The default is index order, and the tie order is validated.
+    assert recipes.greedy(LOADERS, scores, ScriptedEval(table), ties="index").used == index.used
+    with pytest.raises(ValueError, match="ties"):
+        recipes.greedy(LOADERS, scores, ScriptedEval(table), ties="reverse")
+
+
 PRUNE_TABLE = {
     (0, 1, 2, 3): 0.80,
     (1, 2, 3): 0.82,

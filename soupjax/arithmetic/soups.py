@@ -634,12 +634,16 @@ def greedy(
     order: str = "sorted",
     seed: int = 0,
     evaluate_first: bool = False,
+    ties: str = "index",
 ) -> SoupResult:
     """The greedy soup (Wortsman et al. 2022, Recipe 1).
 
     Ingredients are visited best first by their individual held-out accuracy ``heldout_scores``
-    (``order='sorted'``; ties keep index order) or in a seeded random order (``order='random'``, the
-    paper's "greedy soup, random order" ablation). The soup starts as the first ingredient; each next
+    (``order='sorted'``) or in a seeded random order (``order='random'``, the paper's "greedy soup,
+    random order" ablation). Among tied scores, ``ties='index'`` visits the lower index first;
+    ``ties='official'`` the higher index first, as the official mlfoundations/model-soups ``main.py``
+    does (it sorts ascending and reverses the list). Both are deterministic; with several tied
+    ingredients they can start the soup from different ones and so cook different soups. The soup starts as the first ingredient; each next
     one is added if the held-out accuracy of the soup with it does not fall: ``>=`` as in the paper's
     Recipe 1 (so equally good ingredients join and the soup gets flatter), ``>`` with ``strict=True``
     (what the official mlfoundations/model-soups ``main.py`` does).
@@ -659,11 +663,18 @@ def greedy(
         raise ValueError("a soup needs at least one ingredient")
     if heldout_scores is not None and len(heldout_scores) != k:
         raise ValueError(f"{k} loaders but {len(heldout_scores)} held-out scores")
+    if ties not in ("index", "official"):
+        raise ValueError(f"ties must be 'index' or 'official', got {ties!r}")
     if order == "sorted":
         if heldout_scores is None:
             raise ValueError("order='sorted' needs heldout_scores")
-        # Stable sort on the negated scores: best first, ties in index order.
-        visit = [int(i) for i in np.argsort(-np.asarray(heldout_scores, np.float64), kind="stable")]
+        scores = np.asarray(heldout_scores, np.float64)
+        if ties == "index":
+            # Stable sort on the negated scores: best first, ties in index order.
+            visit = [int(i) for i in np.argsort(-scores, kind="stable")]
+        else:
+            # The official code's order: a stable ascending sort, reversed (ties in reverse index order).
+            visit = [int(i) for i in np.argsort(scores, kind="stable")[::-1]]
     elif order == "random":
         visit = [int(i) for i in np.random.default_rng(seed).permutation(k)]
     else:
