@@ -11,7 +11,7 @@ import math
 import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -341,8 +341,8 @@ def test_spherical_mean_of_two_equal_norms_is_the_slerp_midpoint(x0, u, v):
     x0 = x0.astype(np.float64)
     ta = u.astype(np.float64)
     vn = np.linalg.norm(v)
-    if vn == 0 or abs(np.dot(ta, v) / (np.linalg.norm(ta) * vn)) > 0.999:
-        return  # not a pair with a well-defined angle between
+    # Only pairs with a well-defined angle between them (and not ones slerp takes as parallel).
+    assume(vn > 0 and abs(np.dot(ta, v) / (np.linalg.norm(ta) * vn)) <= 0.999)
     tb = v / vn * np.linalg.norm(ta)
     a, b = (x0 + ta).astype(F32), (x0 + tb).astype(F32)
     x0 = x0.astype(F32)
