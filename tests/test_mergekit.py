@@ -211,3 +211,13 @@ def test_model_stock_zero_displacement_and_negative_cosine_differ_from_mergekit(
     np.testing.assert_array_equal(merging.model_stock(x0, [a, c]), x0)
     t = 2 * cos / (1 + cos)
     np.testing.assert_allclose(_mergekit("model_stock", x0, [a, c]), t * (a + c) / 2, rtol=1e-5, atol=1e-7)
+
+
+def test_slerp_from_a_zero_displacement_is_linear_where_mergekit_uses_a_right_angle():
+    # soupjax: a zero displacement has no direction, so slerp is the linear t * tb. mergekit leaves the
+    # zero vector unnormalised, so its cosine is 0, the angle pi/2, and the result sin(t pi/2) * tb.
+    x0 = np.zeros(3, F32)
+    a, b = x0.copy(), np.array([0.0, 2.0, 0.0], F32)
+    t = 0.25
+    np.testing.assert_allclose(merging.slerp(x0, a, b, t), t * b, rtol=1e-6)
+    np.testing.assert_allclose(_on_displacements("slerp", x0, [a, b], t=t), np.sin(t * np.pi / 2) * b, rtol=1e-6)

@@ -26,6 +26,11 @@ Conventions for lam (they differ between methods, as in the papers and in mergek
 * TIES and DARE-TIES scale the disjoint MEAN by lam, so lam = 1 keeps the agreed displacement's size:
   with density 1 and no sign conflict, ``ties(lam) == task_arithmetic(lam / K)``.
 
+Where soupjax's conventions differ from mergekit 0.1.5's (TIES keeps ceil(d n) entries and elects no
+sign at a sum of 0, DARE rescales by 1 / (1 - p), Model Stock leaves zero displacements out and clips t
+at 0, SLERP and the spherical mean work on displacements), docs/merge_conventions.md says so, with the
+mergekit setting that gives the same result; tests/test_mergekit.py checks both.
+
 Everything is per tensor: "one tensor = one layer" for Model Stock's angle, TIES's top-k is over one
 tensor, and SLERP's angle is between two flattened tensors. Element-wise work is done in float64
 (displacements of float32 values are then exact, and each result is rounded to float32 once), as are
@@ -62,8 +67,6 @@ __all__ = [
     "model_stock_ratio",
     "model_stock",
     "model_stock_with_ratio",
-    "combiner",
-    "COMBINERS",
     "merge_by_tensor",
 ]
 
@@ -353,34 +356,6 @@ def model_stock(x0: np.ndarray, xs: Sequence[np.ndarray]) -> np.ndarray:
 # The per-tensor function of each method, as ``merge_by_tensor`` takes it.
 
 Combine = Callable[[str, np.ndarray, list[np.ndarray]], np.ndarray]
-
-
-def _dare_combiner(p: float, lam: float, seed: int, combine: str) -> Combine:
-    # One generator per tensor and ingredient, from the tensor's path: the same masks whatever the order.
-    return lambda path, x0, xs: dare(x0, xs, p, lam, [tensor_rng(seed, path, i) for i in range(len(xs))],
-                                     combine=combine)
-
-
-_COMBINERS: dict[str, Callable[..., Combine]] = {
-    "task_arithmetic": lambda lam: lambda path, x0, xs: task_arithmetic(x0, xs, lam),
-    "ties": lambda density, lam: lambda path, x0, xs: ties(x0, xs, density, lam),
-    "dare_linear": lambda p, lam, seed=0: _dare_combiner(p, lam, seed, "linear"),
-    "dare_ties": lambda p, lam, seed=0: _dare_combiner(p, lam, seed, "ties"),
-    "slerp": lambda t: lambda path, x0, xs: slerp(x0, xs[0], xs[1], t),
-    "spherical_mean": lambda: lambda path, x0, xs: spherical_mean(x0, xs),
-    "model_stock": lambda: lambda path, x0, xs: model_stock(x0, xs),
-}
-COMBINERS = tuple(_COMBINERS)  # the names ``combiner`` knows
-
-
-def combiner(method: str, **hyperparameters: Any) -> Combine:
-    """``combine(path, x0, xs)`` of ``method`` (one of ``COMBINERS``) with its hyperparameters by keyword
-    (task_arithmetic: lam; ties: density, lam; dare_linear / dare_ties: p, lam, seed; slerp: t): the one
-    definition the recipes and ``soupjax.api.merge`` share. ValueError for another method, TypeError for
-    a missing or unknown hyperparameter."""
-    if method not in _COMBINERS:
-        raise ValueError(f"no per-tensor merge called {method!r}; there are {', '.join(COMBINERS)}")
-    return _COMBINERS[method](**hyperparameters)
 
 
 def statistics_rule(method: str, **hyperparameters: Any) -> Callable[[str, list[np.ndarray]], np.ndarray] | None:
