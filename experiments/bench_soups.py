@@ -15,7 +15,7 @@ fresh process so that its peak resident memory (VmHWM) is its own:
                K models would not fit in the memory available at that moment, or above --load_all_max_k);
   read_whole   the time only to read the same files, whole (checkpoints.load_variables), no arithmetic;
   read_tensor  the time only to read the same files, per tensor: the per_tensor soup's own reads
-               (recipes._stream: same threads, buffers, order and prefetch budget), no arithmetic.
+               (engine.reads: the same threads, buffers, order and prefetch budget), no arithmetic.
 
 The methods of one K run back to back, in an order that rotates with each repeat (so a slow spell of a
 shared machine does not favour one method), after the K ingredients' files were read once: every method
@@ -72,12 +72,12 @@ elif method == "read_whole":
         tree = checkpoints.load_variables(p)
         del tree
 elif method == "read_tensor":  # the per_tensor soup's own reads (threads, buffers, order), no arithmetic
+    from soupjax.arithmetic import engine
+    from soupjax.io.trees import Layout
     sources = [checkpoints.tensor_source(p) for p in paths]
-    first = sources[0]
-    items = [(src, name, shape, np.dtype(dtype), False)
-             for name, shape, dtype in zip(first.paths, first.shapes, first.dtypes) for src in sources]
-    budget = max(16 << 20, 2 * max(int(np.prod(s)) * np.dtype(d).itemsize for s, d in zip(first.shapes, first.dtypes)))
-    for x, _ in recipes._stream(items, min(4, os.cpu_count() or 1), budget):
+    layout = Layout.of(sources[0].structure)[0]
+    plan = [[engine.Read(src, src.name, dtype) for src in sources] for dtype in layout.dtypes]
+    for x, _ in engine.reads(layout, plan):  # the engine's default threads and prefetch budget
         pass
 else:
     raise SystemExit(f"unknown method {method}")

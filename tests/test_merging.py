@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from soupjax.arithmetic import merging
-from soupjax.arithmetic.soups import TreeSource
+from soupjax.io.trees import TreeSource
 
 F32 = np.float32
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -490,3 +491,28 @@ def test_merge_by_tensor_path_mismatch_names_path():
     with pytest.raises(ValueError, match="ingredient 1.*batch_stats/bn/mean"):
         merging.merge_by_tensor(TreeSource(_tree(0)), [Nameless(_tree(1)), Nameless(missing)],
                                 lambda p, x0, xs: x0)
+
+
+def test_merge_by_tensor_reads_ahead_and_gives_the_same_merge():
+    """The per-tensor engine's reads run ahead on threads; the merge does not depend on how far."""
+    init, trees = _tree(0), [_tree(i) for i in (1, 2, 3)]
+
+    def merge(**kw):
+        return merging.merge_by_tensor(TreeSource(init), [TreeSource(t) for t in trees],
+                                       lambda path, x0, xs: merging.ties(x0, xs, 0.5, 1.0), **kw)
+
+    want = merge(threads=1, prefetch_bytes=1)  # one read at a time
+    for kw in ({}, {"threads": 4, "prefetch_bytes": 1 << 20}):
+        got = merge(**kw)
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+
+    class Liar(TreeSource):  # declares one shape, reads another
+        def read(self, path):
+            x = super().read(path)
+            return x.reshape(-1) if path == "params/dense/kernel" else x
+
+    with pytest.raises(ValueError, match=r"liar: parameter 'params/dense/kernel' was read with shape"):
+        merging.merge_by_tensor(TreeSource(init), [TreeSource(trees[0]), Liar(trees[1], "liar")],
+                                lambda path, x0, xs: x0)

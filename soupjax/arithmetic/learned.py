@@ -56,7 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from soupjax.arithmetic.soups import Loader, Variables, _finisher, _Layout
+from soupjax.arithmetic.soups import Loader, Variables
+from soupjax.io.trees import Layout, cast_leaves
 
 __all__ = ["Ingredients", "MixingProblem", "LearnedResult", "learned"]
 
@@ -79,7 +80,7 @@ class Ingredients:
             raise ValueError("a learned soup needs at least one ingredient")
         self._loaders = list(loaders)
         first = self._loaders[0]()
-        self.layout, leaves = _Layout.of(first)
+        self.layout, leaves = Layout.of(first)
         self.size_bytes = self.layout.nbytes
         self.on_host = memory_budget_bytes is None or len(loaders) * self.size_bytes <= memory_budget_bytes
         self._host: list[list[np.ndarray]] | None = None
@@ -328,7 +329,7 @@ class MixingProblem:
         if self._fixed_other is not None:
             for j, x in zip(self.spec.other_idx, self._fixed_other):
                 leaves[j] = x
-        return layout.unflatten(_finisher(layout.dtypes)(leaves, None, 0.0, 1.0))
+        return layout.unflatten(cast_leaves(leaves, layout.dtypes))
 
     def _split(self, leaves):
         other = self._fixed_other

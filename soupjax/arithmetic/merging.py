@@ -41,16 +41,15 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from soupjax.arithmetic.soups import TensorSource, cast_to_stored
-
-from soupjax.io.trees import path_str
+from soupjax.arithmetic import engine
+from soupjax.arithmetic.engine import FRESH, Read
+from soupjax.io.trees import TensorSource, source_layout
 
 __all__ = [
     "statistics_rule",
@@ -378,38 +377,6 @@ def _name(source: Any, default: str) -> str:
     return str(name) if name else default
 
 
-def _flat_layout(source: Any, what: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """path -> (shape, stored dtype) of a source's structure."""
-    structure = getattr(source, "structure", None)
-    if structure is None or not callable(getattr(source, "read", None)):
-        raise TypeError(f"{what} is a {type(source).__name__}, not a TensorSource (structure and read(path))")
-    leaves = jax.tree_util.tree_flatten_with_path(structure)[0]
-    return {path_str(p): (tuple(leaf.shape), np.dtype(leaf.dtype)) for p, leaf in leaves}
-
-
-def _check_same(want: Mapping[str, tuple[tuple[int, ...], np.dtype]],
-                got: Mapping[str, tuple[tuple[int, ...], np.dtype]], what: str, ref: str) -> None:
-    missing = [p for p in want if p not in got]
-    if missing:
-        raise ValueError(f"{what} has no parameter {missing[0]!r}, which {ref} has"
-                         f"{f' ({len(missing)} missing in all)' if len(missing) > 1 else ''}")
-    extra = [p for p in got if p not in want]
-    if extra:
-        raise ValueError(f"{what} has a parameter {extra[0]!r} that {ref} does not have"
-                         f"{f' ({len(extra)} extra in all)' if len(extra) > 1 else ''}")
-    for path, (shape, _) in want.items():
-        if got[path][0] != shape:
-            raise ValueError(f"{what}: parameter {path!r} has shape {got[path][0]}, "
-                             f"but {ref} has shape {shape}")
-
-
-def _read(source: Any, path: str, shape: tuple[int, ...], what: str) -> np.ndarray:
-    x = np.asarray(source.read(path))
-    if x.shape != shape:
-        raise ValueError(f"{what}: parameter {path!r} was read with shape {x.shape}, expected {shape}")
-    return x
-
-
 def _plain_mean(xs: Sequence[np.ndarray]) -> np.ndarray:
     """The float32 mean, as the uniform soup computes it: the first plus the mean displacement from it,
     so K copies of one tensor give that tensor exactly (a plain sum / K can round away from it)."""
@@ -427,6 +394,8 @@ def merge_by_tensor(
     *,
     merged_collections: Sequence[str] = ("params",),
     unmerged: Callable[[str, list[np.ndarray]], np.ndarray] | None = None,
+    threads: int | None = None,
+    prefetch_bytes: int | None = None,
 ) -> dict:
     """Merges whole models tensor by tensor: ``combine(path, x0, xs)`` on each merged tensor.
 
@@ -442,35 +411,43 @@ def merge_by_tensor(
 
     Before anything is read, the init and every source are checked to have the same paths and
     shapes as the first source: a ValueError names the source (its ``name``, else "ingredient i" or
-    "the init"), the parameter and both shapes. Memory: one tensor of each of the K + 1 models at a
-    time (plus ``combine``'s working copies of that tensor), never a whole second model besides the
-    result. Returns a tree of numpy arrays with the sources' structure.
+    "the init"), the parameter and both shapes. The tensors are read by the per-tensor engine
+    (``engine.by_tensor``: ``threads`` reads run ahead of the arithmetic within ``prefetch_bytes``), the
+    one the per-tensor soups use. Memory: one tensor of each of the K + 1 models at a time plus the
+    reads ahead (and ``combine``'s working copies of that tensor), never a whole second model besides
+    the result. Returns a tree of numpy arrays with the sources' structure.
     """
     if not sources:
         raise ValueError("a merge needs at least one ingredient")
     names = [_name(s, f"ingredient {i}") for i, s in enumerate(sources)]
-    layout = _flat_layout(sources[0], names[0])
-    ref = names[0]
-    _check_same(layout, _flat_layout(init, _name(init, "the init")), _name(init, "the init"), ref)
-    for src, name in zip(sources[1:], names[1:]):
-        _check_same(layout, _flat_layout(src, name), name, ref)
     init_name = _name(init, "the init")
-    merged = set(merged_collections)
+    layouts = [source_layout(src, name) for src, name in zip(sources, names)]
+    layout, ref = layouts[0], names[0]
+    layout.check(source_layout(init, init_name), init_name, ref)
+    for other, name in zip(layouts[1:], names[1:]):
+        layout.check(other, name, ref)
+    init_dtypes = source_layout(init, init_name).dtypes
+    merged = [path.split("/", 1)[0] in set(merged_collections) and jnp.issubdtype(dtype, jnp.floating)
+              for path, dtype in zip(layout.paths, layout.dtypes)]
+    # Every read fresh: the reduce holds all K (+ 1) tensors of a leaf at once, so no read may go into a
+    # buffer that the engine reuses for the next one.
+    plan = [[Read(src, name, other.dtypes[j], True) for src, name, other in zip(sources, names, layouts)]
+            + ([Read(init, init_name, init_dtypes[j], True)] if merged[j] else [])
+            for j in range(len(layout.paths))]
+    f32 = np.dtype(np.float32)
 
-    with_path, treedef = jax.tree_util.tree_flatten_with_path(sources[0].structure)
-    out = []
-    for p, _ in with_path:
-        path = path_str(p)
-        shape, dtype = layout[path]
-        xs = [_read(src, path, shape, name) for src, name in zip(sources, names)]
-        if path.split("/", 1)[0] in merged and jnp.issubdtype(dtype, jnp.floating):
-            x0 = _read(init, path, shape, init_name).astype(np.float32)
-            result = np.asarray(combine(path, x0, [x.astype(np.float32) for x in xs]))
-            del x0
-            if result.shape != shape:
-                raise ValueError(f"combine returned shape {result.shape} for {path!r}, expected {shape}")
-        else:
-            result = _plain_mean(xs) if unmerged is None else np.asarray(unmerged(path, [x.astype(np.float32) for x in xs]))
-        del xs
-        out.append(cast_to_stored(result, dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
+    def as_f32(x: np.ndarray, kind: str) -> np.ndarray:
+        # A fresh float32 read is the merge's own: no copy. Anything else is copied, so that ``combine``
+        # may not change a source's own array.
+        return x if kind == FRESH and x.dtype == f32 else x.astype(f32)
+
+    def reduce(j: int, reads: Any) -> np.ndarray:
+        read = list(reads)
+        path = layout.paths[j]
+        if merged[j]:
+            x0 = as_f32(*read[-1])
+            return combine(path, x0, [as_f32(x, kind) for x, kind in read[:-1]])
+        xs = [x for x, _ in read]
+        return _plain_mean(xs) if unmerged is None else unmerged(path, [x.astype(f32) for x in xs])
+
+    return engine.by_tensor(layout, plan, reduce, threads=threads, prefetch_bytes=prefetch_bytes)

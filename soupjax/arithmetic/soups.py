@@ -8,10 +8,11 @@ knows nothing about files, models or data sets; it is given callables:
   loader when they need that ingredient and drop the tree right after, so memory stays flat in K.
 * ``HeldoutEval = Callable[[Variables], float]`` returns the held-out accuracy of a candidate soup. It is
   the only accuracy the greedy and pruned recipes see; the test split never reaches this module.
-* ``TensorSource`` (a protocol) is one ingredient that can be read one tensor at a time: its
-  ``structure`` (a tree of ``jax.ShapeDtypeStruct``) and ``read(path)`` for one '/'-joined path.
-  ``uniform_by_tensor`` and ``weighted_by_tensor`` stream over it tensor by tensor (as mergekit merges
-  language models), so memory is the soup plus a few tensors, never a second whole model.
+* ``TensorSource`` (a protocol, from ``soupjax.io.trees``, re-exported here) is one ingredient that can
+  be read one tensor at a time: its ``structure`` (a tree of ``jax.ShapeDtypeStruct``) and
+  ``read(path)`` for one '/'-joined path. ``uniform_by_tensor`` and ``weighted_by_tensor`` stream over
+  it tensor by tensor through the per-tensor engine (``soupjax.arithmetic.engine``, which every merge
+  uses too), so memory is the soup plus a few tensors, never a second whole model.
   ``checkpoints.IngredientTensors`` is the on-disk source, ``TreeSource`` the in-memory one.
 
 ``Variables`` is any mapping pytree, e.g. ``{'params': ..., 'batch_stats': ...}``. Arithmetic applies to
@@ -30,19 +31,18 @@ device arrays), and the per-tensor soups one tensor of it at a time.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
 import functools
-import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from soupjax.io.trees import path_str
+from soupjax.arithmetic import engine
+from soupjax.arithmetic.engine import BUFFER, FRESH, Read
+from soupjax.io.trees import Layout, TensorSource, TreeSource, cast_traced, source_layout
 
 Variables = Mapping[str, Any]
 Loader = Callable[[], Variables]
@@ -64,70 +64,6 @@ __all__ = [
     "pruned",
     "interpolate",
 ]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-    """The structure every ingredient must share: treedef, leaf paths, shapes and stored dtypes."""
-
-    treedef: Any
-    paths: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    dtypes: tuple[Any, ...]
-
-    @classmethod
-    def of(cls, tree: Variables) -> tuple["_Layout", list[Any]]:
-        with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
-        paths = tuple(path_str(p) for p, _ in with_path)
-        leaves = [leaf for _, leaf in with_path]
-        layout = cls(
-            treedef=treedef,
-            paths=paths,
-            shapes=tuple(tuple(np.shape(x)) for x in leaves),
-            dtypes=tuple(_dtype_of(x) for x in leaves),
-        )
-        return layout, leaves
-
-    def leaves(self, tree: Variables, what: str = "tree") -> list[Any]:
-        """Flattens ``tree``, raising a ValueError naming the first path whose structure/shape differs."""
-        other, leaves = _Layout.of(tree)
-        if other.paths != self.paths:
-            mine, theirs = set(self.paths), set(other.paths)
-            missing = [p for p in self.paths if p not in theirs]
-            extra = [p for p in other.paths if p not in mine]
-            raise ValueError(
-                f"{what} does not have the soup's tree structure: missing {missing[:10]}"
-                f"{' ...' if len(missing) > 10 else ''}, extra {extra[:10]}"
-                f"{' ...' if len(extra) > 10 else ''}"
-            )
-        for path, want, got in zip(self.paths, self.shapes, other.shapes):
-            if want != got:
-                raise ValueError(
-                    f"{what}: parameter {path!r} has shape {got}, but the soup has shape {want}"
-                )
-        return leaves
-
-    def unflatten(self, leaves: Sequence[Any]) -> Variables:
-        return jax.tree_util.tree_unflatten(self.treedef, list(leaves))
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of one ingredient as stored."""
-        return int(sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in zip(self.shapes, self.dtypes)))
-
-
-def _dtype_of(x: Any) -> np.dtype:
-    dtype = getattr(x, "dtype", None)
-    # Not `dtype or ...`: a plain np.dtype has len() 0 and so is falsy.
-    return np.dtype(dtype) if dtype is not None else np.asarray(x).dtype
-
-
-def _cast(x: jax.Array, dtype: Any) -> jax.Array:
-    """Casts a float32 result back to a stored dtype; integer leaves are rounded, not truncated."""
-    dtype = np.dtype(dtype)
-    if not jnp.issubdtype(dtype, jnp.inexact):
-        x = jnp.round(x)
-    return x.astype(dtype)
 
 
 # The jitted kernels take and return *lists* of leaves; jit caches one executable per layout. The
@@ -173,7 +109,7 @@ def _finish_from_reference(dtypes):
         for i, (a, r, d) in enumerate(zip(acc, ref, dtypes)):
             if extra is not None:
                 a = a + w * (_f32(extra[i]) - _f32(r))
-            out.append(_cast(scale * _f32(r) + a / denom, d))
+            out.append(cast_traced(scale * _f32(r) + a / denom, d))
         return out
 
     return finish
@@ -181,26 +117,6 @@ def _finish_from_reference(dtypes):
 
 def _reference_finisher(dtypes: tuple[Any, ...]) -> Callable[..., Any]:
     return _compiled_per_layout(_finish_from_reference, dtypes)
-
-
-def _finish(dtypes):
-    """A jitted ``(sum, extra, w, denom) -> cast((sum + w * extra) / denom)`` for one dtype layout
-    (a plain weighted sum, as ``learned`` mixes)."""
-
-    @jax.jit
-    def finish(acc, extra, w, denom):
-        out = []
-        for i, (a, d) in enumerate(zip(acc, dtypes)):
-            if extra is not None:
-                a = a + w * jnp.asarray(extra[i]).astype(jnp.float32)
-            out.append(_cast(a / denom, d))
-        return out
-
-    return finish
-
-
-def _finisher(dtypes: tuple[Any, ...]) -> Callable[..., Any]:
-    return _compiled_per_layout(_finish, dtypes)
 
 
 @functools.lru_cache(maxsize=None)
@@ -236,7 +152,7 @@ class RunningMean:
     """
 
     def __init__(self) -> None:
-        self._layout: _Layout | None = None
+        self._layout: Layout | None = None
         self._ref: list[jax.Array] | None = None
         self._sum: list[jax.Array] | None = None
         self._count = 0.0
@@ -253,13 +169,13 @@ class RunningMean:
         return self._n
 
     @property
-    def layout(self) -> _Layout | None:
+    def layout(self) -> Layout | None:
         return self._layout
 
     def add(self, tree: Variables, weight: float = 1.0) -> None:
         """Adds ``weight * tree`` to the sum. Raises ValueError if its structure or shapes differ."""
         if self._layout is None:
-            self._layout, leaves = _Layout.of(tree)
+            self._layout, leaves = Layout.of(tree)
             self._ref = _reference(leaves)  # on the device, in the stored dtypes
             self._sum = _zeros_f32(leaves)  # the reference's own displacement
         else:
@@ -375,132 +291,14 @@ def weighted(
 # Per-tensor streaming: one tensor of each ingredient at a time.
 
 
-@runtime_checkable
-class TensorSource(Protocol):
-    """One ingredient, readable one tensor at a time.
-
-    ``structure`` is the ingredient's variables tree with a ``jax.ShapeDtypeStruct`` (anything with
-    ``shape`` and ``dtype``) at each leaf; its leaves, named by ``path_str`` of their key paths, are the
-    tensors ``read`` returns, in the stored dtype. ``name`` (optional) is used in error messages.
-    ``read`` may be called from several threads at once.
-
-    A source may also have ``read_into(path, out)``, which reads the tensor into ``out`` (a C-contiguous
-    numpy array of its shape and stored dtype). The per-tensor soups then read into a few buffers that
-    they reuse, and the first ingredient straight into the soup's tensor, instead of a new array per
-    read: no allocator churn, no page faults on fresh memory, no copy.
-    """
-
-    structure: Variables
-
-    def read(self, path: str) -> Any: ...
-
-
-class TreeSource:
-    """A variables tree in memory as a ``TensorSource`` (tests, or a soup mixed with ingredients on disk)."""
-
-    def __init__(self, tree: Variables, name: str = "tree"):
-        layout, leaves = _Layout.of(tree)
-        self.name = name
-        self._leaves = dict(zip(layout.paths, leaves))
-        self.structure = layout.unflatten(
-            [jax.ShapeDtypeStruct(s, d) for s, d in zip(layout.shapes, layout.dtypes)])
-
-    def read(self, path: str) -> np.ndarray:
-        if path not in self._leaves:
-            raise KeyError(f"{self.name} has no parameter {path!r}")
-        return np.asarray(self._leaves[path])
+def uniform_by_tensor(sources: Sequence[TensorSource], **kw: Any) -> Variables:
+    """The uniform soup, streamed one tensor at a time (see ``weighted_by_tensor``)."""
+    return weighted_by_tensor(sources, [1.0] * len(sources), normalize=True, **kw)
 
 
 def _source_name(source: Any, index: int) -> str:
     name = getattr(source, "name", None)
     return f"ingredient {index} ({name})" if name else f"ingredient {index}"
-
-
-class _Buffers:
-    """Host buffers for reads, reused by size and dtype (so a (768, 3072) buffer serves a (3072, 768) read
-    too); at most ``limit`` bytes of them are kept free."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self._free: list[np.ndarray] = []  # flat, oldest first
-        self._free_bytes = 0
-
-    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        size = int(np.prod(shape))
-        for j in range(len(self._free) - 1, -1, -1):
-            b = self._free[j]
-            if b.size == size and b.dtype == dtype:
-                self._free_bytes -= b.nbytes
-                return self._free.pop(j).reshape(shape)
-        return np.empty(size, dtype).reshape(shape)
-
-    def give(self, buffer: np.ndarray) -> None:
-        self._free.append(buffer.reshape(-1))
-        self._free_bytes += buffer.nbytes
-        while self._free_bytes > self.limit and self._free:
-            self._free_bytes -= self._free.pop(0).nbytes
-
-
-def _read(source: Any, path: str, out: np.ndarray | None) -> np.ndarray:
-    if out is None:
-        return np.asarray(source.read(path))
-    source.read_into(path, out)
-    return out
-
-
-# What ``_stream`` yields with each array: the consumer keeps a FRESH array (read into a new one for it),
-# may change a BUFFER in place but must not keep it (it is reused once the consumer asks for the next),
-# and must only read a source's OWN array (a source without ``read_into`` may return its own memory).
-FRESH, BUFFER, OWN = "fresh", "buffer", "own"
-
-
-def _stream(items: Sequence[tuple[Any, str, tuple[int, ...], np.dtype, bool]], threads: int,
-            budget: int) -> Iterator[tuple[np.ndarray, str]]:
-    """Reads ``items`` (``(source, path, shape, stored dtype, fresh)``) on ``threads`` threads, in order.
-
-    Yields ``(array, kind)`` (``FRESH``, ``BUFFER`` or ``OWN``, above). With a source that has
-    ``read_into``, an item marked ``fresh`` is read into a new array and the others into reused buffers;
-    without, it is whatever ``read`` returns. Reads start ahead of the consumer only while the bytes
-    started and not yet consumed stay within ``budget`` (one read always runs), so reading overlaps
-    the consumer's arithmetic in O(budget) memory.
-    """
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="soup-read")
-    buffers = _Buffers(budget // 2)
-    pending: collections.deque = collections.deque()
-    held = 0
-    try:
-        submitted = 0
-        while True:
-            while submitted < len(items):
-                source, path, shape, dtype, fresh = items[submitted]
-                nbytes = int(np.prod(shape)) * dtype.itemsize
-                if pending and held + nbytes > budget:
-                    break
-                if not callable(getattr(source, "read_into", None)):
-                    out, kind = None, OWN
-                elif fresh:
-                    out, kind = np.empty(shape, dtype), FRESH
-                else:
-                    out, kind = buffers.take(shape, dtype), BUFFER
-                pending.append((nbytes, pool.submit(_read, source, path, out), kind))
-                held += nbytes
-                submitted += 1
-            if not pending:
-                return
-            nbytes, future, kind = pending.popleft()
-            array = future.result()
-            yield array, kind
-            held -= nbytes
-            if kind == BUFFER:
-                buffers.give(array)
-            del array
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def uniform_by_tensor(sources: Sequence[TensorSource], **kw: Any) -> Variables:
-    """The uniform soup, streamed one tensor at a time (see ``weighted_by_tensor``)."""
-    return weighted_by_tensor(sources, [1.0] * len(sources), normalize=True, **kw)
 
 
 def weighted_by_tensor(
@@ -517,12 +315,11 @@ def weighted_by_tensor(
     reference x0 and the others add ``w * (x - x0)`` to a float32 accumulator of that tensor's size (in
     ingredient order, as ``RunningMean`` does); the soup's tensor is ``x0 + accumulator / total weight``
     (``W * x0 + accumulator`` without ``normalize``), cast back to the stored dtype (integers rounded),
-    and the next tensor begins. Up to ``threads`` reads (default: the CPU count, at most 4) run ahead of the
-    arithmetic while the tensors read and not yet added stay within ``prefetch_bytes`` (default: 16 MiB
-    or twice the largest tensor, whichever is larger). Peak memory is the soup plus the prefetched
-    tensors and one accumulator: flat in K, and no second model. With sources that have ``read_into``
-    (as ``checkpoints.IngredientTensors`` does), a float32 tensor of the first ingredient is read
-    straight into the soup and the others into reused buffers.
+    and the next tensor begins. The reads run ahead of the arithmetic on ``threads`` threads within
+    ``prefetch_bytes`` (``engine.by_tensor``, whose defaults these are). Peak memory is the soup plus
+    the prefetched tensors and one accumulator: flat in K, and no second model. With sources that have
+    ``read_into`` (as ``checkpoints.IngredientTensors`` does), a float32 tensor of the first ingredient
+    is read straight into the soup and the others into reused buffers.
 
     Every source's structure is checked against the first's before anything is read (a ValueError
     names the first differing path); ingredients with weight 0 are not touched. The result is a tree
@@ -536,75 +333,50 @@ def weighted_by_tensor(
     active = [(i, src, float(w)) for i, (src, w) in enumerate(zip(sources, weights)) if w != 0]
     if not active:
         raise ValueError("all weights are 0")
-    for i, src, _ in active:
-        if not isinstance(src, TensorSource):
-            raise TypeError(f"{_source_name(src, i)} is a {type(src).__name__}, not a TensorSource "
-                            "(structure and read(path))")
-    layout, _ = _Layout.of(active[0][1].structure)
-    stored = []  # each source's own stored dtypes (the soup takes the first's)
-    for i, src, _ in active:
-        leaves = layout.leaves(src.structure, _source_name(src, i))
-        stored.append([_dtype_of(x) for x in leaves])
+    layouts = [source_layout(src, _source_name(src, i)) for i, src, _ in active]
+    layout = layouts[0]
+    for (i, src, _), other in zip(active[1:], layouts[1:]):
+        layout.check(other, _source_name(src, i))
     total = sum(w for _, _, w in active)
     if normalize and abs(total) < 1e-12:
         raise ValueError(f"the total weight is {total}; the mean is undefined")
     denom = np.float32(total) if normalize else None
 
     f32 = np.dtype(np.float32)
-    items = [(src, path, shape, stored[a][j], a == 0 and stored[a][j] == f32)
-             for j, (path, shape) in enumerate(zip(layout.paths, layout.shapes))
-             for a, (_, src, _) in enumerate(active)]
-    largest = max((int(np.prod(s)) * d.itemsize for *_, s, d, _ in items), default=0)
-    budget = prefetch_bytes if prefetch_bytes is not None else max(16 << 20, 2 * largest)
-    if threads is None:
-        threads = min(4, os.cpu_count() or 1)
-    results = _stream(items, threads, budget)
-    out = []
-    try:
-        for path, shape, dtype in zip(layout.paths, layout.shapes, layout.dtypes):
-            # As RunningMean: the first ingredient's tensor is the reference x0, the others add
-            # w (x - x0) to a float32 sum, and the soup is x0 + sum / total (W x0 + sum unnormalised).
-            x0 = acc = None
-            for i, src, w in active:
-                x, kind = next(results)
-                if x.shape != shape:
-                    raise ValueError(f"{_source_name(src, i)}: parameter {path!r} was read with shape "
-                                     f"{x.shape}, but the soup has shape {shape}")
-                if x0 is None:
-                    # Read into a new array for this (FRESH): it becomes the soup's tensor. Otherwise
-                    # copy: a buffer is reused and a source's own array must not be written.
-                    x0 = x if kind == FRESH and x.dtype == f32 else x.astype(f32)
-                    continue
-                in_buffer = kind == BUFFER and x.dtype == f32
-                d = np.subtract(x, x0, out=x) if in_buffer else np.subtract(x.astype(f32, copy=False), x0)
-                if w != 1.0:
-                    np.multiply(d, np.float32(w), out=d)
-                if acc is None:
-                    acc = d.copy() if in_buffer else d
-                else:
-                    np.add(acc, d, out=acc)
-                del x, d
-            if denom is None:
-                np.multiply(x0, np.float32(total), out=x0)
-            if acc is not None:
-                if denom is not None:
-                    np.divide(acc, denom, out=acc)
-                np.add(x0, acc, out=x0)
-            out.append(cast_to_stored(x0, dtype))
-            del x0, acc
-    finally:
-        results.close()
-    return layout.unflatten(out)
+    # The first ingredient's float32 tensors are read fresh: each becomes the soup's tensor in place.
+    plan = [[Read(src, _source_name(src, i), other.dtypes[j], a == 0 and other.dtypes[j] == f32)
+             for a, ((i, src, _), other) in enumerate(zip(active, layouts))]
+            for j in range(len(layout.paths))]
+    ws = [w for _, _, w in active]
 
+    def reduce(j: int, reads: Any) -> np.ndarray:
+        # As RunningMean: the first ingredient's tensor is the reference x0, the others add
+        # w (x - x0) to a float32 sum, and the soup is x0 + sum / total (W x0 + sum unnormalised).
+        x0 = acc = None
+        for (x, kind), w in zip(reads, ws):
+            if x0 is None:
+                # Read into a new array for this (FRESH): it becomes the soup's tensor. Otherwise
+                # copy: a buffer is reused and a source's own array must not be written.
+                x0 = x if kind == FRESH and x.dtype == f32 else x.astype(f32)
+                continue
+            in_buffer = kind == BUFFER and x.dtype == f32
+            d = np.subtract(x, x0, out=x) if in_buffer else np.subtract(x.astype(f32, copy=False), x0)
+            if w != 1.0:
+                np.multiply(d, np.float32(w), out=d)
+            if acc is None:
+                acc = d.copy() if in_buffer else d
+            else:
+                np.add(acc, d, out=acc)
+            del x, d
+        if denom is None:
+            np.multiply(x0, np.float32(total), out=x0)
+        if acc is not None:
+            if denom is not None:
+                np.divide(acc, denom, out=acc)
+            np.add(x0, acc, out=x0)
+        return x0
 
-def cast_to_stored(x: np.ndarray, dtype: Any) -> np.ndarray:
-    """``_cast`` in numpy: a float32 or float64 result back to its stored dtype, integers rounded."""
-    dtype = np.dtype(dtype)
-    if dtype == x.dtype:
-        return x
-    if not jnp.issubdtype(dtype, jnp.inexact):
-        x = np.round(x)
-    return x.astype(dtype)
+    return engine.by_tensor(layout, plan, reduce, threads=threads, prefetch_bytes=prefetch_bytes)
 
 
 def _load(load: Loader, index: int) -> Variables:
@@ -806,7 +578,7 @@ def interpolate(a: Variables, b: Variables, alpha: float) -> Variables:
     not computed, so signed zeros, infinities and NaNs survive too). Used for WiSE-FT-style curves
     between two ingredients or between the initialisation and a soup.
     """
-    layout, a_leaves = _Layout.of(a)
+    layout, a_leaves = Layout.of(a)
     b_leaves = layout.leaves(b, "interpolation endpoint b")
     alpha = float(alpha)
     if alpha == 0.0:
@@ -814,7 +586,7 @@ def interpolate(a: Variables, b: Variables, alpha: float) -> Variables:
     if alpha == 1.0:
         return layout.unflatten([_as_stored(x, d) for x, d in zip(b_leaves, layout.dtypes)])
     mixed = _lerp(a_leaves, b_leaves, jnp.float32(alpha))
-    return layout.unflatten([_cast(x, d) for x, d in zip(mixed, layout.dtypes)])
+    return layout.unflatten([cast_traced(x, d) for x, d in zip(mixed, layout.dtypes)])
 
 
 def _as_stored(x: Any, dtype: Any) -> jax.Array:

@@ -22,10 +22,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-import jax
 import numpy as np
 
 from soupjax.io import checkpoints
+from soupjax.io.trees import Layout
 from soupjax.cli.errors import InputError
 
 
@@ -55,43 +55,45 @@ class Ingredient:
         return checkpoints.load_variables(self.path)
 
 
-def _flat(tree: Any) -> dict[str, Any]:
-    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def _layout(ingredient: Ingredient) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """path -> (shape, stored dtype) of an ingredient, from its checkpoint metadata (nothing loaded)."""
+    layout = Layout.of(checkpoints.variables_structure(ingredient.path))[0]
+    return dict(zip(layout.paths, zip(layout.shapes, layout.dtypes)))
 
 
-def _classes(flat: dict[str, Any]) -> tuple[str, int] | None:
+def _classes(layout: dict[str, tuple[tuple[int, ...], np.dtype]]) -> tuple[str, int] | None:
     """``(path, number of classes)`` of a classifier's head (its bias: ``.../head/bias``), if any."""
-    heads = sorted(path for path in flat if path.endswith("head/bias"))
-    return (heads[0], int(flat[heads[0]].shape[-1])) if heads and flat[heads[0]].shape else None
+    heads = sorted(path for path in layout if path.endswith("head/bias"))
+    return (heads[0], int(layout[heads[0]][0][-1])) if heads and layout[heads[0]][0] else None
 
 
 def check_structures(ingredients: Sequence[Ingredient]) -> None:
     """Raise ``PreflightError`` at the first parameter whose path, shape or dtype differs.
 
-    Heads of different sizes are reported first, as different numbers of classes: that is what the
-    user did (fine-tuned on two tasks), not a different architecture.
+    Parameters are named as ``trees.path_str`` names them everywhere. Heads of different sizes are
+    reported first, as different numbers of classes: that is what the user did (fine-tuned on two
+    tasks), not a different architecture.
     """
-    reference = _flat(checkpoints.variables_structure(ingredients[0].path))
+    reference = _layout(ingredients[0])
     classes = _classes(reference)
     for other in ingredients[1:]:
-        flat = _flat(checkpoints.variables_structure(other.path))
-        theirs = _classes(flat)
+        layout = _layout(other)
+        theirs = _classes(layout)
         if classes and theirs and theirs[0] == classes[0] and theirs[1] != classes[1]:
             raise PreflightError(
                 f"ingredient {other.name} has {theirs[1]} classes, {ingredients[0].name} has {classes[1]} "
                 f"({classes[0]}): a soup averages models of one task; fine-tune every ingredient on the same classes")
-        for path in sorted(set(reference) | set(flat)):
-            a, b = reference.get(path), flat.get(path)
+        for path in sorted(set(reference) | set(layout)):
+            a, b = reference.get(path), layout.get(path)
             if a is None or b is None:
                 where = ingredients[0].name if a is None else other.name
                 raise PreflightError(
                     f"parameter {path} exists in {other.name if a is None else ingredients[0].name} "
                     f"but not in {where}: ingredients must share one architecture")
-            if a.shape != b.shape or a.dtype != b.dtype:
+            if a != b:
                 raise PreflightError(
-                    f"parameter {path}: {ingredients[0].name} has shape {tuple(a.shape)} {a.dtype}, "
-                    f"{other.name} has shape {tuple(b.shape)} {b.dtype}: ingredients must share one architecture")
+                    f"parameter {path}: {ingredients[0].name} has shape {a[0]} {a[1]}, "
+                    f"{other.name} has shape {b[0]} {b[1]}: ingredients must share one architecture")
 
 
 def check_init(ingredients: Sequence[Ingredient], allow_mixed_init: bool) -> None:
