@@ -27,7 +27,7 @@ Setup (not timed):
 Timed, interleaved over `--rounds` (soupjax, PyTorch, soupjax, PyTorch, ...), for each K:
   soupjax   what `python -m soupjax.soup --recipe greedy` does: scores from each meta.json,
             `checkpoints.ingredient_loader` per ingredient, `recipes.greedy` with an evaluator built
-            as `soupjax.cooking.kitchen.Kitchen.heldout_accuracy` (an `evaluate.Evaluator` over the held-out
+            as `soupjax.cooking.evaluations.Evaluations.heldout_accuracy` (an `evaluate.Evaluator` over the held-out
             batches), until the soup's arrays are ready.
   PyTorch   the greedy loop of mlfoundations/model-soups `main.py`, rewritten from its description:
             ingredients sorted by held-out accuracy; the soup starts as the best one's state dict;
@@ -340,7 +340,7 @@ def main() -> None:
           f"{config.data.image_size}x{config.data.channels}, classes {list(config.data.get('classes') or [])}), "
           f"batch {batch_size}, decoded once in {time.perf_counter() - t:.1f} s")
 
-    # The evaluator, built as soupjax.cooking.kitchen.Kitchen builds it.
+    # The evaluator, built as soupjax.cooking.evaluations.Evaluations builds it.
     model = build_model(config)
     evaluator = evaluate.Evaluator(apply_for_eval(model), sharding.data_mesh())
 

@@ -15,7 +15,7 @@ K synthetic ingredients (the model's init plus a per-ingredient random perturbat
 real soupjax ingredients (soupjax.io.checkpoints.save_ingredient) into a reusable directory (``--dir``).
 Then, for each K and each way of keeping them, soupjax.arithmetic.learned.learned runs in a fresh process (so that
 its peak resident memory, ru_maxrss, is its own) over a fixed synthetic held-out set, as
-soupjax.cooking.kitchen calls it (ingredient_loader per ingredient, apply_for_eval of the model):
+soupjax.cooking calls it (ingredient_loader per ingredient, apply_for_eval of the model):
 
   host   memory_budget_bytes=None: the K ingredients are loaded once and kept as numpy in host memory;
          every pass copies them to the device one at a time.

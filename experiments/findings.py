@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from soupjax.io import checkpoints
-from soupjax.cooking import kitchen
+from soupjax import cooking
 from soupjax.training import train
 from soupjax.experiment import load_config
 from soupjax.training.sweep import finetune_all
@@ -56,7 +56,7 @@ def scratch(workdir: Path, count: int, data_dir: str | None, seed: int = 0) -> N
         runs.append((f"scratch_{i:02d}", c, {"init_seed": c.init_seed}))
     run_dir = workdir / f"seed{seed}"
     finetune_all(runs, run_dir, run_dir / "ingredients", label="scratch")
-    kitchen.cook("all", run_dir / "ingredients", run_dir / "soups", allow_mixed_init=True, learned_epochs=3,
+    cooking.cook("all", run_dir / "ingredients", run_dir / "soups", allow_mixed_init=True, learned_epochs=3,
                  command=" ".join(sys.argv))
 
 
@@ -89,7 +89,7 @@ def batchnorm(workdir: Path, count: int, data_dir: str | None, seed: int = 0) ->
     run_dir = workdir / f"seed{seed}"
     finetune_all(runs, run_dir, run_dir / "ingredients", label="batchnorm")
     for name, recal in (("soups", 0), ("soups-recalibrated", RECALIBRATION_BATCHES)):
-        kitchen.cook("all", run_dir / "ingredients", run_dir / name, recalibrate_bn=recal, learned_epochs=3,
+        cooking.cook("all", run_dir / "ingredients", run_dir / name, recalibrate_bn=recal, learned_epochs=3,
                      command=" ".join(sys.argv))
 
 

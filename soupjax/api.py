@@ -22,7 +22,6 @@ from ml_collections import ConfigDict
 
 from soupjax import methods
 from soupjax.io import checkpoints
-from soupjax.arithmetic import merging
 from soupjax.cooking import preflight
 from soupjax.arithmetic import soups as soup_arithmetic
 from soupjax.cli.errors import InputError
@@ -59,31 +58,45 @@ def merge(method: str, ingredients: Sequence[preflight.Ingredient], *, init: Var
           **hyperparameters: Any) -> Variables:
     """One model from ``ingredients`` by ``method`` with fixed ``hyperparameters``, streamed per tensor.
 
-    'uniform' needs no init; the merges ('task_arithmetic' (lam), 'ties' (density, lam), 'dare_linear'
-    and 'dare_ties' (p, lam, seed), 'slerp' (t; the first two ingredients), 'spherical_mean',
-    'model_stock') work on displacements from ``init`` (default: ``shared_init(ingredients)``), a
-    variables tree with the ingredients' structure, held in memory; the ingredients are read from disk
-    one tensor at a time. Conventions of lam: ``soupjax.arithmetic.merging``.
+    The method is the registry's (``soupjax.methods``): the model is the one its recipe builds for the
+    same point of its grid, bit for bit, as a one-point grid of ``cook`` would choose it. 'uniform' needs
+    no init and no hyperparameters; the merges ('task_arithmetic' (lam), 'ties' (density, lam),
+    'dare_linear' and 'dare_ties' (p, lam, seed, default 0), 'slerp' (t; between the two best
+    ingredients by the held-out accuracy each recorded in its meta.json, equal ones in ingredient order,
+    as cooking ranks them), 'spherical_mean', 'model_stock') work on displacements from ``init``
+    (default: ``shared_init(ingredients)``), a variables tree with the ingredients' structure, held in
+    memory; the ingredients are read from disk one tensor at a time. ``lam`` is λ as the recipe's grid
+    records it (task arithmetic and DARE linear: λ itself, not the scale λ·K). Conventions:
+    ``soupjax.arithmetic.merging``.
     """
-    sources = [checkpoints.tensor_source(ing.path) for ing in ingredients]
-    if method == "uniform":
-        if hyperparameters:
-            raise InputError(f"merge('uniform') takes no hyperparameters, got {', '.join(hyperparameters)}")
-        return soup_arithmetic.uniform_by_tensor(sources)
-    if method not in merging.COMBINERS:
-        raise InputError(f"merge: unknown method {method!r}; choose from uniform, {', '.join(merging.COMBINERS)} "
-                         "(the selecting recipes, greedy/pruned/learned/WiSE-FT, choose on held-out data: use cook)")
-    if method == "slerp":
-        if len(sources) < 2:
-            raise InputError(f"merge('slerp') interpolates between two ingredients, got {len(sources)}")
-        sources = sources[:2]
-    try:
-        combine = merging.combiner(method, **hyperparameters)
-    except TypeError as e:
-        raise InputError(f"merge({method!r}): {e}") from e
-    init_source = soup_arithmetic.TreeSource(init if init is not None else shared_init(ingredients))
-    return merging.merge_by_tensor(init_source, sources, combine,
-                                   unmerged=merging.statistics_rule(method, **hyperparameters))
+    found = methods.method_of_dish(method)
+    if found is None or found.merge is None:
+        merges = [d for m in methods.methods() if m.merge for d in m.merge.hyperparameters]
+        raise InputError(f"merge: unknown method {method!r}; choose from {', '.join(merges)} (the selecting "
+                         "recipes, greedy/pruned/learned/WiSE-FT, choose on held-out data: use cook)")
+    names = found.merge.hyperparameters[method]
+    unknown = sorted(set(hyperparameters) - set(names))
+    missing = [n for n in names if n != "seed" and n not in hyperparameters]
+    if unknown or missing:
+        said = "; ".join([*([f"unknown hyperparameter(s) {', '.join(unknown)}"] if unknown else []),
+                          *([f"missing {', '.join(missing)}"] if missing else [])])
+        raise InputError(f"merge({method!r}): {said}; it takes {', '.join(names) or 'none'}")
+    # The one point of the method's grid, named as the grid names it (lam is the grid's 'lambda').
+    point = {("lambda" if n == "lam" else n): float(hyperparameters[n]) for n in names if n != "seed"}
+    heldout = [ing.heldout_accuracy for ing in ingredients]
+    if found.merge.pick is not None:  # SLERP: the two best, as cooking picks them
+        if len(ingredients) < 2:
+            raise InputError(f"merge({method!r}) interpolates between two ingredients, got {len(ingredients)}")
+        unrecorded = [ing.name for ing, h in zip(ingredients, heldout) if h is None]
+        if unrecorded:
+            raise InputError(f"merge({method!r}) picks the two best ingredients by held-out accuracy, which the "
+                             f"meta.json of {', '.join(unrecorded)} does not record (metrics.heldout.accuracy)")
+    picked = found.merge.chosen(heldout)
+    sources = [checkpoints.tensor_source(ingredients[i].path) for i in picked]
+    init_source = None
+    if found.needs_init:
+        init_source = soup_arithmetic.TreeSource(init if init is not None else shared_init(ingredients))
+    return found.merge.build(method, point, init_source, sources, int(hyperparameters.get("seed", 0)))
 
 
 def evaluate(variables: Variables, ingredients_or_config: Sequence[preflight.Ingredient] | ConfigDict, *,
@@ -103,10 +116,10 @@ def evaluate(variables: Variables, ingredients_or_config: Sequence[preflight.Ing
 
 
 def cook(recipe: str, ingredients_dir: str | Path, out: str | Path, **options: Any) -> dict[str, Any]:
-    """What ``python -m soupjax.soup --recipe RECIPE`` does for any recipe but 'inspect' (``kitchen.cook``):
+    """What ``python -m soupjax.soup --recipe RECIPE`` does for any recipe but 'inspect' (``cooking.cook``):
     the results dict of its report. ``options`` by the command line's names, e.g. ``ties_densities="0.2,0.5"``, ``shifts=[]``."""
-    from soupjax.cooking import kitchen
-    return kitchen.cook(recipe, Path(ingredients_dir), Path(out), **options)
+    from soupjax import cooking
+    return cooking.cook(recipe, Path(ingredients_dir), Path(out), **options)
 
 
 def load_model(directory: str | Path) -> tuple[Variables, dict[str, Any]]:

@@ -58,7 +58,8 @@ def inspect(ingredients_dir: Path, out: Path, *, config: ConfigDict | None = Non
     """Compute the angles, distances and interpolation curves; write inspect.md/.json and plots."""
     from soupjax.cooking import preflight
     from soupjax.cli.errors import InputError
-    from soupjax.cooking.kitchen import Kitchen, check_options, check_writable, load_config
+    from soupjax.cooking.evaluations import Evaluations
+    from soupjax.cooking.orchestrate import check_options, check_writable, load_config
 
     check_options(eval_batch_size=eval_batch_size, recalibrate_bn=recalibrate_bn)
     if pairs < 1 or points < 2:
@@ -97,7 +98,7 @@ def inspect(ingredients_dir: Path, out: Path, *, config: ConfigDict | None = Non
               flush=True)
 
     # With BatchNorm, points on the line need their own statistics, or every midpoint looks collapsed.
-    kitchen = Kitchen(config, out, shifts=[], eval_batch_size=eval_batch_size, recalibrate_batches=recalibrate_bn)
+    kitchen = Evaluations(config, out, shifts=[], eval_batch_size=eval_batch_size, recalibrate_batches=recalibrate_bn)
     heldout = [ing.heldout_accuracy or 0.0 for ing in ingredients]
     ranked = list(np.argsort(heldout)[::-1])
     chosen = list(itertools.combinations(ranked[: max(2, int(np.ceil((1 + np.sqrt(1 + 8 * pairs)) / 2)))], 2))[:pairs]

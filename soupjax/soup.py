@@ -17,7 +17,7 @@ Every evaluation of an ingredient and every cooked soup is kept under ``OUT`` (`
 directory per soup), so an interrupted run resumes where it stopped. Rerunning into the same ``OUT``
 with other ingredients or options is refused, naming what differs, unless ``--overwrite``. With a
 single ingredient every recipe gives that ingredient (a note says so). The work is done by
-``soupjax.cooking.kitchen.cook``; this file only reads the flags.
+``soupjax.cooking.cook``; this file only reads the flags.
 
 Bad input (an unknown flag or recipe, an option out of range, unusable ingredients, an unwritable
 ``OUT``) ends the command with one line, ``soupjax.soup: error: ...``, and exit status 2, before
@@ -60,7 +60,7 @@ flags.DEFINE_bool("overwrite", False, "Replace soups and the report in --out tha
 def main(argv) -> int:
     del argv  # command_line.flags_parser refused any positional argument
     # Before JAX loads: a bad value is refused at once, not after seconds of imports.
-    from soupjax.cooking.kitchen import check_options
+    from soupjax.cooking import check_options
     options = {name: FLAGS[name].value for name in methods.all_options()}
     check_options(**options)
     workdir = Path(FLAGS.workdir or default_workdir()).absolute()
@@ -75,7 +75,7 @@ def main(argv) -> int:
                 pairs=FLAGS.inspect_pairs, points=FLAGS.inspect_points, eval_batch_size=FLAGS.eval_batch_size,
                 recalibrate_bn=FLAGS.recalibrate_bn)
         return 0
-    from soupjax.cooking.kitchen import cook
+    from soupjax.cooking import cook
     cook(FLAGS.recipe, ingredients_dir, out, config=FLAGS.config, allow_mixed_init=FLAGS.allow_mixed_init,
          shifts=FLAGS.shifts, data_dir=FLAGS.data_dir, command=" ".join(sys.argv), overwrite=FLAGS.overwrite,
          **options)

@@ -52,7 +52,7 @@ def test_merge_and_evaluate_are_the_arithmetic_and_the_accuracy(workdir):
         uniform = api.merge("uniform", ingredients)
         mean = jax.tree_util.tree_map(lambda *xs: np.mean(np.stack(xs), 0), *loaded)
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), uniform, mean)
-        # evaluate() agrees with the kitchen's evaluation of the same model saved as an ingredient.
+        # evaluate() agrees with cooking's evaluation of the same model saved as an ingredient.
         results = api.cook("uniform", "runs/soupjax/ingredients", "soups", shifts=[])
         row = next(r for r in results["soups"] if r["name"] == "uniform")
         assert api.evaluate(uniform, ingredients, split="test")["accuracy"] == pytest.approx(row["test"]["accuracy"])
@@ -63,3 +63,43 @@ def test_merge_and_evaluate_are_the_arithmetic_and_the_accuracy(workdir):
         with pytest.raises(InputError, match="merge\\('ties'\\)"):
             api.merge("ties", ingredients, lam=1.0)  # density missing
     assert "ties" in api.recipes()  # the registry, by name
+
+
+# One point per grid: cooking then makes exactly the model api.merge makes for that point.
+_ONE_POINT = {"task_arithmetic_scales": "1.5", "ties_densities": "0.5", "ties_lambdas": "1.5",
+              "dare_drop_rates": "0.5", "dare_scales": "1.5", "slerp_ts": "0.25", "seed": 3}
+
+
+@pytest.mark.slow
+def test_merge_and_cooking_give_bit_identical_models(finetuned_workdir, tmp_path):
+    """For every merge method of the registry, ``api.merge`` with the hyperparameters a one-point grid
+    chose is, bit for bit, the model cooking saved (SLERP: the same two best ingredients)."""
+    import shutil
+    from soupjax import methods
+    ingredients_dir = shutil.copytree(finetuned_workdir["workdir"] / "ingredients", tmp_path / "ingredients")
+    out = tmp_path / "soups"
+    merges = [m for m in methods.methods() if m.merge is not None]
+    assert {d for m in merges for d in m.merge.hyperparameters} >= {
+        "uniform", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "spherical_mean", "model_stock"}
+    ingredients = api.load_ingredients(ingredients_dir)
+    init = api.shared_init(ingredients)
+    for method in merges:
+        results = api.cook(method.name, ingredients_dir, out, shifts=[], **_ONE_POINT)
+        rows = {row["name"]: row for row in results["soups"]}
+        for dish, names in method.merge.hyperparameters.items():
+            chosen = rows[dish]["chosen"] or {}
+            given = {n: _ONE_POINT["seed"] if n == "seed" else chosen["lambda" if n == "lam" else n] for n in names}
+            got = api.merge(dish, ingredients, init=init, **given)
+            saved = checkpoints_variables(out / dish)
+            leaves = jax.tree_util.tree_leaves_with_path(saved)
+            assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(saved), dish
+            for (path, want), have in zip(leaves, jax.tree_util.tree_leaves(got)):
+                assert np.asarray(have).dtype == np.asarray(want).dtype, (dish, path)
+                assert np.array_equal(np.asarray(have), np.asarray(want)), (dish, jax.tree_util.keystr(path))
+    pair = api.load_model(out / "slerp")[1]["pair"]
+    heldout = {ing.name: ing.heldout_accuracy for ing in ingredients}
+    assert pair == sorted(heldout, key=lambda n: -heldout[n])[:2]
+
+
+def checkpoints_variables(directory: Path):
+    return api.load_model(directory)[0]

@@ -23,10 +23,11 @@ import tensorflow_datasets as tfds
 from soupjax.io import checkpoints
 from soupjax.cli import errors as cli_errors
 from soupjax.io import files
-from soupjax.cooking import kitchen
+from soupjax import cooking
+from soupjax.cooking import provenance
+from soupjax.cooking.evaluations import Evaluations
 from soupjax.cooking import preflight
-from soupjax.training import shared_init
-from test_train import load_config
+from test_train import init_variables, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "soupjax.soup: error: "
@@ -207,7 +208,7 @@ def vit_ingredients(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("vit") / "ingredients"
     config = load_config("fashion_mnist_vit", "testing")
     with tfds.testing.mock_data(num_examples=64):
-        init = shared_init.init_variables(config)
+        init = init_variables(config)
     for i in range(3):
         rng = np.random.default_rng(i)
         tree = jax.tree_util.tree_map(lambda x: np.asarray(x) + 0.01 * rng.normal(size=np.shape(x)).astype(
@@ -266,8 +267,8 @@ def test_read_only_out_is_refused_before_any_work(vit_ingredients, tmp_path, mon
             return real_mkdir(self, *args, **kwargs)
         monkeypatch.setattr(Path, "mkdir", denied)
     evaluated = []
-    monkeypatch.setattr(kitchen.Kitchen, "evaluate", lambda *a, **k: evaluated.append(a))
-    line = _refused_in_process(capsys, lambda: kitchen.cook("uniform", vit_ingredients, parent / "out", shifts=[]))
+    monkeypatch.setattr(Evaluations, "evaluate", lambda *a, **k: evaluated.append(a))
+    line = _refused_in_process(capsys, lambda: cooking.cook("uniform", vit_ingredients, parent / "out", shifts=[]))
     assert f"the output directory {parent}/out (--out) is not writable: Permission denied" in line
     assert evaluated == [] and list(parent.iterdir()) == []
     parent.chmod(0o755)
@@ -291,18 +292,18 @@ def test_a_full_disk_leaves_no_half_written_soup_or_report(vit_ingredients, tmp_
     with tfds.testing.mock_data(num_examples=64):
         # A soup whose meta.json cannot be written: no soup directory, no staging directory.
         monkeypatch.setattr(files, "write_files_atomic", full_at("meta.json"))
-        line = _refused_in_process(capsys, lambda: kitchen.cook("uniform", vit_ingredients, out, shifts=[]))
+        line = _refused_in_process(capsys, lambda: cooking.cook("uniform", vit_ingredients, out, shifts=[]))
         assert "no space left on the device" in line
         assert not (out / "uniform").exists() and not list(out.glob(".uniform*"))
         # A report whose third file cannot be written: none of its files is there.
         monkeypatch.setattr(files, "write_files_atomic", full_at("report.csv"))
-        _refused_in_process(capsys, lambda: kitchen.cook("uniform", vit_ingredients, out, shifts=[]))
+        _refused_in_process(capsys, lambda: cooking.cook("uniform", vit_ingredients, out, shifts=[]))
         assert checkpoints.is_ingredient(out / "uniform")  # the soup was whole before the report failed
         assert not [p.name for p in out.iterdir() if p.name.startswith(("report", "scatter"))]
         assert _leftovers(out) == []
         # With space again, the rerun resumes: the soup is reused and the report written.
         monkeypatch.setattr(files, "write_files_atomic", real)
-        kitchen.cook("uniform", vit_ingredients, out, shifts=[])
+        cooking.cook("uniform", vit_ingredients, out, shifts=[])
     assert "uniform: cooked earlier, reused" in capsys.readouterr().out
     assert {p.name for p in out.iterdir()} >= {"report.md", "report.json", "report.csv", "scatter.png"}
     assert _leftovers(out) == []
@@ -313,7 +314,7 @@ def test_a_different_soup_is_never_written_over_without_overwrite(vit_ingredient
     out = tmp_path / "out"
     two = _subset(vit_ingredients, tmp_path / "two", ["ing0", "ing1"])
     with tfds.testing.mock_data(num_examples=64):
-        kitchen.cook("greedy", two, out, greedy_order="random", seed=0, shifts=[])
+        cooking.cook("greedy", two, out, greedy_order="random", seed=0, shifts=[])
     kept = {p: p.read_bytes() for p in (out / "report.json", out / "greedy" / "meta.json", out / "report.md")}
 
     # Another seed through the command line: refused before anything is read or written, naming it.
@@ -323,21 +324,21 @@ def test_a_different_soup_is_never_written_over_without_overwrite(vit_ingredient
     # Another ingredient set and another order, in the library: the same refusal.
     (two / "ing2").symlink_to(vit_ingredients / "ing2", target_is_directory=True)
     with pytest.raises(cli_errors.InputError, match=r"new ingredients: ing2.*--overwrite"):
-        kitchen.cook("greedy", two, out, greedy_order="random", seed=0, shifts=[])
+        cooking.cook("greedy", two, out, greedy_order="random", seed=0, shifts=[])
     (two / "ing2").unlink()
     with pytest.raises(cli_errors.InputError, match=r"greedy_order: 'random' -> 'sorted'"):
-        kitchen.cook("greedy", two, out, greedy_order="sorted", seed=0, shifts=[])
+        cooking.cook("greedy", two, out, greedy_order="sorted", seed=0, shifts=[])
     assert {p: p.read_bytes() for p in kept} == kept and _leftovers(out) == []
 
     capsys.readouterr()
     with tfds.testing.mock_data(num_examples=64):
         # The same ingredients and options resume (the ingredients moved: names and meta.json decide).
         moved = two.rename(tmp_path / "moved")
-        kitchen.cook("greedy", moved, out, greedy_order="random", seed=0, shifts=[])
+        cooking.cook("greedy", moved, out, greedy_order="random", seed=0, shifts=[])
         assert "greedy: cooked earlier, reused" in capsys.readouterr().out
         assert (out / "greedy" / "meta.json").read_bytes() == kept[out / "greedy" / "meta.json"]
         # --overwrite replaces the soup and the report with the new ones.
-        kitchen.cook("greedy", moved, out, greedy_order="random", seed=1, shifts=[], overwrite=True)
+        cooking.cook("greedy", moved, out, greedy_order="random", seed=1, shifts=[], overwrite=True)
     assert checkpoints.load_meta(out / "greedy")["options"]["seed"] == 1
     assert json.loads((out / "report.json").read_text())["meta"]["provenance"]["options"]["greedy"]["seed"] == 1
 
@@ -346,7 +347,7 @@ def test_a_different_soup_is_never_written_over_without_overwrite(vit_ingredient
 def test_one_ingredient_is_every_soup_with_a_note(vit_ingredients, tmp_path, capsys):
     one = _subset(vit_ingredients, tmp_path / "one", ["ing1"])
     with tfds.testing.mock_data(num_examples=64):
-        results = kitchen.cook("all", one, tmp_path / "out", learned_epochs=1, shifts=[])
+        results = cooking.cook("all", one, tmp_path / "out", learned_epochs=1, shifts=[])
     assert "note: one ingredient (ing1): every soup is that ingredient" in capsys.readouterr().out
     rows = {row["name"]: row for row in results["soups"]}
     # Their init is unknown (a made-up fingerprint): the merge methods are left out, the rest cooked.
@@ -369,13 +370,42 @@ def test_another_recipe_may_be_cooked_into_the_same_out(tmp_path):
               "data": "d", "model": "m", "shifts": [], "recalibrate_bn": 0}
     uniform = {**common, "recipe": "uniform", "learned_mode": "both", "options": {"uniform": {}}}
     greedy = {**common, "recipe": "greedy", "learned_mode": "global",
-              "options": {"greedy": {"strict": False, "order": "sorted", "seed": 0}}}
+              "options": {"greedy": {"greedy_strict": False, "greedy_order": "sorted", "greedy_ties": "index", "seed": 0}}}
     out = tmp_path / "out"
     out.mkdir()
     (out / "report.json").write_text(json.dumps({"meta": {"provenance": uniform}}))
-    kitchen._refuse_changed_outputs(out, greedy, {})  # another recipe: not refused
+    provenance.refuse_changed_outputs(out, greedy, {})  # another recipe: not refused
     retrained = {**greedy, "ingredient_meta": {"ing0": "a", "ing1": "c"}}
     with pytest.raises(cli_errors.InputError, match=r"the report in .*changed since.*ing1.*--overwrite"):
-        kitchen._refuse_changed_outputs(out, retrained, {})
+        provenance.refuse_changed_outputs(out, retrained, {})
     with pytest.raises(cli_errors.InputError, match=r"shifts"):
-        kitchen._refuse_changed_outputs(out, {**greedy, "shifts": ["shift/x"]}, {})
+        provenance.refuse_changed_outputs(out, {**greedy, "shifts": ["shift/x"]}, {})
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "around"])
+def test_an_out_overlapping_the_ingredients_is_refused(vit_ingredients, tmp_path, capsys, where):
+    """A soup written into the ingredients' folder would become an ingredient of every later cook: an
+    --out that is the ingredients' folder, lies inside it or holds it is refused, naming both, before
+    anything is written."""
+    ingredients = _subset(vit_ingredients, tmp_path / "project" / "ingredients", ["ing0", "ing1"])
+    out = {"same": ingredients, "inside": ingredients / "soups", "around": tmp_path / "project"}[where]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    line = _refused_in_process(capsys, lambda: cooking.cook("uniform", ingredients, out, shifts=[]))
+    assert f"--out={out}" in line and f"--ingredients={ingredients}" in line and "overlap" in line
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.slow
+def test_a_soup_among_the_ingredients_is_not_an_ingredient(vit_ingredients, tmp_path):
+    """A soup saved into the ingredients' folder (here copied there, as an --out inside it once did) is
+    left out of the ingredients with a warning naming it: K ingredients stay K."""
+    import shutil
+    from soupjax import api
+    from soupjax.cooking.preflight import IngredientWarning
+    ingredients = _subset(vit_ingredients, tmp_path / "ingredients", ["ing0", "ing1"])
+    with tfds.testing.mock_data(num_examples=64):
+        cooking.cook("uniform", ingredients, tmp_path / "out", shifts=[])
+    shutil.copytree(tmp_path / "out" / "uniform", ingredients / "uniform")
+    with pytest.warns(IngredientWarning, match=r"uniform is a soup \(uniform\) cooked by soupjax, not an ingredient"):
+        found = api.load_ingredients(ingredients)
+    assert [ing.name for ing in found] == ["ing0", "ing1"]

@@ -124,19 +124,20 @@ def test_greedy_scores_its_first_ingredient_with_recalibrated_statistics(resnet_
     import tensorflow_datasets as tfds
 
     from soupjax.io import checkpoints
-    from soupjax.cooking import kitchen
+    from soupjax import cooking
+    from soupjax.cooking.evaluations import Evaluations
 
-    scored = {}  # params fingerprint -> held-out accuracy, as the kitchen scores candidates
-    real = kitchen.Kitchen.heldout_accuracy
+    scored = {}  # params fingerprint -> held-out accuracy, as cooking scores candidates
+    real = Evaluations.heldout_accuracy
 
     def spy(self, variables):
         assert self.recalibrate_batches == 2
         scored[_params_key(variables)] = score = real(self, variables)  # prepare() recalibrates inside
         return score
 
-    monkeypatch.setattr(kitchen.Kitchen, "heldout_accuracy", spy)
+    monkeypatch.setattr(Evaluations, "heldout_accuracy", spy)
     with tfds.testing.mock_data(num_examples=64):
-        results = kitchen.cook("greedy", resnet_ingredients, tmp_path / "g", shifts=[], recalibrate_bn=2)
+        results = cooking.cook("greedy", resnet_ingredients, tmp_path / "g", shifts=[], recalibrate_bn=2)
     first = results["progressions"]["greedy"][0]
     first_key = _params_key(checkpoints.load_variables(resnet_ingredients / first["ingredient"]))
     # The score greedy starts from (what every candidate must match or beat) is the first ingredient's
@@ -149,12 +150,13 @@ def test_greedy_scores_its_first_ingredient_with_recalibrated_statistics(resnet_
 def test_learned_soups_train_with_recalibrated_statistics(resnet_ingredients, tmp_path, monkeypatch):
     import tensorflow_datasets as tfds
 
-    from soupjax.cooking import kitchen
+    from soupjax import cooking
+    from soupjax.cooking.evaluations import Evaluations
     from soupjax.arithmetic import learned
 
     prepared = []
-    real_prepare = kitchen.Kitchen.prepare
-    monkeypatch.setattr(kitchen.Kitchen, "prepare",
+    real_prepare = Evaluations.prepare
+    monkeypatch.setattr(Evaluations, "prepare",
                         lambda self, v: prepared.append(_params_key(v)) or real_prepare(self, v))
     hooks = []
     real_learned = learned.learned
@@ -165,7 +167,7 @@ def test_learned_soups_train_with_recalibrated_statistics(resnet_ingredients, tm
 
     monkeypatch.setattr(learned, "learned", spy)
     with tfds.testing.mock_data(num_examples=64):
-        results = kitchen.cook("learned", resnet_ingredients, tmp_path / "l", shifts=[], recalibrate_bn=2,
+        results = cooking.cook("learned", resnet_ingredients, tmp_path / "l", shifts=[], recalibrate_bn=2,
                                learned_mode="global", learned_epochs=2)
     assert len(hooks) == 1 and hooks[0] is not None
     # The initial soup, the soup after each epoch, and the final soup before it is saved.

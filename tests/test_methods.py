@@ -1,4 +1,4 @@
-"""The recipe registry and every method in it, cooked by the kitchen and checked against its arithmetic.
+"""The recipe registry and every method in it, cooked by soupjax.cooking and checked against its arithmetic.
 
 The per-tensor arithmetic has hand-computed and property tests in test_merging.py; here each method's
 saved dish is recomputed independently from the saved ingredients and the init (numpy, float64), the
@@ -19,12 +19,12 @@ import tensorflow_datasets as tfds
 from soupjax.io import trees
 from soupjax import methods
 from soupjax.io import checkpoints
-from soupjax.cooking import kitchen
+from soupjax import cooking
 from soupjax.arithmetic import merging
 from soupjax.arithmetic import soups as recipes
-from soupjax.training import shared_init
 from soupjax.cli.errors import InputError
 from soupjax.config.base import load_config
+from test_train import init_fingerprint, init_variables
 
 ISSUE_METHODS = {"uniform", "greedy", "pruned", "learned", "ensemble", "greedy_ensemble", "task_arithmetic", "ties",
                  "dare", "slerp", "spherical_mean", "model_stock", "wise_ft"}
@@ -38,8 +38,8 @@ MOCK = 64
 def _make_ingredients(root: Path, fingerprint: str | None = None) -> Path:
     config = load_config("configs/fashion_mnist_vit.py:testing")
     with tfds.testing.mock_data(num_examples=MOCK):
-        init = shared_init.init_variables(config)
-        fingerprint = fingerprint or shared_init.init_fingerprint(config)
+        init = init_variables(config)
+        fingerprint = fingerprint or init_fingerprint(config)
     for i in range(3):
         rng = np.random.default_rng(i)
         tree = jax.tree_util.tree_map(
@@ -59,7 +59,7 @@ def ingredients(tmp_path_factory) -> Path:
 def cooked(ingredients, tmp_path_factory):
     out = tmp_path_factory.mktemp("methods") / "soups"
     with tfds.testing.mock_data(num_examples=MOCK):
-        results = kitchen.cook("all", ingredients, out, shifts=["shift/gaussian_noise-3"], **SMALL_GRIDS)
+        results = cooking.cook("all", ingredients, out, shifts=["shift/gaussian_noise-3"], **SMALL_GRIDS)
     return results, out
 
 
@@ -106,7 +106,7 @@ def test_the_registry_holds_every_method_with_its_docs_and_options():
 ])
 def test_method_options_out_of_range_are_refused_by_name(option, value, said):
     with pytest.raises(InputError) as err:
-        kitchen.check_options(**{option: value})
+        cooking.check_options(**{option: value})
     assert said in str(err.value)
 
 
@@ -138,7 +138,7 @@ def test_every_method_cooks_and_each_dish_is_its_arithmetic(cooked, ingredients)
     loaded = [_flat(checkpoints.load_variables(ingredients / n)) for n in names]
     config = load_config("configs/fashion_mnist_vit.py:testing")
     with tfds.testing.mock_data(num_examples=MOCK):
-        theta0 = _flat(shared_init.init_variables(config))
+        theta0 = _flat(init_variables(config))
     paths = list(theta0)
     k = len(loaded)
 
@@ -154,7 +154,7 @@ def test_every_method_cooks_and_each_dish_is_its_arithmetic(cooked, ingredients)
     # held-out evaluation.
     for name, grid in results["grids"].items():
         best = max(range(len(grid)), key=lambda i: (grid[i]["heldout"], -i))
-        assert rows[name]["chosen"] == grid[best]["options"] if "alpha" not in rows[name]["chosen"] else True, name
+        assert rows[name]["chosen"] == grid[best]["options"], name
         assert rows[name]["heldout_evals"] == len(grid), name
     chosen = {name: rows[name].get("chosen") for name in rows}
     taus = lambda p: [x[p] - theta0[p] for x in loaded]  # noqa: E731
@@ -178,8 +178,8 @@ def test_every_method_cooks_and_each_dish_is_its_arithmetic(cooked, ingredients)
     check("ties", lambda p: ties_by_hand(p, c["density"], c["lambda"]))
 
     def dropped(p, rate):
-        seeds = [merging.tensor_rng(0, p, i) for i in range(k)]
-        return [t if rate == 0 else t * (s.random(t.shape) >= rate) / (1 - rate) for t, s in zip(taus(p), seeds)]
+        return [t if rate == 0 else t * _independent_mask(0, p, i, t.shape, rate) / (1 - rate)
+                for i, t in enumerate(taus(p))]
 
     c = chosen["dare_linear"]
     check("dare_linear", lambda p: theta0[p] + c["lambda"] * sum(dropped(p, c["p"])))
@@ -284,20 +284,20 @@ def test_merges_need_the_shared_init(tmp_path, capsys):
     asked for by name is refused with it."""
     unknown = _make_ingredients(tmp_path / "ingredients", fingerprint="0123456789abcdef")
     with tfds.testing.mock_data(num_examples=MOCK):
-        results = kitchen.cook("all", unknown, tmp_path / "all", shifts=[], **SMALL_GRIDS)
+        results = cooking.cook("all", unknown, tmp_path / "all", shifts=[], **SMALL_GRIDS)
         names = {row["name"] for row in results["soups"]}
         assert "uniform" in names and not names & {"ties", "task_arithmetic", "model_stock", "wise_ft_uniform"}
         assert "fingerprint 0123456789abcdef" in capsys.readouterr().out
         with pytest.raises(InputError, match="--recipe=ties works on the displacements from the shared init.*"
                                              "0123456789abcdef"):
-            kitchen.cook("ties", unknown, tmp_path / "ties", shifts=[], **SMALL_GRIDS)
+            cooking.cook("ties", unknown, tmp_path / "ties", shifts=[], **SMALL_GRIDS)
         # The init is right but the start (the head init) recorded by the ingredients is another one.
         other_head = _make_ingredients(tmp_path / "other_head")
         for meta_file in other_head.glob("*/meta.json"):
             meta = json.loads(meta_file.read_text())
             meta_file.write_text(json.dumps({**meta, "start_fingerprint": "fedcba9876543210"}))
         with pytest.raises(InputError, match="started from fedcba9876543210"):
-            kitchen.cook("model_stock", other_head, tmp_path / "model_stock", shifts=[])
+            cooking.cook("model_stock", other_head, tmp_path / "model_stock", shifts=[])
 
 
 @settings(max_examples=60, deadline=None)
@@ -356,16 +356,54 @@ def test_each_dare_dish_is_keyed_by_its_own_grid():
 
 def test_slerp_ends_are_the_two_ingredients_statistics_included():
     """SLERP's t = 0 is the first ingredient and t = 1 the second, BatchNorm statistics too (they are
-    weighed by t, not averaged)."""
+    weighed by t, not averaged), and t = 0.25 weighs the statistics 3:1: the model the registry's SLERP
+    builds, as cooking and api.merge build it."""
     init = {"params": {"w": np.zeros(3, np.float32)}, "batch_stats": {"var": np.ones(2, np.float32)}}
     a = {"params": {"w": np.array([1, 0, 0], np.float32)}, "batch_stats": {"var": np.array([2, 3], np.float32)}}
-    b = {"params": {"w": np.array([0, 2, 0], np.float32)}, "batch_stats": {"var": np.array([4, 5], np.float32)}}
+    b = {"params": {"w": np.array([0, 2, 0], np.float32)}, "batch_stats": {"var": np.array([4, 6], np.float32)}}
     sources = [recipes.TreeSource(a), recipes.TreeSource(b)]
+    slerp = methods.get("slerp").merge
     for t, want in ((0.0, a), (1.0, b)):
-        got = merging.merge_by_tensor(recipes.TreeSource(init), sources,
-                                      lambda path, x0, xs: merging.slerp(x0, xs[0], xs[1], t),
-                                      unmerged=lambda path, xs: xs[0] if t == 0 else xs[1])
+        got = slerp.build("slerp", {"t": t}, recipes.TreeSource(init), sources, 0)
         jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+    quarter = slerp.build("slerp", {"t": 0.25}, recipes.TreeSource(init), sources, 0)
+    np.testing.assert_allclose(quarter["batch_stats"]["var"], [2.5, 3.75], rtol=1e-7)
+    # The plain mean (what every other merge does with statistics) would be [3, 4.5].
+    assert slerp.chosen([0.1, 0.3, 0.3]) == [1, 2]  # the two best, equal ones in ingredient order
+
+
+def _independent_mask(seed: int, path: str, index: int, shape, p: float) -> np.ndarray:
+    """DARE's keep-mask of one tensor of one ingredient, drawn here from numpy's documented pieces (a
+    SeedSequence of (seed, crc32 of the path, the ingredient's index) into PCG64, one uniform per entry,
+    kept where it is at least p), not through soupjax's generator."""
+    import zlib
+    generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, zlib.crc32(path.encode()), index])))
+    return generator.random(shape) >= p
+
+
+def test_dare_drops_the_masks_drawn_independently_at_the_rate_asked():
+    """The registry's DARE (as cooking and api.merge build it) keeps exactly the entries of an
+    independently drawn mask, rescaled by 1/(1 - p); and the share kept is 1 - p, within statistics."""
+    rng = np.random.default_rng(0)
+    init = {"params": {"w": rng.normal(size=(64, 64)).astype(np.float32), "b": rng.normal(size=64).astype(np.float32)}}
+    ends = [jax.tree_util.tree_map(lambda x: (x + rng.normal(size=x.shape)).astype(np.float32), init) for _ in range(2)]
+    dare = methods.get("dare").merge
+    p, seed = 0.7, 11
+    got = dare.build("dare_linear", {"p": p, "lambda": 1.0}, recipes.TreeSource(init),
+                     [recipes.TreeSource(e) for e in ends], seed)
+    kept = []
+    for path in ("params/w", "params/b"):
+        group, name = path.split("/")
+        masks = [_independent_mask(seed, path, i, init[group][name].shape, p) for i in range(2)]
+        taus = [e[group][name].astype(np.float64) - init[group][name] for e in ends]
+        want = init[group][name] + sum(np.where(m, t / (1 - p), 0) for m, t in zip(masks, taus))
+        np.testing.assert_allclose(got[group][name], want, rtol=1e-5, atol=1e-5, err_msg=path)
+        kept += [m.mean() for m in masks]
+        # An entry is the init exactly where both masks dropped it.
+        both_dropped = ~masks[0] & ~masks[1]
+        assert np.array_equal(got[group][name][both_dropped], init[group][name][both_dropped]), path
+    n = 2 * (64 * 64 + 64)
+    assert abs(np.average(kept, weights=[64 * 64, 64 * 64, 64, 64]) - (1 - p)) < 4 * np.sqrt(p * (1 - p) / n)
 
 
 @pytest.mark.slow
@@ -373,14 +411,45 @@ def test_wise_ft_refuses_a_base_cooked_with_other_options(ingredients, tmp_path)
     out = tmp_path / "soups"
     with tfds.testing.mock_data(num_examples=MOCK):
         with pytest.raises(InputError, match="--wise_ft_of='': name at least one model"):
-            kitchen.cook("wise_ft", ingredients, out, shifts=[], wise_ft_of="")
+            cooking.cook("wise_ft", ingredients, out, shifts=[], wise_ft_of="")
         with pytest.raises(InputError, match="the task_arithmetic soup is not in"):
-            kitchen.cook("wise_ft", ingredients, out, shifts=[], wise_ft_of="task_arithmetic")
-        kitchen.cook("task_arithmetic", ingredients, out, shifts=[], task_arithmetic_scales="0.5")
+            cooking.cook("wise_ft", ingredients, out, shifts=[], wise_ft_of="task_arithmetic")
+        cooking.cook("task_arithmetic", ingredients, out, shifts=[], task_arithmetic_scales="0.5")
         with pytest.raises(InputError, match=r"the task_arithmetic soup in .* was cooked from other ingredients or "
                                              r"options \(task_arithmetic_scales: \[0.5\] -> \[2.0\]"):
-            kitchen.cook("wise_ft", ingredients, out, shifts=[], wise_ft_of="task_arithmetic",
+            cooking.cook("wise_ft", ingredients, out, shifts=[], wise_ft_of="task_arithmetic",
                          task_arithmetic_scales="2", wise_ft_alphas="0,1")
-        results = kitchen.cook("wise_ft", ingredients, out, shifts=[], wise_ft_of="task_arithmetic,task_arithmetic",
+        results = cooking.cook("wise_ft", ingredients, out, shifts=[], wise_ft_of="task_arithmetic,task_arithmetic",
                                task_arithmetic_scales="0.5", wise_ft_alphas="0,1")
     assert [r["name"] for r in results["soups"]].count("wise_ft_task_arithmetic") == 1
+
+
+@pytest.mark.slow
+def test_greedy_ties_order_decides_between_tied_ingredients(tmp_path):
+    """Two ingredients of exactly equal held-out accuracy (the second is the first with its head scaled
+    by 2: the same predictions, other weights) and a strict greedy soup: ``--greedy_ties=index`` keeps
+    the first, ``official`` (the official code's reverse index order) the second; the greedy ensemble
+    follows the same order."""
+    import shutil
+    root = _make_ingredients(tmp_path / "made")
+    tied = tmp_path / "tied"
+    shutil.copytree(root / "ing0", tied / "a")
+    variables = checkpoints.load_variables(root / "ing0")
+    variables["params"]["head"] = {k: v * 2 for k, v in variables["params"]["head"].items()}
+    checkpoints.save_ingredient(tied / "b", variables, checkpoints.load_meta(root / "ing0"))
+    soups = {}
+    with tfds.testing.mock_data(num_examples=MOCK):
+        for ties in ("index", "official"):
+            out = tmp_path / ties
+            rows = {}
+            for recipe in ("greedy", "greedy_ensemble"):
+                results = cooking.cook(recipe, tied, out, shifts=[], greedy_strict=True, greedy_ties=ties)
+                rows.update({row["name"]: row for row in results["soups"]})
+            heldout = [row["heldout"] for row in results["ingredients"]]
+            assert heldout[0] == heldout[1]  # tied
+            soups[ties] = checkpoints.load_variables(out / "greedy")
+            want = [1.0, 0.0] if ties == "index" else [0.0, 1.0]
+            assert rows["greedy"]["weights"] == want and rows["greedy_ensemble"]["weights"] == want, ties
+            assert checkpoints.load_meta(out / "greedy")["options"]["greedy_ties"] == ties
+    a, b = soups["index"]["params"]["head"]["kernel"], soups["official"]["params"]["head"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(b), 2 * np.asarray(a))

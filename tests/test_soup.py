@@ -20,12 +20,12 @@ from soupjax.io import trees
 from soupjax import report
 from soupjax.evaluation import batchnorm
 from soupjax.io import checkpoints
-from soupjax.cooking import kitchen as soup
+from soupjax import cooking as soup
+from soupjax.cooking.evaluations import Evaluations
 from soupjax.cooking import preflight
-from soupjax.training import shared_init
 from soupjax.training import train
 from soupjax.cli.errors import InputError
-from test_train import assert_accuracy, forward_logits, load_config
+from test_train import assert_accuracy, forward_logits, init_variables, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,14 +180,14 @@ def test_every_recipe_cooks_and_each_soup_loads_back(mocked_ingredients, tmp_pat
 @pytest.mark.slow
 def test_greedy_and_pruned_never_read_the_test_split(mocked_ingredients, tmp_path, monkeypatch):
     seen = []
-    real_batches = soup.Kitchen.batches
+    real_batches = Evaluations.batches
 
     def spy(self, split):
         seen.append(split)
         return real_batches(self, split)
 
     candidate_reads = []
-    real_heldout = soup.Kitchen.heldout_accuracy
+    real_heldout = Evaluations.heldout_accuracy
 
     def heldout_only(self, variables):
         before = len(seen)
@@ -195,8 +195,8 @@ def test_greedy_and_pruned_never_read_the_test_split(mocked_ingredients, tmp_pat
         candidate_reads.append(seen[before:])
         return acc
 
-    monkeypatch.setattr(soup.Kitchen, "batches", spy)
-    monkeypatch.setattr(soup.Kitchen, "heldout_accuracy", heldout_only)
+    monkeypatch.setattr(Evaluations, "batches", spy)
+    monkeypatch.setattr(Evaluations, "heldout_accuracy", heldout_only)
     with tfds.testing.mock_data(num_examples=64):
         soup.cook("greedy", mocked_ingredients, tmp_path / "g", shifts=[])
         soup.cook("pruned", mocked_ingredients, tmp_path / "p", shifts=[])
@@ -208,12 +208,12 @@ def test_greedy_and_pruned_never_read_the_test_split(mocked_ingredients, tmp_pat
 @pytest.mark.slow
 def test_cooking_reuses_training_time_logits_across_augmentation_sweeps(mocked_ingredients, tmp_path, monkeypatch):
     # The sweep draws data.aug_strength / mixup per ingredient; that changes training only, so each
-    # ingredient's held-out and test logits from training time must serve the kitchen as they are.
+    # ingredient's held-out and test logits from training time must serve cooking as they are.
     metas = [checkpoints.load_meta(p) for p in checkpoints.list_ingredients(mocked_ingredients)]
     assert len({json.dumps(m["config"]["data"], sort_keys=True) for m in metas}) > 1, "sweep did not vary data"
     seen = []
-    real_batches = soup.Kitchen.batches
-    monkeypatch.setattr(soup.Kitchen, "batches", lambda self, split: seen.append(split) or real_batches(self, split))
+    real_batches = Evaluations.batches
+    monkeypatch.setattr(Evaluations, "batches", lambda self, split: seen.append(split) or real_batches(self, split))
     with tfds.testing.mock_data(num_examples=64):
         soup.cook("uniform", mocked_ingredients, tmp_path / "u", shifts=[])
     assert seen == ["heldout", "test"], f"splits read (only the soup should be evaluated): {seen}"
@@ -321,7 +321,7 @@ def test_inspect_angles_distances_and_interpolation(mocked_ingredients, tmp_path
         return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree_util.tree_leaves(tree["params"])])
 
     with tfds.testing.mock_data(num_examples=64):
-        theta0 = flat(shared_init.init_variables(config))
+        theta0 = flat(init_variables(config))
     vectors = np.stack([flat(v) for v in loaded])
     deltas = vectors - theta0
     cos = (deltas @ deltas.T) / np.outer(np.linalg.norm(deltas, axis=1), np.linalg.norm(deltas, axis=1))

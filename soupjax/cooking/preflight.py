@@ -2,6 +2,8 @@
 
 * The directory exists and holds ingredients; a sub-directory with only half an ingredient (meta.json
   without variables/ or the reverse) is named, not skipped: it is an ingredient the user expects.
+* A soup or merge saved by cooking (its meta.json names its recipe and method) is no ingredient: it is
+  left out with a warning, so that a soup written among the ingredients never joins a later soup.
 * Every ingredient reads: a malformed or future-format meta.json, a truncated or deleted checkpoint
   file is an ``IngredientError`` naming it (from ``checkpoints``).
 * Same number of classes (the heads' sizes): ingredients of two tasks are named as such.
@@ -17,6 +19,7 @@ Every refusal is a ``PreflightError``, an ``InputError``: the command line shows
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import warnings
 from pathlib import Path
@@ -158,10 +161,27 @@ def find(root: str | os.PathLike) -> list[Path]:
             raise PreflightError(f"ingredient {path} is incomplete: {missing} is missing; fine-tune it again "
                                  "or move it out of the ingredients directory")
     paths = [p for p in candidates if checkpoints.is_ingredient(p)]
+    for path in [p for p in paths if _cooked_from(p) is not None]:
+        # A soup saved among the ingredients (an --out inside them, a copy) would join every later soup.
+        warnings.warn(f"{path} is a {_cooked_from(path)} cooked by soupjax, not an ingredient: it is left out "
+                      "(move it out of the ingredients directory)", IngredientWarning, stacklevel=2)
+        paths.remove(path)
     if not paths:
         raise PreflightError(f"no ingredients found in {root} (expected sub-directories with meta.json and "
                              "variables/, as written by python -m soupjax.finetune)")
     return paths
+
+
+def _cooked_from(path: Path) -> str | None:
+    """What a saved dish is ('soup (uniform)', 'merge (ties)'), or None for an ingredient: cooking
+    writes its recipe and method into every soup's and merge's meta.json, training never does."""
+    try:
+        meta = json.loads((path / checkpoints.META_FILE).read_text())
+    except (OSError, ValueError):
+        return None  # an unreadable meta.json is named where it is read (checkpoints.load_meta)
+    if not isinstance(meta, dict) or "recipe" not in meta or "method" not in meta:
+        return None
+    return f"{meta.get('kind', 'soup')} ({meta['recipe']})"
 
 
 def _partial(path: Path) -> str | None:

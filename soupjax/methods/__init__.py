@@ -2,15 +2,21 @@
 
 One module of this package is one method: it builds a ``Method`` (its name, kind, one-line summary,
 its own options with their ranges and help, and ``cook``, the function that makes its dishes) and
-calls ``register``. The command line (``soupjax.soup``), ``kitchen.cook``, the report and the study
+calls ``register``. The command line (``soupjax.soup``), ``soupjax.cooking.cook``, the report and the study
 enumerate this registry, so a new method is one file here plus its test; nothing else changes.
 
 Modules here import only the standard library and numpy at the top: ``check_options`` runs before
 JAX is imported, so that a bad flag is refused at once. The heavy work is imported inside ``cook``.
 
-A method's ``cook(cooking)`` receives a ``kitchen.Cooking`` (the ingredients, their evaluations, the
-held-out evaluator, the shared init as a tensor source, the options) and yields ``Dish``es, one per
-result row: learned soups yield a global and a per-layer dish, WiSE-FT one per soup it starts from.
+A method's ``cook(cooking, dish)`` receives a ``cooking.interface.Cooking`` (the ingredients, their
+evaluations, the held-out evaluator, the shared init as a tensor source, the options) and the name of
+one of its dishes (``dish_names``), and returns that ``Dish``, one per result row: learned soups make a
+global and a per-layer dish, WiSE-FT one per soup it starts from. Cooking asks only for the dishes not
+cooked earlier: a method knows nothing of caches or resuming.
+
+A merge method also says how it builds a model for one point of its grid (``Merge``): cooking builds
+every grid point with it, and ``soupjax.api.merge`` builds the one point it is given, so both give the
+same model for the same hyperparameters.
 """
 from __future__ import annotations
 
@@ -19,10 +25,14 @@ import importlib
 import math
 import numbers
 import pkgutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from soupjax.cli.errors import InputError
+from soupjax.cooking.interface import Cooking, Dish, rank
+
+__all__ = ["Cooking", "Dish", "KINDS", "Merge", "Method", "Option", "SHARED_OPTIONS", "all_options", "define_flags",
+           "get", "grid_floats", "method_of_dish", "methods", "names", "rank", "register", "resolve", "wanted"]
 
 KINDS = ("soup", "merge", "ensemble")
 
@@ -96,45 +106,43 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-@dataclasses.dataclass
-class Dish:
-    """One result of a method: a model (``variables``) or, for an ensemble, its evaluation (``evaluation``).
-    A model may bring ``evaluation`` too, when it is exactly a point the method evaluated on every split
-    while choosing it: its logits are then reused instead of evaluated again.
+@dataclasses.dataclass(frozen=True)
+class Merge:
+    """How a merge method builds one model for one point of its grid, for cooking and ``api.merge`` alike.
 
-    ``weights`` are per ingredient (the report's 'in soups' column and the ingredients a dish used);
-    ``chosen`` the hyperparameters picked on the held-out split and ``grid`` every point tried
-    (``{"options": ..., "heldout": ...}``); ``meta`` goes into the dish's meta.json and the report;
-    ``forward_passes`` per image at inference; ``n_used`` the models it is made of (default: nonzero weights).
+    ``build(dish, point, init, sources, seed)`` merges ``sources`` (tensor sources, in the order
+    ``pick`` gives) from ``init`` at ``point`` (the grid point's values, as the report's grids name
+    them); ``hyperparameters[dish]`` are the names ``api.merge`` takes for that point (``lam`` for the
+    point's ``lambda``, ``seed`` for the seed); ``pick(heldout)`` the ingredients it merges, by their
+    held-out accuracies (default: all, in order; SLERP: the two best, ``rank``'s ties).
     """
-    name: str
-    weights: Sequence[float]
-    variables: Any = None
-    evaluation: Any = None
-    chosen: dict[str, Any] | None = None
-    grid: list[dict[str, Any]] | None = None
-    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
-    forward_passes: int = 1
-    n_used: int | None = None
+    build: Callable[[str, Mapping[str, Any], Any, Sequence[Any], int], Any]
+    hyperparameters: Mapping[str, tuple[str, ...]]
+    pick: Callable[[Sequence[float]], list[int]] | None = None
+
+    def chosen(self, heldout: Sequence[float]) -> list[int]:
+        """The indices of the ingredients merged (by ``pick``, or all)."""
+        return self.pick(heldout) if self.pick else list(range(len(heldout)))
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
     """A registered recipe.
 
-    ``cook(cooking)`` yields its ``Dish``es (names from ``dish_names(options)``, in that order).
+    ``cook(cooking, dish)`` makes the ``Dish`` called ``dish`` (one of ``dish_names(options)``).
     ``options`` are its own; ``uses`` names options another method defines that it reads too (pruned
     soups follow greedy's ``greedy_strict``). ``key(options, dish)`` is what a dish depends on besides
     the ingredients and data (stored with it, compared on a rerun); by default the values of
     ``options`` and ``uses``. ``needs_init``: it works on displacements from the shared init.
     ``saves_model``: its dishes are models saved as checkpoints (an ensemble is not).
     ``in_all``: cooked by ``--recipe all``. ``order``: its place in ``all`` and in listings (a method
-    that starts from another's dish, as WiSE-FT does, comes after it).
+    that starts from another's dish, as WiSE-FT does, comes after it). ``merge``: how it builds one
+    model for one grid point (``api.merge`` uses it too).
     """
     name: str
     kind: str
     summary: str
-    cook: Callable[[Any], Iterable[Dish]]
+    cook: Callable[[Cooking, str], Dish]
     options: Mapping[str, Option] = dataclasses.field(default_factory=dict)
     uses: tuple[str, ...] = ()
     dish_names: Callable[[Mapping[str, Any]], list[str]] | None = None
@@ -143,11 +151,14 @@ class Method:
     saves_model: bool = True
     in_all: bool = True
     order: int = 100
+    merge: Merge | None = None
 
     def dishes(self, options: Mapping[str, Any]) -> list[str]:
+        """The names of its dishes with ``options``, in cooking order."""
         return self.dish_names(options) if self.dish_names else [self.name]
 
     def key_of(self, options: Mapping[str, Any], dish: str) -> dict[str, Any]:
+        """What ``dish`` depends on besides the ingredients and data (stored with it)."""
         if self.key:
             return self.key(options, dish)
         return {k: options[k] for k in (*self.options, *self.uses)}
@@ -221,6 +232,12 @@ def get(name: str) -> Method:
     if name not in _REGISTRY:
         raise InputError(f"--recipe={name!r}: must be one of {', '.join([*names(), 'all'])}")
     return _REGISTRY[name]
+
+
+def method_of_dish(dish: str) -> Method | None:
+    """The method that makes the dish called ``dish`` with its default options ('dare_ties': dare), or None."""
+    defaults = resolve({})
+    return next((m for m in methods() if dish in m.dishes(defaults)), None)
 
 
 def wanted(recipe: str) -> list[Method]:

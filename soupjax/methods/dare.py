@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 
-from soupjax.methods import Dish, Method, Option, grid_floats, register
+from soupjax.methods import Dish, Merge, Method, Option, grid_floats, register
 
 OPTIONS = {
     "dare_drop_rates": Option((0.1, 0.5, 0.9), "DARE: the grid of drop probabilities p.", kind="floats",
@@ -27,30 +27,34 @@ def key(options, dish: str) -> dict:
     return {"dare_drop_rates": options["dare_drop_rates"], "seed": options["seed"], **scales}
 
 
-def cook(cooking):
+def build(dish, point, init, sources, seed=0):
+    """DARE at ``point["p"]`` and ``point["lambda"]``, combined as ``dish`` says (dare_linear, dare_ties)."""
     from soupjax.arithmetic import merging
+    p, lam, combine = point["p"], point["lambda"], dish.removeprefix("dare_")
+
+    def one(path, x0, xs):
+        # One generator per tensor and ingredient, from the tensor's path: the same masks whatever the order.
+        rngs = [merging.tensor_rng(seed, path, i) for i in range(len(xs))]
+        return merging.dare(x0, xs, p, lam, rngs, combine=combine)
+
+    return merging.merge_by_tensor(init, sources, one)
+
+
+def cook(cooking, dish: str) -> Dish:
     k = len(cooking.names)
     init, sources = cooking.init_source(), cooking.sources()
-    o, seed = cooking.options, cooking.options["seed"]
+    o = cooking.options
     rates = grid_floats(o["dare_drop_rates"])
-    for combine in COMBINES:
-        name = f"dare_{combine}"
-        if name not in cooking.pending:
-            continue
-        if combine == "linear":
-            grid = [{"p": p, "lambda": s / k, "scale": s} for p, s in itertools.product(rates, grid_floats(o["dare_scales"]))]
-        else:
-            grid = [{"p": p, "lambda": lam} for p, lam in itertools.product(rates, grid_floats(o["ties_lambdas"]))]
-
-        def build(point, name=name):
-            return merging.merge_by_tensor(init, sources, merging.combiner(name, p=point["p"], lam=point["lambda"],
-                                                                           seed=seed))
-
-        chosen, variables, records = cooking.choose(name, grid, build)
-        weight = chosen["lambda"] if combine == "linear" else chosen["lambda"] / k
-        yield Dish(name, [weight] * k, variables, chosen=chosen, grid=records)
+    if dish == "dare_linear":
+        grid = [{"p": p, "lambda": s / k, "scale": s} for p, s in itertools.product(rates, grid_floats(o["dare_scales"]))]
+    else:
+        grid = [{"p": p, "lambda": lam} for p, lam in itertools.product(rates, grid_floats(o["ties_lambdas"]))]
+    chosen, variables, records = cooking.choose(dish, grid, lambda point: build(dish, point, init, sources, o["seed"]))
+    weight = chosen["lambda"] if dish == "dare_linear" else chosen["lambda"] / k
+    return Dish(dish, [weight] * k, variables, chosen=chosen, grid=records)
 
 
 register(Method("dare", "merge", "random drop-and-rescale of displacements, combined linearly or TIES-style",
                 cook, options=OPTIONS, uses=("seed", "ties_lambdas"), key=key,
-                dish_names=lambda o: [f"dare_{c}" for c in COMBINES], needs_init=True, order=52))
+                dish_names=lambda o: [f"dare_{c}" for c in COMBINES], needs_init=True, order=52,
+                merge=Merge(build, {f"dare_{c}": ("p", "lam", "seed") for c in COMBINES})))

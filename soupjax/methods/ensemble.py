@@ -8,10 +8,10 @@ from __future__ import annotations
 from soupjax.methods import Dish, Method, register
 
 
-def cook(cooking) -> list[Dish]:
+def cook(cooking, dish: str) -> Dish:
     k = len(cooking.names)
     evaluation = cooking.ensemble_of(range(k))
-    return [Dish("ensemble", [1.0 / k] * k, evaluation=evaluation, forward_passes=k, n_used=k)]
+    return Dish(dish, [1.0 / k] * k, evaluation=evaluation, forward_passes=k, n_used=k)
 
 
 register(Method("ensemble", "ensemble", "the mean of all K ingredients' logits (K forward passes)", cook,

@@ -36,18 +36,18 @@ def select(heldout_logits, labels, order, strict: bool = False) -> tuple[list[in
     return kept, steps
 
 
-def cook(cooking) -> list[Dish]:
+def cook(cooking, dish: str) -> Dish:
     evals = cooking.evals
-    order = cooking.ranked()
+    order = cooking.ranked(cooking.options["greedy_ties"])
     kept, steps = select([ev.logits["heldout"] for ev in evals], evals[0].labels["heldout"], order,
                          strict=cooking.options["greedy_strict"])
     cooking.count_heldout(len(order) - 1)
     k = len(cooking.names)
     weights = [1.0 / len(kept) if i in kept else 0.0 for i in range(k)]
-    return [Dish("greedy_ensemble", weights, evaluation=cooking.ensemble_of(kept), forward_passes=len(kept),
-                 meta={"progression": cooking.named_steps(steps)})]
+    return Dish(dish, weights, evaluation=cooking.ensemble_of(kept), forward_passes=len(kept),
+                meta={"progression": cooking.named_steps(steps)})
 
 
 register(Method("greedy_ensemble", "ensemble",
                 "ingredients added best-first to a logit ensemble while held-out accuracy does not fall", cook,
-                uses=("greedy_strict",), saves_model=False, order=91))
+                uses=("greedy_strict", "greedy_ties"), saves_model=False, order=91))

@@ -27,37 +27,35 @@ def modes(options) -> list[str]:
 
 def key(options, dish: str) -> dict:
     stats = {"train_statistics": "recalibrated_each_epoch"} if options["recalibrate_bn"] else {}
-    return {"epochs": options["learned_epochs"], "lr": options["learned_lr"], "seed": options["seed"], **stats}
+    # The memory budget only changes where the ingredients are kept, not the soup; each dish is one mode.
+    return {"learned_epochs": options["learned_epochs"], "learned_lr": options["learned_lr"], "seed": options["seed"],
+            **stats}
 
 
-def cook(cooking):
+def cook(cooking, dish: str) -> Dish:
     import numpy as np
     from soupjax.arithmetic import learned
     from soupjax.io.files import plain
     o = cooking.options
+    mode = dish.removeprefix("learned_")
     budget = int(o["memory_budget_mb"] * 2**20) if o["memory_budget_mb"] > 0 else None
-    for mode in modes(o):
-        name = f"learned_{mode}"
-        if name not in cooking.pending:
-            continue
 
-        def show(record, name=name):
-            print(f"{name}: epoch {record['epoch']} loss {record['loss']:.4f} "
-                  f"held-out {record['heldout_accuracy']:.4f}", flush=True)
+    def show(record):
+        print(f"{dish}: epoch {record['epoch']} loss {record['loss']:.4f} "
+              f"held-out {record['heldout_accuracy']:.4f}", flush=True)
 
-        res = learned.learned(cooking.loaders, cooking.kitchen.apply_fn, lambda: cooking.kitchen.batches("heldout"),
-                              mode=mode, epochs=o["learned_epochs"], learning_rate=o["learned_lr"],
-                              memory_budget_bytes=budget, seed=o["seed"], on_epoch=show,
-                              recalibrate=cooking.kitchen.prepare if o["recalibrate_bn"] else None)
-        # Each epoch ends with a held-out evaluation (the history's accuracies).
-        cooking.count_heldout(len(res.history))
-        if isinstance(res.weights, dict):  # per layer: each ingredient's mean weight over layers
-            weights = [float(w) for w in np.mean(np.stack([np.asarray(v) for v in res.weights.values()]), axis=0)]
-        else:
-            weights = [float(w) for w in np.asarray(res.weights)]
-        yield Dish(name, weights, res.variables,
-                   meta={"history": res.history, "temperature": float(res.temperature),
-                         "layer_weights": plain(res.weights) if mode == "layer" else None})
+    res = learned.learned(cooking.loaders, cooking.apply_fn, cooking.heldout_batches, mode=mode,
+                          epochs=o["learned_epochs"], learning_rate=o["learned_lr"], memory_budget_bytes=budget,
+                          seed=o["seed"], on_epoch=show, recalibrate=cooking.recalibrate)
+    # Each epoch ends with a held-out evaluation (the history's accuracies).
+    cooking.count_heldout(len(res.history))
+    if isinstance(res.weights, dict):  # per layer: each ingredient's mean weight over layers
+        weights = [float(w) for w in np.mean(np.stack([np.asarray(v) for v in res.weights.values()]), axis=0)]
+    else:
+        weights = [float(w) for w in np.asarray(res.weights)]
+    return Dish(dish, weights, res.variables,
+                meta={"history": res.history, "temperature": float(res.temperature),
+                      "layer_weights": plain(res.weights) if mode == "layer" else None})
 
 
 register(Method("learned", "soup", "mixing weights (per ingredient or per layer) trained on the held-out split",

@@ -11,18 +11,14 @@ from soupjax.methods import Dish, Method, Option, register
 OPTIONS = {"pruned_passes": Option(1, "Pruned soup: passes over the ingredients.", kind="int", low=1)}
 
 
-def key(options, dish: str) -> dict:
-    return {"strict": options["greedy_strict"], "passes": options["pruned_passes"]}
-
-
-def cook(cooking) -> list[Dish]:
+def cook(cooking, dish: str) -> Dish:
     from soupjax.arithmetic import soups as recipes
     o = cooking.options
     res = recipes.pruned(cooking.loaders, cooking.heldout_accuracy, passes=o["pruned_passes"],
                          heldout_scores=cooking.heldout, strict=o["greedy_strict"])
     steps = cooking.named_steps(res.progression)
-    return [Dish("pruned", res.weights, res.variables, meta={"progression": steps, "passes": o["pruned_passes"]})]
+    return Dish(dish, res.weights, res.variables, meta={"progression": steps, "passes": o["pruned_passes"]})
 
 
 register(Method("pruned", "soup", "the uniform soup, ingredients removed while held-out accuracy does not fall",
-                cook, options=OPTIONS, uses=("greedy_strict",), key=key, order=30))
+                cook, options=OPTIONS, uses=("greedy_strict",), order=30))

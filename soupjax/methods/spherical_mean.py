@@ -6,16 +6,19 @@ Nothing to choose: no held-out evaluation. Merged tensor by tensor from disk.
 """
 from __future__ import annotations
 
-from soupjax.methods import Dish, Method, register
+from soupjax.methods import Dish, Merge, Method, register
 
 
-def cook(cooking) -> list[Dish]:
+def build(dish, point, init, sources, seed=0):
+    """The spherical mean of every source's displacement, per tensor (``point`` is empty)."""
     from soupjax.arithmetic import merging
+    return merging.merge_by_tensor(init, sources, lambda path, x0, xs: merging.spherical_mean(x0, xs))
+
+
+def cook(cooking, dish: str) -> Dish:
     k = len(cooking.names)
-    variables = merging.merge_by_tensor(cooking.init_source(), cooking.sources(),
-                                        merging.combiner("spherical_mean"))
-    return [Dish("spherical_mean", [1.0 / k] * k, variables)]
+    return Dish(dish, [1.0 / k] * k, build(dish, {}, cooking.init_source(), cooking.sources()))
 
 
 register(Method("spherical_mean", "merge", "Karcher mean of the K displacements' directions on the sphere",
-                cook, needs_init=True, order=54))
+                cook, needs_init=True, order=54, merge=Merge(build, {"spherical_mean": ()})))

@@ -7,25 +7,27 @@ mean. One held-out evaluation per grid point; each candidate is merged tensor by
 """
 from __future__ import annotations
 
-from soupjax.methods import Dish, Method, Option, grid_floats, register
+from soupjax.methods import Dish, Merge, Method, Option, grid_floats, register
 
 OPTIONS = {"task_arithmetic_scales": Option(
     (0.5, 0.75, 1.0, 1.25, 1.5, 2.0), "Task arithmetic: the grid of λ·K tried on held-out "
     "(θ0 + λ Σ τi; 1 is the uniform soup).", kind="floats", low=0, low_open=True)}
 
 
-def cook(cooking) -> list[Dish]:
+def build(dish, point, init, sources, seed=0):
+    """θ0 + λ Σ τi at ``point["lambda"]``, per tensor."""
     from soupjax.arithmetic import merging
+    lam = point["lambda"]
+    return merging.merge_by_tensor(init, sources, lambda path, x0, xs: merging.task_arithmetic(x0, xs, lam))
+
+
+def cook(cooking, dish: str) -> Dish:
     k = len(cooking.names)
     init, sources = cooking.init_source(), cooking.sources()
     grid = [{"lambda": s / k, "scale": s} for s in grid_floats(cooking.options["task_arithmetic_scales"])]
-
-    def build(point):
-        return merging.merge_by_tensor(init, sources, merging.combiner("task_arithmetic", lam=point["lambda"]))
-
-    chosen, variables, records = cooking.choose("task_arithmetic", grid, build)
-    return [Dish("task_arithmetic", [chosen["lambda"]] * k, variables, chosen=chosen, grid=records)]
+    chosen, variables, records = cooking.choose(dish, grid, lambda point: build(dish, point, init, sources))
+    return Dish(dish, [chosen["lambda"]] * k, variables, chosen=chosen, grid=records)
 
 
 register(Method("task_arithmetic", "merge", "θ0 + λ Σ τi, λ chosen on held-out", cook, options=OPTIONS,
-                needs_init=True, order=50))
+                needs_init=True, order=50, merge=Merge(build, {"task_arithmetic": ("lam",)})))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 
-from soupjax.methods import Dish, Method, Option, grid_floats, register
+from soupjax.methods import Dish, Merge, Method, Option, grid_floats, register
 
 OPTIONS = {
     "ties_densities": Option((0.1, 0.2, 0.5, 1.0), "TIES: the grid of fractions of each displacement kept "
@@ -19,21 +19,23 @@ OPTIONS = {
 }
 
 
-def cook(cooking) -> list[Dish]:
+def build(dish, point, init, sources, seed=0):
+    """TIES at ``point["density"]`` and ``point["lambda"]``, per tensor."""
     from soupjax.arithmetic import merging
+    density, lam = point["density"], point["lambda"]
+    return merging.merge_by_tensor(init, sources, lambda path, x0, xs: merging.ties(x0, xs, density, lam))
+
+
+def cook(cooking, dish: str) -> Dish:
     k = len(cooking.names)
     init, sources = cooking.init_source(), cooking.sources()
     o = cooking.options
     grid = [{"density": d, "lambda": lam}
             for d, lam in itertools.product(grid_floats(o["ties_densities"]), grid_floats(o["ties_lambdas"]))]
-
-    def build(point):
-        return merging.merge_by_tensor(
-            init, sources, merging.combiner("ties", density=point["density"], lam=point["lambda"]))
-
-    chosen, variables, records = cooking.choose("ties", grid, build)
-    return [Dish("ties", [chosen["lambda"] / k] * k, variables, chosen=chosen, grid=records)]
+    chosen, variables, records = cooking.choose(dish, grid, lambda point: build(dish, point, init, sources))
+    return Dish(dish, [chosen["lambda"] / k] * k, variables, chosen=chosen, grid=records)
 
 
 register(Method("ties", "merge", "trim to top-k%, elect a sign per parameter, disjoint mean; k and λ on held-out",
-                cook, options=OPTIONS, needs_init=True, order=51))
+                cook, options=OPTIONS, needs_init=True, order=51,
+                merge=Merge(build, {"ties": ("density", "lam")})))

@@ -28,38 +28,36 @@ def key(options, dish: str) -> dict:
     return {"alphas": list(options["wise_ft_alphas"])}
 
 
-def cook(cooking):
+def cook(cooking, dish: str) -> Dish:
     from soupjax.arithmetic import merging
+    base = dish.removeprefix("wise_ft_")
     init = cooking.init_source()
     alphas = grid_floats(cooking.options["wise_ft_alphas"])
-    for base in bases(cooking.options):
-        name = f"wise_ft_{base}"
-        if name not in cooking.pending:
-            continue
-        source, weights = cooking.dish_source(base)
-        # Every collection moves along the line (BatchNorm statistics too: both ends have their own).
-        collections = tuple(source.structure)
-        curve = {"base": base, "alphas": alphas, "heldout": [], "test": [], "shift_mean": []}
-        best = None
-        for alpha in alphas:
-            # θ0 + α (θ − θ0) is task arithmetic with one ingredient and λ = α, streamed per tensor.
-            variables = merging.merge_by_tensor(init, [source], merging.combiner("task_arithmetic", lam=alpha),
-                                                merged_collections=collections)
-            ev = cooking.evaluate_point(name, f"{name}-{alpha:g}", variables, {"alpha": alpha})
-            curve["heldout"].append(ev.accuracy("heldout"))
-            curve["test"].append(ev.accuracy("test"))
-            shifts = [ev.accuracy(s) for s in cooking.kitchen.shifts]
-            curve["shift_mean"].append(sum(shifts) / len(shifts) if shifts else None)
-            if best is None or ev.accuracy("heldout") > best[0]:
-                best = (ev.accuracy("heldout"), alpha, variables, ev)
-            del variables
-        curve["chosen_alpha"] = best[1]
-        records = [{"options": {"alpha": a}, "heldout": h} for a, h in zip(alphas, curve["heldout"])]
-        # The weights say what each ingredient contributes (α times its weight in the base); the models
-        # it is made of are the base's, or none at α = 0 (the init).
-        yield Dish(name, [best[1] * w for w in weights], best[2], evaluation=best[3], chosen={"alpha": best[1]},
-                   grid=records,
-                   meta={"curve": curve, "base": base}, n_used=0 if best[1] == 0 else sum(w != 0 for w in weights))
+    source, weights = cooking.dish_source(base)
+    # Every collection moves along the line (BatchNorm statistics too: both ends have their own).
+    collections = tuple(source.structure)
+    curve = {"base": base, "alphas": alphas, "heldout": [], "test": [], "shift_mean": []}
+
+    def build(point):
+        # θ0 + α (θ − θ0) is task arithmetic with one ingredient and λ = α, streamed per tensor.
+        alpha = point["alpha"]
+        return merging.merge_by_tensor(init, [source], lambda path, x0, xs: merging.task_arithmetic(x0, xs, alpha),
+                                       merged_collections=collections)
+
+    def seen(point, ev):
+        curve["heldout"].append(ev.accuracy("heldout"))
+        curve["test"].append(ev.accuracy("test"))
+        shifts = [ev.accuracy(s) for s in cooking.shifts]
+        curve["shift_mean"].append(sum(shifts) / len(shifts) if shifts else None)
+
+    chosen, variables, evaluation, records = cooking.choose_on_every_split(
+        dish, [{"alpha": a} for a in alphas], build, lambda point: f"{dish}-{point['alpha']:g}", seen)
+    alpha = chosen["alpha"]
+    curve["chosen_alpha"] = alpha
+    # The weights say what each ingredient contributes (α times its weight in the base); the models
+    # it is made of are the base's, or none at α = 0 (the init).
+    return Dish(dish, [alpha * w for w in weights], variables, evaluation=evaluation, chosen=chosen, grid=records,
+                meta={"curve": curve, "base": base}, n_used=0 if alpha == 0 else sum(w != 0 for w in weights))
 
 
 def dish_names(options) -> list[str]:
