@@ -54,7 +54,7 @@ def _soupjax_worker(case: str, batches: int, repeats: int) -> dict:
     import numpy as np
     from soupjax import models
     from soupjax.evaluation.evaluate import Evaluator
-    from soupjax.training.train_step import apply_for_eval
+    from soupjax.evaluation.evaluate import apply_for_eval
 
     name, _, batch, size, channels = CASES[case]
     model = (models.get_model("vit", NUM_CLASSES, **STUDY_VIT) if name == "study"
@@ -104,7 +104,7 @@ def _timm_worker(case: str, batches: int, repeats: int) -> dict:
 def _data_side(case: str, images: int) -> float:
     """Images/s of soupjax's evaluation input pipeline for the case's image size, with no model."""
     from soupjax import data
-    from soupjax.experiment import load_config
+    from soupjax.config.base import load_config
 
     _, _, batch, size, channels = CASES[case]
     config = load_config(f"{REPO}/configs/fashion_mnist_vit.py:stage=downstream").data

@@ -23,10 +23,10 @@ def main() -> None:
 
     import jax
     from soupjax.evaluation import evaluate
-    from soupjax.experiment import load_config
-    from soupjax.models import build_model
+    from soupjax.config.base import load_config
+    from soupjax.models import build_model_from_run_config as build_model
     from soupjax.training.shared_init import base_init
-    from soupjax.training.train_step import apply_for_eval
+    from soupjax.evaluation.evaluate import apply_for_eval
 
     config = load_config(args.config)
     model = build_model(config)

@@ -52,7 +52,7 @@ STUDY_VIT = dict(hidden_size=96, num_layers=4, num_heads=4, mlp_dim=384, patch_s
 def _soupjax_worker(case: str, steps: int, with_flops: bool) -> dict:
     import jax
     from soupjax.training import train
-    from soupjax.experiment import load_config
+    from soupjax.config.base import load_config
 
     model_name, batch, size, channels = CASES[case]
     config = load_config(f"{REPO}/configs/fashion_mnist_vit.py:stage=downstream")
@@ -82,7 +82,7 @@ def _step_flops(config) -> dict:
     import jax.numpy as jnp
     import numpy as np
     from soupjax.devices import sharding
-    from soupjax.models import build_model
+    from soupjax.models import build_model_from_run_config as build_model
     from soupjax.training.shared_init import base_init
     from soupjax.training.train_step import make_optimizer, make_train_step
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from soupjax.io import checkpoints
 from soupjax import cooking
 from soupjax.training import train
-from soupjax.experiment import load_config
+from soupjax.config.base import load_config
 from soupjax.training.sweep import finetune_all
 from soupjax.cli.startup import enable_compilation_cache, quiet_logs
 

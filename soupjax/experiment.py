@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
-import time
 from pathlib import Path
 
 from absl import app, flags
@@ -40,6 +38,7 @@ from soupjax.cli import flags as command_line
 from soupjax.config import base as config_base
 from soupjax.cli.errors import InputError, exit_on_input_error
 from soupjax.cli.startup import compilation_cache_in, quiet_logs
+from soupjax.study import stages
 
 PROGRAM = "soupjax.experiment"
 FLAGS = flags.FLAGS
@@ -60,101 +59,6 @@ flags.DEFINE_bool("overwrite", False, "Replace work made with another config (th
                   "the soups cooked from them): each is made again aside and swapped in only once complete. "
                   "Without it, such work is refused.")
 
-# Kept under this name for the scripts in experiments/ (and tests) that load configs through it; the
-# loading lives in config_base.
-load_config = config_base.load_config
-
-
-# --quick is a smoke test of the whole job: the merge methods try two or three points of each grid
-# (the full grids, methods.all_options()'s defaults, are the study's).
-QUICK_GRIDS = {"task_arithmetic_scales": "0.5,1,2", "ties_densities": "0.2,1", "ties_lambdas": "1",
-               "dare_drop_rates": "0.5", "dare_scales": "1", "slerp_ts": "0,0.5,1", "wise_ft_alphas": "0,0.5,1"}
-
-def run_sweep_study(config, workdir: Path, *, recipe: str = "all", recalibrate_bn: int = 0,
-                    learned_epochs: int = 5, overwrite: bool = False) -> dict:
-    """A reference-scale study: the config's sweep, then ``recipe`` (and, for BatchNorm models, the
-    same again with recalibrated statistics, so the two can be compared)."""
-    from soupjax.training import sweep
-    ingredients_dir = workdir / "ingredients"
-    plan = sweep.plan_runs(sweep.ingredient_configs(config), ingredients_dir, workdir / "train", overwrite=overwrite)
-    sweep.run_plan(plan)
-    results = {"plain": _cook(recipe, ingredients_dir, workdir / "soups", overwrite, learned_epochs=learned_epochs)}
-    if recalibrate_bn:
-        results["recalibrated"] = _cook(recipe, ingredients_dir, workdir / "soups-recalibrated", overwrite,
-                                        recalibrate_bn=recalibrate_bn, learned_epochs=learned_epochs)
-    return results
-
-
-def study_configs(config_path: str, workdir: Path, *, quick: bool, seed: int, count: int,
-                  data_dir: str | None = None):
-    """The (upstream, downstream) configs of the default study, checked: bad options fail here, before
-    anything is imported or written."""
-    module = config_base.load_config_module(config_path)
-    extra = ",quick" if quick else ""
-    configs = []
-    for options in (f"stage=upstream{extra}",
-                    f"stage=downstream,sweep={count},seed={seed},init={workdir / 'upstream' / 'ingredient'}{extra}"):
-        config = config_base.config_from_module(module, config_path, options)
-        if data_dir:
-            config.data.data_dir = data_dir
-        config_base.check_config(config)
-        configs.append(config)
-    return tuple(configs)
-
-
-def run_study(configs, workdir: Path, *, seed: int, quick: bool, ingredients_only: bool = False,
-              overwrite: bool = False) -> dict:
-    """Upstream run, sweep, every recipe, from the ``(upstream, downstream)`` configs of
-    ``study_configs``; returns the soup results (also written as a report), or ``{}`` with
-    ``ingredients_only``."""
-    from soupjax.training import sweep
-
-    upstream, downstream = configs
-    start = time.time()
-    upstream_dir = workdir / "upstream" / "ingredient"
-    ingredients_dir = workdir / f"ingredients-seed{seed}"
-    runs = sweep.ingredient_configs(downstream)
-    # Everything that can be refused is refused before the upstream model trains: work made with another
-    # config, unwritable directories, data not there. (Whether the ingredients' init was replaced since
-    # is known only once the upstream model exists: the sweep's own plan below checks it.)
-    up = [sweep.plan_run("ingredient", upstream, {}, upstream_dir, workdir / "upstream" / "train", overwrite=overwrite)]
-    sweep.check_plan(up)
-    sweep.check_plan([sweep.plan_run(name, config, hparams, ingredients_dir / name, workdir / "train" / name,
-                                     overwrite=overwrite, check_init=False) for name, config, hparams in runs],
-                     check_init=False)
-
-    if up[0].meta is not None:
-        print(f"[1/3] upstream: finished earlier ({upstream_dir})", flush=True)
-    else:
-        print(f"[1/3] upstream: training the shared init on classes {list(upstream.data.classes)}", flush=True)
-        meta = sweep.run_plan(up, "1/3 upstream")[0]
-        print(f"[1/3] upstream: test accuracy {meta['metrics']['test']['accuracy']:.4f} "
-              f"({meta['train_seconds']:.0f}s)", flush=True)
-
-    sweep.finetune_all(runs, workdir, ingredients_dir, label="2/3 ingredient", overwrite=overwrite)
-    if downstream.eval_every_steps > 0:
-        from soupjax.report import learning_curves
-        out = workdir / f"learning-curves-seed{seed}"
-        print(learning_curves.write(workdir, [seed], out), flush=True)
-        print(f"learning curves: {out}.png", flush=True)
-    if ingredients_only:
-        print(f"ingredients finished in {time.time() - start:.0f}s: {ingredients_dir}", flush=True)
-        return {}
-
-    print(f"[3/3] cooking every recipe ({time.time() - start:.0f}s so far)", flush=True)
-    out = workdir / f"soups-seed{seed}"
-    results = _cook("all", ingredients_dir, out, overwrite, learned_epochs=2 if quick else 3, **(QUICK_GRIDS if quick else {}))
-    print(f"study finished in {time.time() - start:.0f}s; report in {out}", flush=True)
-    return results
-
-
-def _cook(recipe: str, ingredients_dir: Path, out: Path, overwrite: bool, **kwargs) -> dict:
-    """``kitchen.cook`` into ``out``: soups there cooked from other ingredients (some were replaced with
-    --overwrite) are refused by the kitchen, or with ``overwrite`` cooked again."""
-    from soupjax.cooking import kitchen
-    return kitchen.cook(recipe, ingredients_dir, out, command=" ".join(sys.argv), overwrite=overwrite, **kwargs)
-
-
 def main(argv) -> int:
     del argv  # the flags parser refused positional arguments
     from soupjax.io.workdirs import default_workdir
@@ -164,19 +68,19 @@ def main(argv) -> int:
         if ignored:
             raise InputError(f"{', '.join(ignored)} belong to the default study, not to --sweep_config "
                              "(set them in the config's options instead)")
-        config = load_config(FLAGS.sweep_config)
+        config = config_base.load_config(FLAGS.sweep_config)
         if FLAGS.data_dir:
             config.data.data_dir = FLAGS.data_dir
-        study = lambda: run_sweep_study(config, workdir, recalibrate_bn=FLAGS.recalibrate_bn,
+        study = lambda: stages.run_sweep_study(config, workdir, recalibrate_bn=FLAGS.recalibrate_bn,
                                         overwrite=FLAGS.overwrite)
     else:
         if FLAGS.recalibrate_bn:
             raise InputError("--recalibrate_bn belongs to --sweep_config; the default study's ViT has no BatchNorm")
         count = FLAGS.ingredients or (6 if FLAGS.quick else 8)
         # Loaded and checked here, before the work directory exists: bad options leave nothing behind.
-        configs = study_configs(FLAGS.config, workdir, quick=FLAGS.quick, seed=FLAGS.seed, count=count,
+        configs = stages.study_configs(FLAGS.config, workdir, quick=FLAGS.quick, seed=FLAGS.seed, count=count,
                                 data_dir=FLAGS.data_dir)
-        study = lambda: run_study(configs, workdir, seed=FLAGS.seed, quick=FLAGS.quick,
+        study = lambda: stages.run_study(configs, workdir, seed=FLAGS.seed, quick=FLAGS.quick,
                                   ingredients_only=FLAGS.ingredients_only, overwrite=FLAGS.overwrite)
     print(f"{PROGRAM}: work directory {workdir}", flush=True)
     fresh = not workdir.exists()

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from soupjax import experiment
+from soupjax.config import base as config_base
+from soupjax.study import stages
 from soupjax.io import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,9 +62,9 @@ def test_quick_study_runs_end_to_end(tmp_path, fashion_mnist_data_dir):
 @pytest.mark.parametrize("config,recalibrate", [("cifar10_vit_ti16", 0), ("cifar10_resnet50d", 2),
                                                 ("imagenet_vit_b32", 0)])
 def test_reference_study_dry_run_under_mock_data(config, recalibrate, tmp_path):
-    cfg = experiment.load_config(str(ROOT / "configs" / f"{config}.py") + ":testing")
+    cfg = config_base.load_config(str(ROOT / "configs" / f"{config}.py") + ":testing")
     with tfds.testing.mock_data(num_examples=64):
-        results = experiment.run_sweep_study(cfg, tmp_path, recipe="greedy", recalibrate_bn=recalibrate)
+        results = stages.run_sweep_study(cfg, tmp_path, recipe="greedy", recalibrate_bn=recalibrate)
     assert len(checkpoints.list_ingredients(tmp_path / "ingredients")) == 2
     assert {r["name"] for r in results["plain"]["soups"]} == {"best_ingredient", "greedy"}
     assert checkpoints.is_ingredient(tmp_path / "soups" / "greedy")
@@ -77,15 +78,16 @@ def test_reference_study_dry_run_under_mock_data(config, recalibrate, tmp_path):
 _FAKE_PYTHON = r"""
 import json, os, sys
 assert sys.argv[1:3] == ["-m", "soupjax.experiment"], sys.argv
-from soupjax import experiment
+from soupjax.study import stages
 
 def record(config, workdir, **kwargs):
     with open(os.environ["SOUPJAX_TEST_RECORD"], "w") as f:
         json.dump({"config": config.to_dict(), "workdir": str(workdir), "kwargs": kwargs}, f)
     return {}
 
-experiment.run_sweep_study = record
+stages.run_sweep_study = record
 sys.argv = ["soupjax.experiment", *sys.argv[3:]]
+from soupjax import experiment
 experiment.run()
 """
 

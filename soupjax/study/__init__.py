@@ -1,0 +1,1 @@
+"""The study: what ``python -m soupjax.experiment`` runs, stage by stage (``stages``)."""
