@@ -52,6 +52,7 @@ __all__ = [
     "Variables",
     "Loader",
     "HeldoutEval",
+    "accepts",
     "RunningMean",
     "SoupResult",
     "uniform",
@@ -397,6 +398,13 @@ def _step(step, ingredient, action, heldout, n, soup_heldout) -> dict[str, Any]:
     )
 
 
+def accepts(score: float, best: float, *, strict: bool = False) -> bool:
+    """The greedy rule: a candidate is taken when its held-out accuracy does not fall (``>=``, the paper's
+    Recipe 1), or with ``strict`` only when it rises (``>``, the official code). One rule for the greedy
+    and pruned soups and the greedy ensemble."""
+    return score > best or (not strict and score == best)
+
+
 def greedy(
     loaders: Sequence[Loader],
     heldout_scores: Sequence[float] | None,
@@ -470,7 +478,7 @@ def greedy(
         candidate = acc.mean_with(tree)
         score = float(evaluate(candidate))
         del candidate  # free before the next load: at most sum + reference + ingredient + candidate.
-        if score > best or (not strict and score == best):
+        if accepts(score, best, strict=strict):
             acc.add(tree)
             used.append(i)
             best = score
@@ -546,7 +554,7 @@ def pruned(
             candidate = acc.mean_without(tree)
             score = float(evaluate(candidate))
             del candidate
-            if score > current or (not strict and score == current):
+            if accepts(score, current, strict=strict):
                 acc.remove(tree)
                 in_soup.discard(i)
                 current = score

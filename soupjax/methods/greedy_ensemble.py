@@ -13,9 +13,11 @@ def select(heldout_logits, labels, order, strict: bool = False) -> tuple[list[in
     """The ingredients (indices) a greedy ensemble keeps, visiting them in ``order``, and its steps.
 
     ``heldout_logits[i]`` is ingredient i's (N, C) held-out logits; a candidate is kept when the mean of
-    the kept logits with it scores at least (``strict``: more than) the current held-out accuracy.
+    the kept logits with it scores at least (``strict``: more than) the current held-out accuracy: the
+    greedy soup's rule (``soups.accepts``), applied to logits instead of weights.
     """
     import numpy as np
+    from soupjax.arithmetic.soups import accepts
     labels = np.asarray(labels)
     first = order[0]
     kept, total = [first], np.asarray(heldout_logits[first], np.float64).copy()
@@ -25,7 +27,7 @@ def select(heldout_logits, labels, order, strict: bool = False) -> tuple[list[in
     for step, i in enumerate(order[1:], start=1):
         candidate = total + heldout_logits[i]
         acc = float(np.mean(candidate.argmax(-1) == labels))
-        if acc > best or (acc == best and not strict):
+        if accepts(acc, best, strict=strict):
             kept.append(i)
             total, best = candidate, acc
             action = "add"
