@@ -12,14 +12,14 @@ commands, where to get the weights, and the compute time per ingredient measured
 ``model.gelu_approximate`` is the GELU the init weights were trained with: True (tanh, Flax's nn.gelu)
 for the AugReg .npz, False (exact, as timm runs it) for a timm file such as
 vit_tiny_patch16_224.augreg_in21k. Overriding it against the file is refused unless
-``init_from.allow_activation_mismatch`` is set (soupjax.importers.pretrained.with_checkpoint_activation).
+``init_from.allow_activation_mismatch`` is set (soupjax.importers.activation.resolve_activation).
 
 Options: init=PATH (the AugReg .npz; required outside testing), data_dir=DIR (TFDS data),
 testing (a tiny model on 32 px images, a few steps: for tests under tfds.testing.mock_data),
 seeds=N (number of ingredients, default 6).
 """
 from soupjax.config.base import base_config, check_options, int_option, parse_options
-from soupjax.importers.pretrained import checkpoint_activation
+from soupjax.importers.activation import checkpoint_activation
 
 
 def get_config(arg: str | None = None):

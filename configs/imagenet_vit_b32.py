@@ -17,7 +17,7 @@ experiments/reference_runs.md.
 Options: init=PATH, data_dir=DIR, sweep=K (default 32), seed=N, testing.
 """
 from soupjax.config.base import base_config, check_options, int_option, parse_options
-from soupjax.importers.pretrained import checkpoint_activation
+from soupjax.importers.activation import checkpoint_activation
 
 
 def get_config(arg: str | None = None):

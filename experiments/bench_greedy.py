@@ -131,8 +131,8 @@ def make_synthetic(root: Path, config, k: int, seed: int) -> list[Path]:
     import jax
     import jax.numpy as jnp
     from soupjax.io import checkpoints
-    from soupjax.models import build_model
-    from soupjax.importers.pretrained import fingerprint
+    from soupjax.models import build_model_from_run_config as build_model
+    from soupjax.importers.fingerprint import weights_fingerprint as fingerprint
     from soupjax.training.shared_init import input_shape
     model = build_model(config)
     shape = input_shape(config)
@@ -306,9 +306,9 @@ def main() -> None:
     from soupjax.evaluation import evaluate
     from soupjax.cooking import preflight
     from soupjax.devices import sharding
-    from soupjax.models import build_model
+    from soupjax.models import build_model_from_run_config as build_model
     from soupjax.importers.timm_export import timm_vit_kwargs
-    from soupjax.training.train_step import apply_for_eval
+    from soupjax.evaluation.evaluate import apply_for_eval
 
     device = args.torch_device
     if device == "auto":

@@ -134,7 +134,7 @@ def child_learned(spec: dict) -> dict:
     import jax
     from soupjax.io import checkpoints
     from soupjax.arithmetic import learned
-    from soupjax.training.train_step import apply_for_eval
+    from soupjax.evaluation.evaluate import apply_for_eval
     model = build_model(spec["model"])
     apply_fn = apply_for_eval(model)
     batches = _heldout(spec)
@@ -192,7 +192,7 @@ def child_parts(spec: dict) -> dict:
     import numpy as np
     from soupjax.io import checkpoints
     from soupjax.arithmetic import learned
-    from soupjax.training.train_step import apply_for_eval
+    from soupjax.evaluation.evaluate import apply_for_eval
     model = build_model(spec["model"])
     apply_fn = apply_for_eval(model)
     batches = _heldout(spec)

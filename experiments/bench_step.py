@@ -27,7 +27,8 @@ def main() -> None:
     from soupjax.arithmetic import soups as recipes
     from soupjax.devices import sharding
     from soupjax.evaluation.evaluate import Evaluator
-    from soupjax.training.train_step import apply_for_eval, make_optimizer, make_train_step
+    from soupjax.evaluation.evaluate import apply_for_eval
+    from soupjax.training.train_step import make_optimizer, make_train_step
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit-ti/16")

@@ -104,12 +104,13 @@ def evaluate(variables: Variables, ingredients_or_config: Sequence[preflight.Ing
     """Accuracy and loss of ``variables`` on ``split`` ('heldout', 'test' or a shift split) of the data the
     ingredients were fine-tuned on (or of ``config``), jitted and data-parallel over every device."""
     from soupjax import data, models
-    from soupjax.devices import sharding
-    from soupjax.evaluation.evaluate import Evaluator
-    from soupjax.training.train_step import apply_for_eval
-    config = (ingredients_or_config if isinstance(ingredients_or_config, ConfigDict)
-              else config_of(ingredients_or_config))
-    evaluator = Evaluator(apply_for_eval(models.build_model(config)), sharding.data_mesh())
+    from soupjax.evaluation import evaluate as evaluation
+    if isinstance(ingredients_or_config, ConfigDict):  # a run's config: its activation as training resolves it
+        from soupjax.importers.activation import resolve_activation
+        config, activation = ingredients_or_config, resolve_activation(ingredients_or_config)
+    else:  # the activation the ingredients were trained with, as their meta.json records it
+        config, activation = config_of(ingredients_or_config), ingredients_or_config[0].meta.get("activation")
+    evaluator = evaluation.for_model(models.build_model_from_run_config(config, activation))
     result = evaluator(dict(variables), data.eval_batches(config.data, split, batch_size or config.eval_batch_size),
                        projection=data.logit_projection(config.data, split))
     return {"accuracy": float(result.accuracy), "loss": float(result.loss)}

@@ -98,7 +98,8 @@ def inspect(ingredients_dir: Path, out: Path, *, config: ConfigDict | None = Non
               flush=True)
 
     # With BatchNorm, points on the line need their own statistics, or every midpoint looks collapsed.
-    kitchen = Evaluations(config, out, shifts=[], eval_batch_size=eval_batch_size, recalibrate_batches=recalibrate_bn)
+    kitchen = Evaluations(config, out, shifts=[], eval_batch_size=eval_batch_size, recalibrate_batches=recalibrate_bn,
+                          activation=ingredients[0].meta.get("activation"))
     heldout = [ing.heldout_accuracy or 0.0 for ing in ingredients]
     ranked = list(np.argsort(heldout)[::-1])
     chosen = list(itertools.combinations(ranked[: max(2, int(np.ceil((1 + np.sqrt(1 + 8 * pairs)) / 2)))], 2))[:pairs]

@@ -60,8 +60,8 @@ def compute() -> dict[str, Any]:
 
     from soupjax import models
     from soupjax.config.base import base_config
-    from soupjax.evaluation.evaluate import Evaluator
-    from soupjax.training.train_step import apply_for_eval, make_optimizer, make_train_step
+    from soupjax.evaluation.evaluate import for_model
+    from soupjax.training.train_step import make_optimizer, make_train_step
 
     process, count = jax.process_index(), jax.process_count()
     train_batch, eval_batches = global_data()
@@ -85,7 +85,7 @@ def compute() -> dict[str, Any]:
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     params = jax.tree_util.tree_leaves_with_path(jax.device_get(state["params"]))
 
-    evaluator = Evaluator(apply_for_eval(model), mesh)
+    evaluator = for_model(model, mesh)
     mine = [_my_rows(b, process, count) for b in eval_batches]
     result = evaluator({"params": jax.device_get(state["params"])}, mine, keep_logits=True)
     rows = np.concatenate([b["index"][b["mask"] > 0] for b in mine])  # the global row of each kept logit

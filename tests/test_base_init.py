@@ -11,7 +11,7 @@ import pytest
 
 from soupjax.io import trees
 from soupjax.io import checkpoints
-from soupjax.importers import pretrained
+from soupjax.importers.merge import PretrainedMismatchError
 from soupjax.training import shared_init
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +83,6 @@ def test_dont_load_applies_within_each_collection(tmp_path):
 
 def test_mismatch_without_dont_load_names_the_collection_path(tmp_path):
     path, _ = _upstream(tmp_path, "vit-testing", classes=10)
-    with pytest.raises(pretrained.PretrainedMismatchError, match=r"params/head/kernel: shape mismatch") as err:
+    with pytest.raises(PretrainedMismatchError, match=r"params/head/kernel: shape mismatch") as err:
         shared_init.base_init(_config("vit-testing", 5, init_from=str(path), dont_load=()))
     assert str(path) in str(err.value) and len(err.value.problems) == 2  # kernel and bias

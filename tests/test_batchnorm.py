@@ -95,7 +95,7 @@ def resnet_ingredients(tmp_path_factory):
     import tensorflow_datasets as tfds
 
     from soupjax.io import checkpoints
-    from soupjax.importers import pretrained
+    from soupjax.importers.fingerprint import weights_fingerprint
     from soupjax.training import shared_init
     from test_base_init import _config
 
@@ -105,7 +105,7 @@ def resnet_ingredients(tmp_path_factory):
     config.eval_batch_size = 16  # full batches of the 64 mocked examples: recalibration skips padded ones
     with tfds.testing.mock_data(num_examples=64):
         base = shared_init.init_variables(config)
-    fingerprint = pretrained.fingerprint(base["params"])
+    fingerprint = weights_fingerprint(base["params"])
     rng = np.random.default_rng(0)
     for i in range(3):
         params = jax.tree.map(lambda x: (x + 0.05 * rng.normal(size=x.shape)).astype(x.dtype), base["params"])
@@ -116,8 +116,8 @@ def resnet_ingredients(tmp_path_factory):
 
 
 def _params_key(variables) -> str:
-    from soupjax.importers import pretrained
-    return pretrained.fingerprint(variables["params"])
+    from soupjax.importers.fingerprint import weights_fingerprint
+    return weights_fingerprint(variables["params"])
 
 
 def test_greedy_scores_its_first_ingredient_with_recalibrated_statistics(resnet_ingredients, tmp_path, monkeypatch):

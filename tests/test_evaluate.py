@@ -7,7 +7,7 @@ import numpy as np
 
 from soupjax.evaluation import evaluate
 from soupjax.models import get_model
-from soupjax.training.train_step import apply_for_eval
+from soupjax.evaluation.evaluate import apply_for_eval
 
 
 def _setup(batches: int = 3, size: int = 8, last_real: int = 5):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from soupjax.models import ResNet, build_model, get_model, list_models
+from soupjax.models import ResNet, build_model, build_model_from_run_config, get_model, list_models
 from soupjax.io.trees import flatten
 
 KEY = jax.random.key(0, impl='rbg')
@@ -386,8 +386,8 @@ def test_vit_gelu_reaches_every_block_and_is_reported():
 
 
 def test_models_import_without_tensorflow():
-    # The step benchmark builds models on accelerator hosts with JAX alone; build_model imports
-    # soupjax.data (TensorFlow) only when it is called.
+    # The step benchmark builds models on accelerator hosts with JAX alone; build_model_from_run_config
+    # imports soupjax.data (TensorFlow) only when it is called.
     code = "import sys, soupjax.models; assert 'tensorflow' not in sys.modules, 'soupjax.models imported tensorflow'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -397,5 +397,52 @@ def test_build_model_from_a_config():
     config = base_config()
     config.model = {'name': 'resnet-testing'}
     config.data.classes = [0, 3, 7]  # the head's width, without reading any data
-    model = build_model(config)
+    model = build_model_from_run_config(config)
     assert isinstance(model, ResNet) and model.num_classes == 3
+    assert build_model(config.model, 3, 'relu') == model
+    with pytest.raises(ValueError, match='runs relu'):
+        build_model(config.model, 3, 'gelu_tanh')
+
+
+def test_building_a_model_reads_no_file(tmp_path, monkeypatch):
+    """The model is (model config, class count, activation) alone: init_from is never opened, nor looked
+    at (an .npz name once made build_model pick the tanh GELU itself)."""
+    import builtins
+    import io
+    import os
+
+    from soupjax.config.base import base_config
+    config = base_config()
+    config.model = {'name': 'vit-testing'}
+    config.data.classes = [1, 2]
+    config.init_from.path = str(tmp_path / 'missing' / 'ViT-B_16.npz')
+    # An upstream ingredient whose meta.json says tanh: not read either.
+    (tmp_path / 'up' / 'variables').mkdir(parents=True)
+    (tmp_path / 'up' / 'meta.json').write_text('{"activation": "gelu_tanh", "config": {}}')
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f'a file was opened while building a model: {args[:1]}')
+
+    build_model_from_run_config(config)  # imports soupjax.data (TensorFlow) before files are refused
+    for owner, name in ((builtins, 'open'), (io, 'open'), (os, 'open'), (os, 'stat'), (os, 'listdir')):
+        monkeypatch.setattr(owner, name, refuse)
+    for path in (config.init_from.path, str(tmp_path / 'up')):
+        config.init_from.path = path
+        model = build_model_from_run_config(config)
+        assert model.gelu_approximate is False and model.num_classes == 2  # the config's own field
+        assert build_model_from_run_config(config, 'gelu_tanh').gelu_approximate is True
+    monkeypatch.undo()
+
+
+def test_build_model_takes_the_recorded_activation():
+    vit = {'name': 'vit-testing'}
+    assert build_model(vit, 4).gelu_approximate is False  # none recorded: the config's own (default)
+    assert build_model(vit, 4, 'gelu_tanh').gelu_approximate is True
+    assert build_model({**vit, 'gelu_approximate': True}, 4).gelu_approximate is True
+    assert build_model({**vit, 'gelu_approximate': True}, 4, 'gelu_tanh').gelu_approximate is True
+    with pytest.raises(ValueError, match='contradicts'):  # a meta.json edited by hand
+        build_model({**vit, 'gelu_approximate': False}, 4, 'gelu_tanh')
+    with pytest.raises(ValueError, match='runs a GELU'):
+        build_model(vit, 4, 'relu')
+    with pytest.raises(ValueError, match='activation must be one of'):
+        build_model(vit, 4, 'swish')

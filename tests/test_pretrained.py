@@ -1,4 +1,4 @@
-"""Tests for soupjax.importers.pretrained, against independent references.
+"""Tests for soupjax.importers (dispatch, sources, merge, posemb, fingerprint), against independent references.
 
 timm checkpoints: a randomly initialised timm model (pretrained=False, no network) is saved,
 converted, and must give timm's logits. .npz checkpoints: files written with np.savez from our own
@@ -17,20 +17,13 @@ import numpy as np
 import pytest
 
 from soupjax.models import get_model
-from soupjax.importers.pretrained import (
-    PretrainedMismatchError,
-    convert_timm_resnet,
-    convert_timm_vit,
-    fingerprint,
-    flatten,
-    load_npz,
-    load_pretrained,
-    load_timm_state_dict,
-    merge_params,
-    resample_posemb,
-    resize_weights,
-    unflatten,
-)
+from soupjax.importers.dispatch import load_pretrained
+from soupjax.importers.fingerprint import weights_fingerprint as fingerprint
+from soupjax.importers.merge import PretrainedMismatchError, merge_params
+from soupjax.importers.posemb import resample_posemb, resize_weights
+from soupjax.importers.sources.npz import load_npz
+from soupjax.importers.sources.timm import convert_timm_resnet, convert_timm_vit, load_timm_state_dict
+from soupjax.io.trees import flatten, unflatten
 
 # 'rbg' keys: partitionable threefry takes seconds of XLA compile per initialiser on CPU.
 KEY = jax.random.key(0, impl='rbg')

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from soupjax.models import get_model
-from soupjax.importers.pretrained import convert_timm_vit, load_timm_state_dict
+from soupjax.importers.sources.timm import convert_timm_vit, load_timm_state_dict
 from soupjax.io.trees import flatten
 from soupjax.importers.timm_export import export_timm_vit, save_timm_state_dict, timm_vit_kwargs
 

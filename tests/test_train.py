@@ -19,8 +19,8 @@ from soupjax.io import checkpoints
 from soupjax.training import shared_init
 from soupjax.training import sweep
 from soupjax.training import train
-from soupjax.models import build_model
-from soupjax.training.train_step import apply_for_eval
+from soupjax.models import build_model_from_run_config as build_model
+from soupjax.evaluation.evaluate import apply_for_eval
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["fashion_mnist_vit", "cifar10_vit_ti16", "cifar10_resnet50d", "imagenet_vit_b32"]
@@ -152,7 +152,7 @@ import importlib.util
 import jax, numpy as np, tensorflow_datasets as tfds
 from soupjax import data
 from soupjax.devices import sharding
-from soupjax.models import build_model
+from soupjax.models import build_model_from_run_config as build_model
 from soupjax.training.shared_init import init_variables
 from soupjax.training.train_step import make_optimizer, make_train_step
 spec = importlib.util.spec_from_file_location("cfg", sys.argv[1]); m = importlib.util.module_from_spec(spec)

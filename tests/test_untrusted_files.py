@@ -22,7 +22,9 @@ import pytest
 from soupjax.io import checkpoints
 from soupjax.cli.errors import InputError
 from soupjax.config.base import parse_options, refuse_changed
-from soupjax.importers.pretrained import load_npz, load_pretrained, load_timm_state_dict
+from soupjax.importers.dispatch import load_pretrained
+from soupjax.importers.sources.npz import load_npz
+from soupjax.importers.sources.timm import load_timm_state_dict
 from test_bad_input_training import assert_refused
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,8 +6,8 @@ google-research/vision_transformer (vit_jax/models_vit.py) and google-research/b
 class token, position embedding, pre-LayerNorm blocks (LayerNorm eps 1e-6, multi-head dot-product
 attention, MLP with Flax's nn.gelu, whose default is the tanh approximation), encoder_norm, head.
 Random parameters are written to .npz files with each codebase's names, loaded through
-soupjax.importers.pretrained, and run by a model built the way train.py builds it: the activation is picked
-from the checkpoint by pretrained.with_checkpoint_activation, not given by the test.
+soupjax.importers, and run by a model built the way train.py builds it: the activation is picked
+from the checkpoint by importers.activation.resolve_activation, not given by the test.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ import pytest
 
 from soupjax import models
 from soupjax.training import shared_init
-from soupjax.importers.pretrained import (
+from soupjax.importers.activation import (
     ActivationMismatchError,
     checkpoint_activation,
-    flatten,
-    load_pretrained,
+    resolve_activation,
     with_checkpoint_activation,
 )
+from soupjax.importers.dispatch import load_pretrained
+from soupjax.io.trees import flatten
 
 KEY = jax.random.key(0, impl='rbg')
 # Float32 logits against the float64 reference: relative to the largest logit.
@@ -244,7 +245,7 @@ def _images(seed: int = 0) -> np.ndarray:
 
 
 def _logits(config: ml_collections.ConfigDict, images: np.ndarray) -> tuple[np.ndarray, object]:
-    model = _build(with_checkpoint_activation(config))
+    model = models.build_model(config.model, NUM_CLASSES, resolve_activation(config))  # as train.py does
     abstract = jax.eval_shape(model.init, KEY, jax.ShapeDtypeStruct(images.shape, jnp.float32))
     variables = load_pretrained(config.init_from.path, abstract)
     with jax.default_matmul_precision('highest'):  # float32 matmuls also on GPUs (TF32 otherwise)
@@ -377,11 +378,14 @@ def test_activation_follows_the_checkpoint_format(tmp_path, name, approximate):
     assert 'gelu_approximate' not in config.model, 'the caller\'s config is never modified'
     assert with_checkpoint_activation(resolved) is resolved  # idempotent
     assert checkpoint_activation(tmp_path / name).gelu_approximate is approximate
+    assert resolve_activation(config) == ('gelu_tanh' if approximate else 'gelu_exact')
+    assert models.build_model(config.model, NUM_CLASSES, resolve_activation(config)).gelu_approximate is approximate
 
 
 def test_models_not_initialised_from_a_file_keep_the_exact_default(tmp_path):
     scratch = _config('')
     assert with_checkpoint_activation(scratch) is scratch
+    assert resolve_activation(scratch) is None  # the config's own fields decide
     assert _build(scratch).gelu_approximate is False
     assert models.activation(_build(scratch)) == 'gelu_exact'
     # A ResNet from a timm file: it has no GELU, nothing is added to its model config.
@@ -409,6 +413,7 @@ def test_a_contradicting_config_is_refused_unless_allowed(tmp_path):
 
     config.init_from.allow_activation_mismatch = True
     assert with_checkpoint_activation(config) is config  # the config's GELU, on purpose
+    assert resolve_activation(config) == 'gelu_exact'
     agreeing = _config(path, gelu_approximate=True)
     assert with_checkpoint_activation(agreeing) is agreeing
 
@@ -472,7 +477,7 @@ def test_ingredient_meta_records_the_activation_it_ran(tmp_path):
     config.model = {k: v for k, v in config.model.items() if k != 'gelu_approximate'}
     config.total_steps = 1
 
-    model = models.build_model(config)
+    model = models.build_model_from_run_config(config)
     params = jax.jit(model.init)(KEY, jnp.zeros(shared_init.input_shape(config), jnp.float32))['params']
     path = tmp_path / 'upstream.npz'
     np.savez(path, **{k: np.asarray(v) for k, v in flatten(params).items()})
@@ -485,3 +490,8 @@ def test_ingredient_meta_records_the_activation_it_ran(tmp_path):
     # A run that starts from this ingredient follows it.
     downstream = _config(tmp_path / 'ingredient')
     assert with_checkpoint_activation(downstream).model.gelu_approximate is True
+    # Cooking rebuilds the ingredient's model from its meta.json alone, the init file gone: the same GELU.
+    path.unlink()
+    stored = checkpoints.load_meta(tmp_path / 'ingredient')
+    rebuilt = models.build_model(stored['config']['model'], model.num_classes, stored['activation'])
+    assert rebuilt.gelu_approximate is True and model.gelu_approximate is False  # the config's default

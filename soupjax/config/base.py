@@ -104,7 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
         "path": "",                # '' = from scratch; a .npz, a timm file, or an ingredient directory
         "dont_load": ["head/.*"],  # regexes of parameters that keep their initial value
         # A ViT runs the GELU its checkpoint was trained with (.npz: tanh, timm: exact); a config that
-        # says otherwise is refused unless this is True (soupjax.importers.pretrained.with_checkpoint_activation).
+        # says otherwise is refused unless this is True (soupjax.importers.activation.resolve_activation).
         "allow_activation_mismatch": False,
     })
     # 'default' keeps the model's own head init; 'linear_probe' fits the head on frozen features of

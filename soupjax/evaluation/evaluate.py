@@ -1,5 +1,7 @@
 """Jitted, data-parallel evaluation: accuracy and loss of a model on a split, and its logits if asked.
 
+``for_model(model)`` is the evaluator of a soupjax model (``Evaluator(apply_for_eval(model), mesh)``).
+
 Batches are split over the ``("data",)`` mesh, the variables are replicated, and padded examples
 (``mask == 0``) count for nothing. Keeping the logits lets the logit ensemble be computed from K
 evaluations without ever holding two models at once.
@@ -18,6 +20,18 @@ from jax.sharding import Mesh
 from soupjax.devices import sharding
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
+
+
+def apply_for_eval(model: Any) -> ApplyFn:
+    """``(variables, images) -> logits`` of a soupjax model in evaluation mode (``train=False``: dropout
+    off, BatchNorm on its running statistics), for the evaluator and the soups."""
+    return lambda variables, images: model.apply(variables, images, train=False)
+
+
+def for_model(model: Any, mesh: Mesh | None = None) -> "Evaluator":
+    """The evaluator of a soupjax model (``model.apply`` with ``train=False``), data-parallel over ``mesh``
+    (default: every device, ``sharding.data_mesh()``). Its ``apply_fn`` is that function."""
+    return Evaluator(apply_for_eval(model), mesh or sharding.data_mesh())
 
 
 @dataclasses.dataclass
@@ -53,12 +67,13 @@ class Evaluator:
     """Evaluates any variables of one model architecture; compiles once per input shape.
 
     ``apply_fn(variables, images) -> logits`` must be a pure function (e.g. ``model.apply`` with
-    ``train=False``). ``projection`` selects a subset of logit columns (ImageNet-R/-A's 200 classes).
+    ``train=False``; ``for_model`` makes it). ``projection`` selects a subset of logit columns
+    (ImageNet-R/-A's 200 classes).
     """
 
     def __init__(self, apply_fn: ApplyFn, mesh: Mesh | None = None):
         self.mesh = mesh or sharding.data_mesh()
-        self._apply_fn = apply_fn
+        self.apply_fn = apply_fn
         replicated = sharding.replicated(self.mesh)
         split = sharding.batch_sharded(self.mesh)
         self._step = jax.jit(self._eval_step, static_argnums=(2,),
@@ -66,7 +81,7 @@ class Evaluator:
                              out_shardings=split)
 
     def _eval_step(self, variables: Any, batch: Mapping[str, jax.Array], projection: tuple[int, ...] | None):
-        logits = self._apply_fn(variables, batch["image"]).astype(jnp.float32)
+        logits = self.apply_fn(variables, batch["image"]).astype(jnp.float32)
         if projection is not None:
             logits = logits[:, jnp.asarray(projection)]
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])

@@ -1,6 +1,6 @@
 """Exporter: a soupjax ViT (vision_transformer names) -> a timm `VisionTransformer` state dict.
 
-The inverse of `soupjax.importers.pretrained.convert_timm_vit`. It exists so that an ingredient or a soup
+The inverse of `soupjax.importers.sources.timm.convert_timm_vit`. It exists so that an ingredient or a soup
 cooked here can be run in PyTorch with timm (to serve it there, or to compare against code written
 for PyTorch, as experiments/bench_greedy.py does with the official model-soups greedy loop):
 
@@ -173,7 +173,7 @@ def save_timm_state_dict(state: Mapping[str, Any], path: str | Path) -> Path:
 
     `.safetensors` is written with safetensors.numpy (no torch needed); `.pt`, `.pth` and `.bin`
     with `torch.save` of contiguous CPU tensors, which `torch.load(weights_only=True)` and
-    `soupjax.importers.pretrained.load_timm_state_dict` read back.
+    `soupjax.importers.sources.timm.load_timm_state_dict` read back.
     """
     path = Path(path)
     if any(isinstance(v, Mapping) for v in state.values()):  # variables, not a state dict

@@ -1,7 +1,7 @@
 """Vision Transformer (Dosovitskiy et al. 2021) as a Flax linen module.
 
 The parameter tree uses the names of google-research/vision_transformer (`models_vit.py`), so the
-AugReg `.npz` checkpoints load without renaming, and `soupjax.importers.pretrained` renames timm weights into
+AugReg `.npz` checkpoints load without renaming, and `soupjax.importers.sources.timm` renames timm weights into
 the same tree:
 
     embedding/{kernel [p, p, C, D], bias}            patch embedding (a strided conv)
@@ -141,7 +141,7 @@ class AddPositionEmbs(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         # Sized from the input, so a model initialised at 384px has a 384px grid. Applying it at
         # another resolution fails in Flax's shape check: resample with
-        # soupjax.importers.pretrained.resample_posemb instead.
+        # soupjax.importers.posemb.resample_posemb instead.
         pos = self.param('pos_embedding', nn.initializers.normal(stddev=0.02),
                          (1, x.shape[1], x.shape[2]))
         return x + pos.astype(x.dtype)
@@ -190,7 +190,7 @@ class VisionTransformer(nn.Module):
         (AugReg included): with it our logits match vision_transformer's forward pass to float32
         rounding (tests/test_vit_reference.py); with the exact GELU they move by 4e-4 to 7e-4
         (the two differ by up to 4.7e-4 per activation). A config that fine-tunes from a
-        checkpoint gets the checkpoint's GELU from soupjax.importers.pretrained.with_checkpoint_activation,
+        checkpoint gets the checkpoint's GELU from soupjax.importers.activation.resolve_activation,
         which refuses a config asking for the other one unless init_from.allow_activation_mismatch.
       head_zero_init: zero kernel for the head, as vision_transformer: a fine-tuning run starts
         from uniform predictions and the pretrained features, whatever the seed.

@@ -63,7 +63,7 @@ _FITTED: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 def _probe_key(variables: dict[str, Any], config: ml_collections.ConfigDict, head_name: str) -> str:
     """What the fitted probe depends on: the variables, the model, the evaluation data and the probe."""
     from soupjax.config.base import fingerprint as config_fingerprint
-    from soupjax.importers.pretrained import fingerprint
+    from soupjax.importers.fingerprint import weights_fingerprint as fingerprint
     return config_fingerprint({"variables": fingerprint(variables), "model": config.model,
                                "data": data.eval_fingerprint(config.data), "probe": config.linear_probe,
                                "batch": config.eval_batch_size, "head": head_name})

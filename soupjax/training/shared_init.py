@@ -17,8 +17,11 @@ import ml_collections
 
 from soupjax.io import trees
 from soupjax.io import checkpoints
-from soupjax.importers import pretrained
-from soupjax.models import build_model
+from soupjax.importers.dispatch import load_pretrained
+from soupjax.importers.fingerprint import weights_fingerprint
+from soupjax.importers.merge import PretrainedMismatchError, merge_params
+from soupjax.importers.activation import resolve_activation
+from soupjax.models import build_model_from_run_config
 
 Variables = dict[str, Any]
 
@@ -36,11 +39,11 @@ def base_init(config: ml_collections.ConfigDict, model: nn.Module | None = None)
 
     ``init_from.dont_load`` regexes are fully matched against paths within a collection
     (``head/kernel``, not ``params/head/kernel``), in every collection (``params``, ``batch_stats``),
-    as ``pretrained.load_pretrained`` names them. From an upstream ingredient a matching leaf always
+    as ``importers.dispatch.load_pretrained`` names them. From an upstream ingredient a matching leaf always
     keeps its init value (a new task's head is fresh even when it has the upstream head's shape);
     from a .npz or timm file it keeps it only where the file cannot provide it (load_pretrained).
     """
-    model = model or build_model(config)
+    model = model or build_model_from_run_config(config, resolve_activation(config))
     rng = jax.random.PRNGKey(config.init_seed)
     variables = jax.jit(lambda r: model.init(r, jnp.zeros(input_shape(config), jnp.float32), train=False))(rng)
     variables = jax.device_get(dict(variables))
@@ -49,21 +52,21 @@ def base_init(config: ml_collections.ConfigDict, model: nn.Module | None = None)
         return variables
     dont_load = tuple(config.init_from.dont_load)
     if not checkpoints.is_ingredient(path):
-        return pretrained.load_pretrained(path, variables, dont_load=dont_load)
+        return load_pretrained(path, variables, dont_load=dont_load)
     loaded = checkpoints.load_variables(path)
     # One collection at a time, so that the patterns see collection-relative paths; every problem of
     # every collection is reported together, with its collection named.
     merged, problems = {}, []
     for collection, init_tree in variables.items():
         try:
-            merged[collection] = pretrained.merge_params(
+            merged[collection] = merge_params(
                 loaded.get(collection, {}), init_tree, dont_load=dont_load, source=str(path))
-        except pretrained.PretrainedMismatchError as err:
+        except PretrainedMismatchError as err:
             problems += [f"{collection}/{p}" for p in err.problems]
     problems += [f"{c}: collection in the checkpoint but not in the model" for c in loaded
                  if c not in variables and trees.flatten(loaded[c])]
     if problems:
-        raise pretrained.PretrainedMismatchError(str(path), problems)
+        raise PretrainedMismatchError(str(path), problems)
     return merged
 
 
@@ -73,7 +76,7 @@ def with_head_init(config: ml_collections.ConfigDict, variables: Variables,
     if config.head_init == "linear_probe":
         # Imported here: the probe reads the training data, and soupjax.data imports TensorFlow.
         from soupjax.training.linear_probe import fit_head
-        return fit_head(model or build_model(config), variables, config)
+        return fit_head(model or build_model_from_run_config(config, resolve_activation(config)), variables, config)
     if config.head_init != "default":
         raise ValueError(f"head_init must be 'default' or 'linear_probe', got {config.head_init!r}")
     return variables
@@ -81,13 +84,13 @@ def with_head_init(config: ml_collections.ConfigDict, variables: Variables,
 
 def init_variables(config: ml_collections.ConfigDict, model: nn.Module | None = None) -> Variables:
     """The shared starting point of an ingredient: model init, then ``init_from``, then the head init."""
-    model = model or build_model(config)
+    model = model or build_model_from_run_config(config, resolve_activation(config))
     return with_head_init(config, base_init(config, model), model)
 
 
 def init_fingerprint(config: ml_collections.ConfigDict, model: nn.Module | None = None) -> str:
     """Fingerprint of the init an ingredient of ``config`` starts from (before the head init)."""
-    return pretrained.fingerprint(base_init(config, model)["params"])
+    return weights_fingerprint(base_init(config, model)["params"])
 
 
 def start_problem(metas: Sequence[Mapping[str, Any]]) -> str | None:
@@ -116,20 +119,20 @@ def rebuild_start(config: ml_collections.ConfigDict, metas: Sequence[Mapping[str
     if problem:
         raise InputError(problem)
     expected, start = metas[0]["init_fingerprint"], metas[0].get("start_fingerprint")
-    model = model or build_model(config)
+    model = model or build_model_from_run_config(config, resolve_activation(config))
     source = config.init_from.path or "none: the model's random init"
     try:
         base = base_init(config, model)
     except (InputError, OSError, ValueError) as e:  # a missing or mismatched init_from file
         raise InputError(f"the init could not be rebuilt from the ingredients' config (init_from {source}): {e}") from e
-    got = pretrained.fingerprint(base["params"])
+    got = weights_fingerprint(base["params"])
     if got != expected:
         raise InputError(f"the init rebuilt from the ingredients' config (init_from {source}) has fingerprint {got}, "
                          f"but they were fine-tuned from an init with fingerprint {expected}")
     variables = with_head_init(config, base, model)
-    if start and pretrained.fingerprint(variables) != start:
+    if start and weights_fingerprint(variables) != start:
         raise InputError(f"the start rebuilt from the ingredients' config (head_init {config.head_init}) has "
-                         f"fingerprint {pretrained.fingerprint(variables)}, but they started from {start}")
+                         f"fingerprint {weights_fingerprint(variables)}, but they started from {start}")
     return variables
 
 

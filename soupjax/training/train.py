@@ -25,14 +25,15 @@ import numpy as np
 from soupjax import data, models
 from soupjax.io import checkpoints
 from soupjax.io import files
-from soupjax.importers import pretrained
+from soupjax.importers.fingerprint import weights_fingerprint
 from soupjax.devices import sharding
 from soupjax.cli.errors import InputError
-from soupjax.evaluation.evaluate import Evaluator
-from soupjax.models import build_model
+from soupjax.evaluation import evaluate
+from soupjax.importers.activation import resolve_activation
+from soupjax.models import build_model_from_run_config
 from soupjax.cli.progress import Progress
 from soupjax.training.shared_init import Variables, base_init, with_head_init
-from soupjax.training.train_step import apply_for_eval, make_optimizer, make_train_step
+from soupjax.training.train_step import make_optimizer, make_train_step
 
 
 
@@ -129,17 +130,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.data_mesh()
     sharding.check_global_batch_size(config.batch_size)
-    # build_model gives the GELU the init checkpoint was trained with; a config that contradicts it is
-    # refused here, before config.json is written.
-    model = build_model(config)
+    # The activation is resolved here, once: the GELU the init checkpoint was trained with (a config that
+    # contradicts it is refused before config.json is written); meta.json records what the model runs.
+    model = build_model_from_run_config(config, resolve_activation(config))
     check_same_config(workdir / "config.json", config, f"the training state in {workdir}")
 
     base = base_init(config, model)
-    fingerprint = pretrained.fingerprint(base["params"])
+    fingerprint = weights_fingerprint(base["params"])
     init = with_head_init(config, base, model)
     # The exact start, head included: merges take displacements from it, and the linear-probe head is
     # not promised bit-exact when rebuilt elsewhere, so cooking checks the rebuilt one against this.
-    start_fingerprint = pretrained.fingerprint(init)
+    start_fingerprint = weights_fingerprint(init)
     max_steps = steps = total_steps(config)
     tx, hparams = make_optimizer(config, steps)
     plateau = _PlateauSchedule(config, workdir, max_steps, hparams)
@@ -245,7 +246,7 @@ class HeldoutCurve:
 
     def __init__(self, config: ml_collections.ConfigDict, model, mesh, writer: MetricsWriter, start_step: int):
         self._config, self._writer = config, writer
-        self._evaluator = Evaluator(apply_for_eval(model), mesh)
+        self._evaluator = evaluate.for_model(model, mesh)
         self.points: list[tuple[int, float]] = []
         if writer.path.exists():
             for record in read_metrics(writer.path):
@@ -326,7 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     trained = train(config, workdir)
     model, variables, mesh = trained.model, trained.variables, sharding.data_mesh()
 
-    evaluator = Evaluator(apply_for_eval(model), mesh)
+    evaluator = evaluate.for_model(model, mesh)
     metrics, logits = {}, {}
     for split in ("heldout", "test"):
         result = evaluator(variables, data.eval_batches(config.data, split, config.eval_batch_size), keep_logits=True)

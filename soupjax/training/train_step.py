@@ -124,7 +124,3 @@ def make_train_step(model, tx: optax.GradientTransformation, mesh):
     return jax.jit(step_fn, in_shardings=(replicated, sharding.batch_sharded(mesh), replicated, replicated),
                    out_shardings=(replicated, replicated), donate_argnums=(0,))
 
-
-def apply_for_eval(model):
-    """``(variables, images) -> logits`` in evaluation mode, for the evaluator and the soups."""
-    return lambda variables, images: model.apply(variables, images, train=False)
