@@ -370,7 +370,8 @@ def test_another_recipe_may_be_cooked_into_the_same_out(tmp_path):
               "data": "d", "model": "m", "shifts": [], "recalibrate_bn": 0}
     uniform = {**common, "recipe": "uniform", "learned_mode": "both", "options": {"uniform": {}}}
     greedy = {**common, "recipe": "greedy", "learned_mode": "global",
-              "options": {"greedy": {"greedy_strict": False, "greedy_order": "sorted", "greedy_ties": "index", "seed": 0}}}
+              "options": {"greedy": {"greedy_strict": False, "greedy_order": "sorted", "greedy_ties": "index",
+                                     "seed": 0}}}
     out = tmp_path / "out"
     out.mkdir()
     (out / "report.json").write_text(json.dumps({"meta": {"provenance": uniform}}))

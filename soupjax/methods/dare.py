@@ -46,7 +46,8 @@ def cook(cooking, dish: str) -> Dish:
     o = cooking.options
     rates = grid_floats(o["dare_drop_rates"])
     if dish == "dare_linear":
-        grid = [{"p": p, "lambda": s / k, "scale": s} for p, s in itertools.product(rates, grid_floats(o["dare_scales"]))]
+        grid = [{"p": p, "lambda": s / k, "scale": s}
+                for p, s in itertools.product(rates, grid_floats(o["dare_scales"]))]
     else:
         grid = [{"p": p, "lambda": lam} for p, lam in itertools.product(rates, grid_floats(o["ties_lambdas"]))]
     chosen, variables, records = cooking.choose(dish, grid, lambda point: build(dish, point, init, sources, o["seed"]))
