@@ -453,3 +453,25 @@ def test_greedy_ties_order_decides_between_tied_ingredients(tmp_path):
             assert checkpoints.load_meta(out / "greedy")["options"]["greedy_ties"] == ties
     a, b = soups["index"]["params"]["head"]["kernel"], soups["official"]["params"]["head"]["kernel"]
     np.testing.assert_array_equal(np.asarray(b), 2 * np.asarray(a))
+
+
+@pytest.mark.slow
+def test_a_method_is_asked_only_for_the_dishes_not_cooked_yet(ingredients, tmp_path, monkeypatch, capsys):
+    """Resume is the orchestrator's: with learned_global saved and learned_layer lost, a rerun reuses the
+    first and asks the learned method for the second alone (the method knows nothing of what is saved)."""
+    import shutil
+    from soupjax.arithmetic import learned
+    modes = []
+    real = learned.learned
+    monkeypatch.setattr(learned, "learned", lambda *a, mode, **k: modes.append(mode) or real(*a, mode=mode, **k))
+    out = tmp_path / "soups"
+    options = {"learned_epochs": 1, "learned_mode": "both", "shifts": []}
+    with tfds.testing.mock_data(num_examples=MOCK):
+        cooking.cook("learned", ingredients, out, **options)
+        assert modes == ["global", "layer"]
+        shutil.rmtree(out / "learned_layer")
+        capsys.readouterr()
+        results = cooking.cook("learned", ingredients, out, **options)
+    assert modes == ["global", "layer", "layer"]
+    assert "learned_global: cooked earlier, reused" in capsys.readouterr().out
+    assert [row["name"] for row in results["soups"]] == ["best_ingredient", "learned_global", "learned_layer"]
