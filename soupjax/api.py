@@ -45,11 +45,12 @@ def config_of(ingredients: Sequence[preflight.Ingredient]) -> ConfigDict:
 
 
 def shared_init(ingredients: Sequence[preflight.Ingredient]) -> Variables:
-    """The variables the ingredients started from (``init_from``, then the head init), rebuilt from their
-    config and checked against the fingerprints they recorded; ``InputError`` saying why when it cannot be."""
+    """The variables the ingredients started from (``init_from``, then the head init): the start training
+    wrote beside them, or else rebuilt from their config, checked against the fingerprints they recorded;
+    ``InputError`` saying why when it cannot be."""
     from soupjax.training import shared_init as init_module
     try:
-        return init_module.rebuild_start(config_of(ingredients), [ing.meta for ing in ingredients])
+        return init_module.load_start(ingredients[0].path.parent, [ing.meta for ing in ingredients], config_of(ingredients))
     except InputError as e:
         raise InputError(f"{e}: pass init= to merge() yourself") from e
 

@@ -76,7 +76,8 @@ def inspect(ingredients_dir: Path, out: Path, *, config: ConfigDict | None = Non
     # Only now: the model and data modules take seconds to import, the checks above none.
     from soupjax import report
     from soupjax.arithmetic import soups as recipes
-    from soupjax.training.shared_init import rebuild_start, start_problem
+    from soupjax.io import checkpoints
+    from soupjax.training.shared_init import locate_start, start_problem
     metas = [ing.meta for ing in ingredients]
     # Angles are between displacements from the start the ingredients recorded (init and head, checked
     # by fingerprint), the θ0 the merge methods use. Without one shared start (from-scratch runs with
@@ -84,7 +85,13 @@ def inspect(ingredients_dir: Path, out: Path, *, config: ConfigDict | None = Non
     # the interpolation lines (the loss barrier between such runs) still mean what they say.
     no_start = start_problem(metas)
     # Before the K ingredients are loaded: a start that does not match what they recorded is refused at once.
-    theta0 = None if no_start else _flat_f32(rebuild_start(config, metas))
+    theta0 = None
+    if not no_start:
+        # The start training wrote beside the ingredients (or, for older ones, rebuilt and kept in out/cache).
+        where, problem = locate_start(ingredients_dir, metas, config, None, Path(out) / "cache")
+        if problem:
+            raise InputError(problem)
+        theta0 = _flat_f32(checkpoints.load_variables(where))
     # K vectors of P float32 parameters: fine for the models this is meant for; a streamed Gram matrix
     # would be needed for K x ViT-L.
     deltas = np.stack([_flat_f32(ing.load()) for ing in ingredients])

@@ -25,6 +25,37 @@ except ImportError:
     pass
 
 
+def _mock_data_for_soupjax(real_mock_data):
+    """``tfds.testing.mock_data`` as soupjax's tests use it: the pipeline forgets what it remembered of
+    the data sets (named by directory and split, which the mocked examples share with other mocks and
+    with the real data) on the way in and out, and a mocked builder counts as prepared for the checks
+    made before training (``data.check_available``). Injected here: the pipeline has no mock branches."""
+    import contextlib
+    from unittest import mock
+
+    @contextlib.contextmanager
+    def mock_data(*args, **kwargs):
+        import tensorflow_datasets as tfds
+        from soupjax.data import pipeline
+        pipeline.forget()
+        try:
+            with real_mock_data(*args, **kwargs), \
+                    mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", lambda self: True):
+                yield
+        finally:
+            pipeline.forget()
+
+    return mock_data
+
+
+def _install_mock_data() -> None:
+    import tensorflow_datasets as tfds
+    tfds.testing.mock_data = _mock_data_for_soupjax(tfds.testing.mock_data)
+
+
+_install_mock_data()
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """The tests marked ``runs_first`` first, the rest in their usual order. xdist hands tests out in
     this order as workers become free: a two-minute study collected late would otherwise run alone at

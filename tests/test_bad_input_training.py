@@ -168,7 +168,7 @@ def test_heldout_and_finetuning_splits_are_disjoint_by_construction():
     import tensorflow_datasets as tfds
     cfg = load_config("fashion_mnist_vit", "testing").data
     with tfds.testing.mock_data(num_examples=64):
-        train, heldout = pipeline._resolve(cfg, "train"), pipeline._resolve(cfg, "heldout")
+        train, heldout = pipeline.resolve(cfg, "train"), pipeline.resolve(cfg, "heldout")
     assert (train.tfds_split, heldout.tfds_split) == ("train[:48]", "train[48:]")
 
 
@@ -228,7 +228,7 @@ def test_a_full_disk_leaves_no_half_written_ingredient_and_the_rerun_finishes(tm
     real_write = files.write_json_atomic
 
     def full_disk(path, obj):  # the disk fills up while the finished ingredient's metadata is written
-        if Path(path).name == checkpoints.META_FILE:
+        if Path(path).name == checkpoints.META_FILE and Path(path).parent.name.startswith(".ingredient.tmp"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real_write(path, obj)
 
@@ -242,7 +242,8 @@ def test_a_full_disk_leaves_no_half_written_ingredient_and_the_rerun_finishes(tm
         assert err[-1].startswith("soupjax.finetune: error: no space left on the device while writing "), err
         assert "Traceback" not in "".join(err) and sum("error" in line for line in err) == 1, err
         ingredients = tmp_path / "ingredients"
-        assert sorted(p.name for p in ingredients.iterdir()) == [], "no ingredient, no staging left behind"
+        # The start it was fine-tuned from was written whole before training; no ingredient, no staging.
+        assert sorted(p.name for p in ingredients.iterdir()) == ["start"], "no ingredient, no staging left behind"
 
         monkeypatch.setattr(files, "write_json_atomic", real_write)
         (meta,) = _finetune_command(runs, tmp_path)()
@@ -308,14 +309,17 @@ def test_a_changed_config_over_finished_ingredients_is_refused_unless_overwrite(
     out = run_cli("finetune", changed, workdir)
     assert_refused(out, "finetune", str(first), "grad_clip_norm: 1.0 != 0.5", "--overwrite", imports_tf=True)
     assert {p: (p / "meta.json").read_bytes() for p in (first, second)} == before
-    assert sorted(p.name for p in (workdir / "ingredients").iterdir()) == ["sweep0_000", "sweep0_001"]
+    assert sorted(p.name for p in (workdir / "ingredients").iterdir()) == ["start", "sweep0_000", "sweep0_001"]
+    start = (workdir / "ingredients" / "start" / "meta.json").read_bytes()
 
     out = run_cli("finetune", [*changed, "--overwrite"], workdir)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((first / "meta.json").read_text())["config"]["grad_clip_norm"] == 0.5
     assert (second / "meta.json").read_bytes() == before[second], "only the ingredient asked for was replaced"
-    for parent in (workdir / "ingredients", workdir / "train"):
-        assert sorted(p.name for p in parent.iterdir()) == ["sweep0_000", "sweep0_001"], "no staging left"
+    # The clipping norm is not part of the start: the same start, not written again.
+    assert (workdir / "ingredients" / "start" / "meta.json").read_bytes() == start
+    for parent, start_too in ((workdir / "ingredients", ["start"]), (workdir / "train", [])):
+        assert sorted(p.name for p in parent.iterdir()) == [*start_too, "sweep0_000", "sweep0_001"], "no staging left"
 
 
 def test_machines_that_split_a_sweep_with_only_make_the_same_ingredients_as_one():

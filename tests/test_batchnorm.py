@@ -96,15 +96,15 @@ def resnet_ingredients(tmp_path_factory):
 
     from soupjax.io import checkpoints
     from soupjax.importers.fingerprint import weights_fingerprint
-    from soupjax.training import shared_init
     from test_base_init import _config
+    from test_train import init_variables
 
     root = tmp_path_factory.mktemp("bn_soup")
     config = _config("resnet-testing", 10)
     config.data.classes = None  # the data set's own 10 classes, as the mocked data has
     config.eval_batch_size = 16  # full batches of the 64 mocked examples: recalibration skips padded ones
     with tfds.testing.mock_data(num_examples=64):
-        base = shared_init.init_variables(config)
+        base = init_variables(config)
     fingerprint = weights_fingerprint(base["params"])
     rng = np.random.default_rng(0)
     for i in range(3):

@@ -291,7 +291,6 @@ def test_natural_shift_tables():
 def test_decoded_splits_are_kept_on_disk_for_the_next_process(fashion_mnist_data_dir, tmp_path, monkeypatch):
     """A split decoded once is read back by later processes (no decoding), identical; a damaged file is
     decoded again and replaced; a data set prepared again (its directory changed) is decoded again."""
-    import collections
     import shutil
     from soupjax.data import decoded_cache, pipeline
     data_dir = tmp_path / "tfds"  # a copy: this test changes the data set's directory
@@ -299,12 +298,12 @@ def test_decoded_splits_are_kept_on_disk_for_the_next_process(fashion_mnist_data
     version_dir = pipeline.fashion_mnist_local.prepare(str(data_dir)).data_dir
     c = data.default_data_config()
     c.data_dir, c.classes = str(data_dir), [1, 3]
-    decoded = []
-    real_decode = pipeline._decode
-    monkeypatch.setattr(pipeline, "_decode", lambda *a, **k: decoded.append(a[1]) or real_decode(*a, **k))
+    decoded = []  # a split is offered to the cache after it was decoded, and only then
+    real_save = decoded_cache.save
+    monkeypatch.setattr(decoded_cache, "save", lambda path, arrays: decoded.append("test") or real_save(path, arrays))
 
     def read():  # as a new process would: nothing decoded in memory yet
-        monkeypatch.setattr(pipeline, "_ARRAYS", collections.OrderedDict())
+        pipeline.forget()
         return list(data.eval_batches(c, "test", 1000))
 
     first = read()

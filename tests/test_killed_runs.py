@@ -134,12 +134,16 @@ def test_finetune_killed_at_random_moments_ends_as_an_uninterrupted_run(tmp_path
         assert run.kill(), f"{name}: ended before its kill; kills so far {kills}"
         kills.append(f"{name}: at step {_last_logged(metrics)}, checkpoints {committed()}")
         # Never a half-written ingredient where a sweep or a soup would take it for a finished one.
-        assert [p.name for p in _visible(ingredient.parent)] in ([], ["ingredient"]), kills
+        # Beside it, the start the run was fine-tuned from (written whole before training, or not at all).
+        assert [p.name for p in _visible(ingredient.parent) if p.name != "start"] in ([], ["ingredient"]), kills
+        start = ingredient.parent / "start"
+        assert not start.exists() or checkpoints.is_start(start) and checkpoints.is_ingredient(start), kills
         assert not ingredient.exists() or checkpoints.is_ingredient(ingredient), kills
 
     # 1. While step 10's checkpoint is being written: the run kills itself once orbax has started writing
-    #    it under its temporary name, before the rename that commits it (train.KILL_IN_CHECKPOINT).
-    run = Run(cmd, tmp_path / "kill1", **{train.KILL_IN_CHECKPOINT: "10"})
+    #    it under its temporary name, before the rename that commits it (tests/kill_in_checkpoint.py).
+    assert cmd[1:3] == ["-m", "soupjax.finetune"]
+    run = Run([sys.executable, str(ROOT / "tests" / "kill_in_checkpoint.py"), "10", *cmd[3:]], tmp_path / "kill1")
     assert run.ended() == -signal.SIGKILL, run.stderr_tail()
     left = sorted(p.name for p in ckpt_dir.iterdir())
     assert "10.orbax-checkpoint-tmp" in left and "10" not in left and "5" in left, left
@@ -184,11 +188,12 @@ def test_sweep_killed_between_ingredients_skips_the_finished_one(tmp_path, fashi
     assert run.wait_until(lambda: checkpoints.is_ingredient(first)), run.stderr_tail()
     assert run.kill(), "the sweep ended before it could be killed between its ingredients"
     assert not checkpoints.is_ingredient(second)
-    written = _mtimes(first)
+    written, start_written = _mtimes(first), _mtimes(tmp_path / "ingredients" / "start")
     out = Run(cmd, tmp_path / "resumed").finish()
     assert "[1/2] sweep0_000: finished earlier, skipped" in out
     assert "[2/2] sweep0_001: " in out and "[2/2] sweep0_001: finished earlier" not in out
     assert _mtimes(first) == written, "the finished ingredient was written again"
+    assert _mtimes(tmp_path / "ingredients" / "start") == start_written, "the same start was written again"
     for mine in (first, second):
         theirs = finetuned_workdir["workdir"] / "ingredients" / mine.name
         assert_bit_identical(checkpoints.load_variables(mine), checkpoints.load_variables(theirs), mine.name)

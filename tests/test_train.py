@@ -33,6 +33,17 @@ def load_config(name: str, arg: str = "testing"):
     return module.get_config(arg)
 
 
+def init_variables(config, model=None):
+    """The start of an ingredient of ``config`` as training makes it: model init, ``init_from``, head init."""
+    return shared_init.with_head_init(config, shared_init.base_init(config, model), model)
+
+
+def init_fingerprint(config, model=None) -> str:
+    """The fingerprint ingredients of ``config`` record of their init (before the head init)."""
+    from soupjax.importers.fingerprint import weights_fingerprint
+    return weights_fingerprint(shared_init.base_init(config, model)["params"])
+
+
 def forward_logits(config, variables_list, split: str, batch_size: int = 64):
     """Logits of a plain forward pass (no Evaluator, no cache) of each of ``variables_list`` over the real
     examples of ``split``, and their labels."""
@@ -103,7 +114,7 @@ def test_train_step_and_resume_under_mock_data(name, tmp_path, monkeypatch):
     assert resumed["steps"] == straight["steps"] == 4
     a = checkpoints.load_variables(tmp_path / "ing_straight")
     b = checkpoints.load_variables(tmp_path / "ing_resumed")
-    init = shared_init.init_variables(config)
+    init = init_variables(config)
     moved = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda x, y: np.abs(x - y).max(), a["params"], init["params"]))
     assert max(moved) > 0, "training did not change the parameters"
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
@@ -153,7 +164,7 @@ import jax, numpy as np, tensorflow_datasets as tfds
 from soupjax import data
 from soupjax.devices import sharding
 from soupjax.models import build_model_from_run_config as build_model
-from soupjax.training.shared_init import init_variables
+from soupjax.training.shared_init import base_init, with_head_init
 from soupjax.training.train_step import make_optimizer, make_train_step
 spec = importlib.util.spec_from_file_location("cfg", sys.argv[1]); m = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(m); config = m.get_config("testing")
@@ -161,7 +172,7 @@ config.batch_size = 16
 mesh = sharding.data_mesh()
 model = build_model(config)
 with tfds.testing.mock_data(num_examples=64):
-    init = init_variables(config, model)
+    init = with_head_init(config, base_init(config, model), model)
     config.label_smoothing = 0.1
     tx, hparams = make_optimizer(config, 3)
     state = sharding.replicate({"step": np.zeros((), np.int32), "params": init["params"],
@@ -202,7 +213,7 @@ def test_finetune_cli_writes_ingredients_that_load_back(finetuned_workdir):
     assert metas[0]["init_fingerprint"] == metas[1]["init_fingerprint"]
     assert metas[0]["hparams"]["learning_rate"] != metas[1]["hparams"]["learning_rate"]
     config = load_config("fashion_mnist_vit", "testing")
-    expected = jax.eval_shape(lambda: shared_init.init_variables(config))
+    expected = jax.eval_shape(lambda: init_variables(config))
     for p, meta in zip(found, metas):
         variables = checkpoints.load_variables(p)
         assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(expected)

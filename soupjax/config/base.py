@@ -259,13 +259,22 @@ def check_override_paths(config: ml_collections.ConfigDict, paths: list[str]) ->
 
 # Allowed values of the shared fields: checked once, before anything is imported or written, so that a
 # value out of range is refused with its name instead of failing (or, worse, running) deep in training.
-_CHOICES = {"optimizer": ("sgd", "adamw"), "lr_schedule": ("cosine", "plateau"),
-            "head_init": ("default", "linear_probe")}
+# The one home of these choices: the trainer (train_step, shared_init) checks its values here too.
+CHOICES = {"optimizer": ("sgd", "adamw"), "lr_schedule": ("cosine", "plateau"),
+           "head_init": ("default", "linear_probe")}
 _AT_LEAST = {"batch_size": 1, "eval_batch_size": 1, "total_steps": 0, "warmup_steps": 0, "eval_every_steps": 0,
              "log_every_steps": 1, "checkpoint_every_steps": 1, "weight_decay": 0, "label_smoothing": 0,
              "grad_clip_norm": 0, "sweep.count": 0, "sweep.seed": 0, "seed": 0, "init_seed": 0,
              "data.image_size": 1, "data.heldout": 0, "data.pad": 0, "data.aug_strength": 0, "data.mixup_alpha": 0,
              "linear_probe.num_examples": 1, "linear_probe.steps": 1}
+
+
+def check_choice(path: str, value: Any) -> Any:
+    """``value`` of the field ``config.<path>`` (a key of ``CHOICES``), when it is one of its choices;
+    ``InputError`` naming the field and the choices otherwise."""
+    if value not in CHOICES[path]:
+        raise InputError(f"config.{path}={value!r} must be one of {', '.join(map(repr, CHOICES[path]))}")
+    return value
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -291,10 +300,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if v < lowest:
             raise InputError(f"config.{path}={v!r} must be at least {lowest}"
                              + (" (0 fine-tunes one ingredient, without a sweep)" if path == "sweep.count" else ""))
-    for path, choices in _CHOICES.items():
+    for path in CHOICES:
         v = value(path)
-        if v is not None and v not in choices:
-            raise InputError(f"config.{path}={v!r} must be one of {', '.join(map(repr, choices))}")
+        if v is not None:
+            check_choice(path, v)
     lr = value("learning_rate")
     if lr is not None and not lr > 0:
         raise InputError(f"config.learning_rate={lr!r} must be above 0")

@@ -154,7 +154,7 @@ def find(root: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         raise PreflightError(f"the ingredients directory {root} is not a directory")
     candidates = [root] if _partial(root) is not None or checkpoints.is_ingredient(root) else sorted(
-        p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and not checkpoints.is_start(p))
     for path in candidates:
         missing = _partial(path)
         if missing is not None:

@@ -68,7 +68,7 @@ def eval_fingerprint(cfg) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Source:
+class Source:
     """A resolved split: which TFDS builder and split to read, and how to relabel and corrupt it."""
     builder: tfds.core.DatasetBuilder
     tfds_split: str
@@ -156,7 +156,9 @@ def _split_names(builder) -> list[str]:
     return list(builder.info.splits.keys())
 
 
-def _resolve(cfg, split: str) -> _Source:
+def resolve(cfg, split: str) -> Source:
+    """Where the examples of ``split`` come from: the TFDS builder and split string (the held-out split is
+    the tail of TFDS's ``train`` that the training split stops at), the label map, the synthetic shift."""
     _check_split(cfg, split)
     builder = _builder(cfg, cfg.name)
     classes = _classes(cfg, builder)
@@ -167,21 +169,21 @@ def _resolve(cfg, split: str) -> _Source:
         if split == "heldout":
             if n_heldout == 0:
                 raise InputError("split 'heldout' requested but the data config has heldout=0")
-            return _Source(builder, f"train[{total - n_heldout}:]", label_map)
-        return _Source(builder, f"train[:{total - n_heldout}]" if n_heldout else "train", label_map)
+            return Source(builder, f"train[{total - n_heldout}:]", label_map)
+        return Source(builder, f"train[:{total - n_heldout}]" if n_heldout else "train", label_map)
     names = _split_names(builder)
-    test = "test" if "test" in names or not names else "validation"  # no names: mocked / unknown
+    test = "test" if "test" in names or not names else "validation"  # no split names known: 'test'
     if split == "test":
-        return _Source(builder, test, label_map)
+        return Source(builder, test, label_map)
     if (parsed := shifts.parse(split)) is not None:
-        return _Source(builder, test, label_map, shift=parsed)
+        return Source(builder, test, label_map, shift=parsed)
     src = natural_shifts.source(cfg.name, split)
     other = _builder(cfg, src.builder)
     if src.classes is not None:
         if classes is not None:
             raise InputError(f"split {split!r} is a 200-class subset; it can't be combined with classes=...")
         label_map = _label_map(_num_original_classes(other), src.classes)
-    return _Source(other, src.split, label_map)
+    return Source(other, src.split, label_map)
 
 
 # -------------------------------------------------------------------------------------- reading, counts
@@ -196,7 +198,7 @@ def _shard(split: str, index: int, count: int):
     return split if count == 1 else tfds.even_splits(split, n=count)[index]
 
 
-def _read(src: _Source, split, first_index: int = 0) -> tf.data.Dataset:
+def _read(src: Source, split, first_index: int = 0) -> tf.data.Dataset:
     """(index in the split, encoded image, label int32), in file order, filtered and relabelled."""
     image_key, label_key = src.keys
     ds = src.builder.as_dataset(split=split, shuffle_files=False, decoders=_skip_image(src.builder),
@@ -213,7 +215,7 @@ def _read(src: _Source, split, first_index: int = 0) -> tf.data.Dataset:
 _LABELS: dict = {}
 
 
-def _count(src: _Source, split) -> int:
+def _count(src: Source, split) -> int:
     """Number of examples of `split` that pass the label filter (one pass over the labels, remembered)."""
     if src.label_map is None:
         return _cardinality(src.builder, split)
@@ -225,19 +227,22 @@ def _count(src: _Source, split) -> int:
         label_key = src.keys[1]
         ds = ds.map(lambda ex: tf.cast(ex[label_key], tf.int32)).batch(8192)
         labels = np.concatenate(list(ds.as_numpy_iterator()) or [np.zeros([0], np.int32)])
-        if _prepared_on_disk(src.builder):  # not when mocked by tfds.testing.mock_data
-            _LABELS[key] = labels
+        _LABELS[key] = labels
     return int((src.label_map[labels] >= 0).sum())
-
-
-def _prepared_on_disk(builder) -> bool:
-    return os.path.isdir(os.fspath(builder.data_dir))
 
 
 _ARRAYS: collections.OrderedDict = collections.OrderedDict()
 
 
-def _arrays(src: _Source, split, shape, n: int, first_index: int = 0):
+def forget() -> None:
+    """Drop what this process remembers of the data sets it read (labels, decoded splits): it is named by
+    the data set's directory, builder and split, so data served under those names by something else
+    (another data set copied in, mocked examples) must not meet it. A new process starts without it."""
+    _LABELS.clear()
+    _ARRAYS.clear()
+
+
+def _arrays(src: Source, split, shape, n: int, first_index: int = 0):
     """Decoded (images uint8 [n, h, w, c], labels int32 [n], index int64 [n]) of `split` (n examples).
 
     Memoised, least recently used dropped beyond IN_MEMORY_MAX_BYTES in all, and kept on disk beside
@@ -248,24 +253,22 @@ def _arrays(src: _Source, split, shape, n: int, first_index: int = 0):
     if key in _ARRAYS:
         _ARRAYS.move_to_end(key)
         return _ARRAYS[key]
-    on_disk = _prepared_on_disk(src.builder)  # not when mocked by tfds.testing.mock_data
-    # The copy an earlier process kept, named by what the decoded arrays depend on.
+    # The copy an earlier process kept, named by what the decoded arrays depend on (None where the data
+    # set's directory cannot be listed).
     kept = decoded_cache.path_for(src.builder.data_dir, (
         src.builder.info.full_name, str(split), first_index,
-        None if src.label_map is None else src.label_map.tolist(), list(shape))) if on_disk else None
+        None if src.label_map is None else src.label_map.tolist(), list(shape)))
     arrays = decoded_cache.load(kept, n, shape)
     if arrays is None:
         arrays = _decode(src, split, shape, n, first_index)
         decoded_cache.save(kept, arrays)
-    if not on_disk:
-        return arrays
     _ARRAYS[key] = arrays
     while sum(a[0].nbytes for a in _ARRAYS.values()) > IN_MEMORY_MAX_BYTES and len(_ARRAYS) > 1:
         _ARRAYS.popitem(last=False)
     return arrays
 
 
-def _decode(src: _Source, split, shape, n: int, first_index: int):
+def _decode(src: Source, split, shape, n: int, first_index: int):
     """``_arrays``' work: read and decode the split."""
     def decode(index, image_bytes, labels):  # a batch at a time: map_fn beats a per-example map here
         images = tf.map_fn(lambda b: pp.decode(b, shape[-1]), image_bytes,
@@ -281,7 +284,7 @@ def _decode(src: _Source, split, shape, n: int, first_index: int):
     return arrays
 
 
-def _static_shape(src: _Source) -> tuple[int, int, int] | None:
+def _static_shape(src: Source) -> tuple[int, int, int] | None:
     """The images' shape if they all have one known shape and are not JPEG."""
     feature = src.builder.info.features[src.keys[0]]
     shape = tuple(feature.shape)
@@ -290,7 +293,7 @@ def _static_shape(src: _Source) -> tuple[int, int, int] | None:
     return shape
 
 
-def _in_memory(cfg, src: _Source, n: int) -> tuple[int, int, int] | None:
+def _in_memory(cfg, src: Source, n: int) -> tuple[int, int, int] | None:
     """The static image shape if the split is served from decoded arrays in memory, else None."""
     shape = _static_shape(src)
     if cfg.cache and shape is not None and 0 < n * math.prod(shape) <= IN_MEMORY_MAX_BYTES:
@@ -306,11 +309,11 @@ def _split_bytes(builder, split: str) -> int:
         return 0
 
 
-def _is_jpeg(src: _Source) -> bool:
+def _is_jpeg(src: Source) -> bool:
     return getattr(src.builder.info.features[src.keys[0]], "encoding_format", None) == "jpeg"
 
 
-def _source_channels(src: _Source) -> int:
+def _source_channels(src: Source) -> int:
     return src.builder.info.features[src.keys[0]].shape[-1] or 3
 
 
@@ -382,7 +385,7 @@ def train_batches(cfg, global_batch_size: int, *, seed: int,
         raise ValueError(f"start_step must be >= 0, got {start_step}")
     pi, pc = _process()
     local = _local_batch(global_batch_size, pc)
-    src = _resolve(cfg, "train")
+    src = resolve(cfg, "train")
     shard = _shard(src.tfds_split, pi, pc)
     n = _count(src, shard)
     if n == 0:
@@ -470,7 +473,7 @@ def eval_batches(cfg, split: str, global_batch_size: int) -> Iterator[dict[str, 
     _check_config(cfg)
     pi, pc = _process()
     local = _local_batch(global_batch_size, pc)
-    src = _resolve(cfg, split)
+    src = resolve(cfg, split)
     shards = [_shard(src.tfds_split, i, pc) for i in range(pc)]
     counts = [_count(src, s) for s in shards]
     n_batches = math.ceil(max(counts) / local)
@@ -530,16 +533,12 @@ def check_available(cfg) -> None:
             raise InputError(str(e)) from e
         return
     builder = _builder(cfg, cfg.name)
-    if builder.is_prepared():
-        return
-    try:  # not prepared on disk; under tfds.testing.mock_data reading works all the same
-        builder.as_dataset(split="train")
-    except (AssertionError, FileNotFoundError, tf.errors.NotFoundError):
+    if not builder.is_prepared():
         root = cfg.data_dir or os.fspath(builder.data_dir_root)
         raise InputError(
             f"data set {cfg.name!r} is not prepared in data_dir {root} (TFDS looked for {builder.data_dir}), "
             f"and soupjax does not download data sets: prepare it there first (`tfds build {cfg.name} "
-            f"--data_dir {root}` where there is network access, or copy it in), or set data.download=True") from None
+            f"--data_dir {root}` where there is network access, or copy it in), or set data.download=True")
 
 
 def check_heldout(cfg) -> None:
@@ -576,7 +575,7 @@ def num_classes(cfg) -> int:
 
 def num_examples(cfg, split: str) -> int:
     """Number of real examples in `split`, over all processes (after the `classes` filter)."""
-    src = _resolve(cfg, split)
+    src = resolve(cfg, split)
     return _count(src, src.tfds_split)
 
 

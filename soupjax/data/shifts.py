@@ -38,10 +38,6 @@ def split_name(corruption: str, severity: int) -> str:
     return f"{PREFIX}{corruption}-{severity}"
 
 
-def all_split_names() -> list[str]:
-    return [split_name(c, s) for c in CORRUPTIONS for s in SEVERITIES]
-
-
 def parse(split: str) -> tuple[str, int] | None:
     """'shift/contrast-3' -> ('contrast', 3); None if `split` is not a valid shift split name."""
     if not split.startswith(PREFIX):

@@ -49,6 +49,9 @@ EVAL_FILE = "eval_logits.npz"   # held-out/test logits from training time, reuse
 # The layout of an ingredient (this docstring's). Raise it when a reader of the old layout would
 # misread the new one; a reader refuses versions above its own rather than guess.
 FORMAT_VERSION = 1
+# meta.json's "kind" of the shared start training writes beside the ingredients (training.shared_init):
+# ingredient-format, and never an ingredient itself. Ingredients record no kind.
+START_KIND = "start"
 
 
 class IngredientError(InputError):
@@ -107,6 +110,16 @@ def is_ingredient(directory: str | os.PathLike) -> bool:
     """True when ``directory`` holds a finished ingredient (both its metadata and its variables)."""
     directory = Path(directory)
     return (directory / META_FILE).is_file() and (directory / VARIABLES_DIR).is_dir()
+
+
+def is_start(directory: str | os.PathLike) -> bool:
+    """True when ``directory`` holds a shared start (meta.json's ``kind`` is ``START_KIND``), not an
+    ingredient. An unreadable meta.json is not a start: ``load_meta`` names its damage where it is read."""
+    try:
+        meta = json.loads((Path(directory) / META_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("kind") == START_KIND
 
 
 def load_meta(directory: str | os.PathLike) -> dict[str, Any]:
@@ -406,7 +419,7 @@ def list_ingredients(root: str | os.PathLike) -> list[Path]:
         return [root]
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if not p.name.startswith(".") and is_ingredient(p))
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".") and is_ingredient(p) and not is_start(p))
 
 
 class TrainingCheckpoints:

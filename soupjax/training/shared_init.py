@@ -1,8 +1,11 @@
 """The init every ingredient of a sweep starts from: model init, then ``init_from``, then the head init.
 
-Training starts each ingredient from it; soups, merges and ``inspect`` rebuild it from an ingredient's
-config (theta_0 of the fine-tuning displacements) and check it against the fingerprint the ingredients
-were trained from, so it must be rebuilt bit-exactly wherever it is needed.
+Training starts each ingredient from it and writes it once beside the ingredients (``save_start``:
+``<ingredients>/start``, fingerprinted); soups, merges and ``inspect`` read it from there
+(``locate_start``, ``load_start``: θ0 of the fine-tuning displacements), checked against the fingerprint
+the ingredients recorded, so that cooking needs neither ``init_from``'s file nor the training images.
+Ingredient directories written before it have the start rebuilt from an ingredient's config
+(``rebuild_start``), checked the same way: it must be rebuilt bit-exactly wherever it is needed.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from soupjax.cli.errors import InputError
+from soupjax.config.base import check_choice
 from soupjax.io import trees
 from soupjax.io import checkpoints
 from soupjax.importers.dispatch import load_pretrained
@@ -73,24 +78,11 @@ def base_init(config: ml_collections.ConfigDict, model: nn.Module | None = None)
 def with_head_init(config: ml_collections.ConfigDict, variables: Variables,
                    model: nn.Module | None = None) -> Variables:
     """Apply ``config.head_init`` to a base init ('default' keeps it; 'linear_probe' fits the head)."""
-    if config.head_init == "linear_probe":
+    if check_choice("head_init", config.head_init) == "linear_probe":
         # Imported here: the probe reads the training data, and soupjax.data imports TensorFlow.
         from soupjax.training.linear_probe import fit_head
         return fit_head(model or build_model_from_run_config(config, resolve_activation(config)), variables, config)
-    if config.head_init != "default":
-        raise ValueError(f"head_init must be 'default' or 'linear_probe', got {config.head_init!r}")
     return variables
-
-
-def init_variables(config: ml_collections.ConfigDict, model: nn.Module | None = None) -> Variables:
-    """The shared starting point of an ingredient: model init, then ``init_from``, then the head init."""
-    model = model or build_model_from_run_config(config, resolve_activation(config))
-    return with_head_init(config, base_init(config, model), model)
-
-
-def init_fingerprint(config: ml_collections.ConfigDict, model: nn.Module | None = None) -> str:
-    """Fingerprint of the init an ingredient of ``config`` starts from (before the head init)."""
-    return weights_fingerprint(base_init(config, model)["params"])
 
 
 def start_problem(metas: Sequence[Mapping[str, Any]]) -> str | None:
@@ -114,7 +106,6 @@ def rebuild_start(config: ml_collections.ConfigDict, metas: Sequence[Mapping[str
     """The variables the ingredients (their meta.json contents ``metas``) started from, rebuilt from
     ``config`` and checked against the fingerprints they recorded: ``init_from``'s weights always, the
     whole start (the head init included) where recorded. ``InputError`` saying why when it cannot be."""
-    from soupjax.cli.errors import InputError
     problem = start_problem(metas)
     if problem:
         raise InputError(problem)
@@ -149,19 +140,88 @@ def start_key(metas: Sequence[Mapping[str, Any]], config: ml_collections.ConfigD
     return f"{metas[0].get('init_fingerprint')}-{head}"
 
 
+# The start training writes beside the ingredients: ``<ingredients_dir>/start``, an ingredient-format
+# checkpoint whose meta.json has kind ``checkpoints.START_KIND`` (so that no listing of ingredients takes it).
+START_DIR = "start"
+
+
+def start_directory(ingredients_dir: str | Path) -> Path:
+    """Where the shared start of the ingredients under ``ingredients_dir`` is written and read
+    (``<ingredients_dir>/start``; beside it when ``ingredients_dir`` is one ingredient)."""
+    directory = Path(ingredients_dir)
+    if checkpoints.is_ingredient(directory) and not checkpoints.is_start(directory):
+        directory = directory.parent
+    return directory / START_DIR
+
+
+def save_start(directory: str | Path, variables: Variables, *, config: ml_collections.ConfigDict,
+               init_fingerprint: str, start_fingerprint: str, activation: str | None = None) -> bool:
+    """Write the start ``variables`` (fingerprint ``start_fingerprint``) at ``directory`` atomically,
+    unless the start there already has that fingerprint; True when written.
+
+    A start of another fingerprint is replaced: the ingredients now being made start from this one.
+    Every process calls it (the save is collective); they all read the same meta.json to decide."""
+    directory = Path(directory)
+    if checkpoints.is_start(directory) and checkpoints.is_ingredient(directory):
+        try:
+            if checkpoints.load_meta(directory).get("start_fingerprint") == start_fingerprint:
+                return False
+        except checkpoints.IngredientError:
+            pass  # unreadable: written again
+    checkpoints.save_ingredient(directory, variables, {
+        "name": START_DIR, "kind": checkpoints.START_KIND, "init_fingerprint": init_fingerprint,
+        "start_fingerprint": start_fingerprint, "activation": activation, "config": config.to_dict()})
+    return True
+
+
+def _stored_start(ingredients_dir: str | Path, metas: Sequence[Mapping[str, Any]]
+                  ) -> tuple[Path | None, Variables | None, str | None]:
+    """The start training wrote beside the ingredients, read and checked against the fingerprint they
+    recorded: ``(directory, variables, None)``; ``(None, None, None)`` when there is none to read
+    (ingredient directories written before it, ingredients that recorded no start_fingerprint);
+    ``(None, None, why)`` when it is there but damaged or another start."""
+    where, expected = start_directory(ingredients_dir), metas[0].get("start_fingerprint")
+    if not expected or not where.exists():
+        return None, None, None
+    remedy = "move it away to rebuild the start from the ingredients' config"
+    try:
+        meta = checkpoints.load_meta(where)
+        if meta.get("kind") != checkpoints.START_KIND:
+            return None, None, f"{where} is not a shared start (its meta.json has kind {meta.get('kind')!r}): {remedy}"
+        if meta.get("start_fingerprint") != expected:
+            return None, None, (f"the shared start {where} has start_fingerprint {meta.get('start_fingerprint')}, but "
+                                f"the ingredients started from {expected}: {remedy}")
+        # One array at a time through TensorStore, not an orbax restore: a damaged file then ends the
+        # read cleanly (a failed restore leaves reads in flight on its event loop).
+        source = checkpoints.tensor_source(where)
+        variables = trees.unflatten({path: source.read(path) for path in source.paths})
+    except (InputError, FileNotFoundError) as e:
+        return None, None, f"the shared start {where} cannot be read ({e}): {remedy}"
+    got = weights_fingerprint(variables)
+    if got != expected:
+        return None, None, (f"the shared start {where} is damaged: its variables have fingerprint {got}, but it and "
+                            f"the ingredients record {expected}: {remedy}")
+    return where, variables, None
+
+
 def locate_start(ingredients_dir: str | Path, metas: Sequence[Mapping[str, Any]], config: ml_collections.ConfigDict,
                  model: nn.Module | None, cache_dir: str | Path) -> tuple[Path | None, str | None]:
     """Where the shared start θ0 of the ingredients under ``ingredients_dir`` (their meta.json contents
     ``metas``) can be read, as an ingredient-format checkpoint: ``(directory, None)``, or ``(None, why)``
     when it cannot be had.
 
-    Rebuilt from ``config`` (``rebuild_start``: checked against the fingerprints the ingredients
-    recorded) and kept under ``cache_dir / f"init-{start_key(metas, config)}"``, where a later call finds it.
+    The start training wrote beside them (``start_directory``), checked against the ``start_fingerprint``
+    they recorded (a damaged or other start is refused, naming it). Without one (ingredient directories
+    written before it), rebuilt from ``config`` (``rebuild_start``, which needs ``init_from``'s file and,
+    for a linear-probe head, the training images) and kept under
+    ``cache_dir / f"init-{start_key(metas, config)}"``, where a later call finds it.
     """
-    from soupjax.cli.errors import InputError
     problem = start_problem(metas)
     if problem:
         return None, problem
+    stored, _, problem = _stored_start(ingredients_dir, metas)
+    if problem or stored:
+        return stored, problem
     where = Path(cache_dir) / f"init-{start_key(metas, config)}"
     if not checkpoints.is_ingredient(where):
         try:
@@ -172,3 +232,16 @@ def locate_start(ingredients_dir: str | Path, metas: Sequence[Mapping[str, Any]]
             "name": "init", "init_fingerprint": metas[0]["init_fingerprint"],
             "start_fingerprint": metas[0].get("start_fingerprint"), "config": config.to_dict()})
     return where, None
+
+
+def load_start(ingredients_dir: str | Path, metas: Sequence[Mapping[str, Any]], config: ml_collections.ConfigDict,
+               model: nn.Module | None = None) -> Variables:
+    """The shared start's variables, found as ``locate_start`` finds it but without a cache directory (a
+    start rebuilt from ``config`` is not kept); ``InputError`` saying why when it cannot be had."""
+    problem = start_problem(metas)
+    if problem:
+        raise InputError(problem)
+    _, variables, problem = _stored_start(ingredients_dir, metas)
+    if problem:
+        raise InputError(problem)
+    return variables if variables is not None else rebuild_start(config, metas, model)

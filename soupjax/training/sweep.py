@@ -146,6 +146,12 @@ class PlannedRun:
         return self.target.parent / STAGING / self.name
 
     @property
+    def start_dir(self) -> Path:
+        # Beside the ingredients, also for one trained aside: cooking looks for it there.
+        from soupjax.training.shared_init import START_DIR
+        return self.target.parent / START_DIR
+
+    @property
     def staged_train_dir(self) -> Path:
         return self.train_dir.parent / STAGING / self.name
 
@@ -200,14 +206,15 @@ def run_plan(plan: list[PlannedRun], label: str = "") -> list[dict[str, Any]]:
             if meta is None:
                 _on_primary(lambda: _discard_other_staging(run), f"soupjax-discard-{run.target}")
                 meta = train.train_and_evaluate(run.config, run.staged_train_dir, run.staged_target,
-                                                extra_meta=_extra_meta(run))
+                                                extra_meta=_extra_meta(run), start_dir=run.start_dir)
 
             def swap_in(run: PlannedRun = run) -> None:
                 files.replace_directory(run.staged_train_dir, run.train_dir)
                 files.replace_directory(run.staged_target, run.target)
             _on_primary(swap_in, f"soupjax-swap-{run.target}")
         else:
-            meta = train.train_and_evaluate(run.config, run.train_dir, run.target, extra_meta=_extra_meta(run))
+            meta = train.train_and_evaluate(run.config, run.train_dir, run.target, extra_meta=_extra_meta(run),
+                                            start_dir=run.start_dir)
         m = meta["metrics"]
         print(f"{tag}: held-out {m['heldout']['accuracy']:.4f}  test {m['test']['accuracy']:.4f}  "
               f"({meta['train_seconds']:.0f}s, {meta['train_images_per_second']:.0f} img/s; "
@@ -236,7 +243,11 @@ def plan_run(name: str, config: ml_collections.ConfigDict, hparams: Mapping[str,
     """
     from soupjax.io import checkpoints
     from soupjax.config.base import refuse_changed
+    from soupjax.training.shared_init import START_DIR
 
+    if name == START_DIR:
+        raise InputError(f"an ingredient may not be named {name!r}: the start the ingredients are fine-tuned from is "
+                         f"written as {Path(target).parent / START_DIR}; give config.name another name")
     run = PlannedRun(name, config, dict(hparams), Path(target), Path(train_dir))
     if not checkpoints.is_ingredient(run.target):
         # A kill inside files.replace_directory (between moving the old one aside and renaming the new

@@ -32,7 +32,7 @@ from soupjax.evaluation import evaluate
 from soupjax.importers.activation import resolve_activation
 from soupjax.models import build_model_from_run_config
 from soupjax.cli.progress import Progress
-from soupjax.training.shared_init import Variables, base_init, with_head_init
+from soupjax.training.shared_init import START_DIR, Variables, base_init, save_start, with_head_init
 from soupjax.training.train_step import make_optimizer, make_train_step
 
 
@@ -120,11 +120,14 @@ class TrainResult:
     decay_start: int | None = None  # lr_schedule='plateau': where the cool-down began
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainResult:
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+          start_dir: str | os.PathLike | None = None) -> TrainResult:
     """The resumable training of one ingredient in ``workdir``, without its evaluation or saving.
 
     Rerunning with the same config continues from the latest checkpoint. This is the loop whose rate
     experiments/bench_train.py measures: input pipeline, host-to-device copies, step, checkpoints.
+    With ``start_dir``, the start (init and head init) is written there first, unless the start there
+    already has its fingerprint (``shared_init.save_start``): cooking reads it instead of rebuilding it.
     """
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -141,6 +144,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
     # The exact start, head included: merges take displacements from it, and the linear-probe head is
     # not promised bit-exact when rebuilt elsewhere, so cooking checks the rebuilt one against this.
     start_fingerprint = weights_fingerprint(init)
+    if start_dir is not None:
+        save_start(start_dir, init, config=config, init_fingerprint=fingerprint, start_fingerprint=start_fingerprint,
+                   activation=models.activation(model))
     max_steps = steps = total_steps(config)
     tx, hparams = make_optimizer(config, steps)
     plateau = _PlateauSchedule(config, workdir, max_steps, hparams)
@@ -198,8 +204,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
                 curve.evaluate(step + 1, state)
                 steps = plateau.update(step + 1, curve.points)
                 progress.total = steps
-            if ckpts.save(step + 1, state):
-                _kill_if_asked(ckpts.directory, step + 1)
+            ckpts.save(step + 1, state)
             step += 1
     except BaseException:
         # Interrupted (preemption signal, Ctrl-C, an error): let a checkpoint already being written
@@ -220,23 +225,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
                        images_per_second=history[-1].get("images_per_second", float("nan")) if history
                        else float("nan"),
                        heldout_curve=list(curve.points) if curve else [], decay_start=plateau.decay_start)
-
-
-# Fault injection for tests/test_killed_runs.py. With SOUPJAX_TEST_KILL_IN_CHECKPOINT=N the process kills
-# itself (SIGKILL: no handler, no cleanup, as the OOM killer or a preempted VM) while the checkpoint of
-# step N is being written: orbax has started writing it under its temporary name and not yet renamed it
-# into place. A kill from outside hits that window of a few milliseconds only by chance.
-KILL_IN_CHECKPOINT = "SOUPJAX_TEST_KILL_IN_CHECKPOINT"
-
-
-def _kill_if_asked(directory: Path, step: int) -> None:
-    if os.environ.get(KILL_IN_CHECKPOINT) != str(step):
-        return
-    import signal
-    if any(p.name.startswith(f"{step}.") for p in directory.iterdir()):  # e.g. 5.orbax-checkpoint-tmp
-        os.kill(os.getpid(), signal.SIGKILL)
-    logging.warning("%s=%d: step %d's checkpoint was committed before the kill; not killed",
-                    KILL_IN_CHECKPOINT, step, step)
 
 
 class HeldoutCurve:
@@ -314,8 +302,10 @@ class _PlateauSchedule:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                        ingredient_dir: str | os.PathLike | None = None,
-                       extra_meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Fine-tune one ingredient in ``workdir`` (resumable) and write it to ``ingredient_dir``.
+                       extra_meta: Mapping[str, Any] | None = None,
+                       start_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Fine-tune one ingredient in ``workdir`` (resumable) and write it to ``ingredient_dir``, and the
+    start it was fine-tuned from to ``start_dir`` (default: ``start`` beside the ingredient).
 
     Returns the ingredient's meta.json contents.
     """
@@ -324,7 +314,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     ingredient_dir = Path(ingredient_dir or workdir / "ingredient").absolute()
     sharding.check_global_batch_size(config.eval_batch_size)
     data.check_heldout(config.data)  # an ingredient's held-out accuracy is what soups rank by
-    trained = train(config, workdir)
+    start_dir = Path(start_dir if start_dir is not None else ingredient_dir.parent / START_DIR).absolute()
+    if start_dir == ingredient_dir:
+        raise InputError(f"{ingredient_dir}: an ingredient may not take the place of the start it is fine-tuned from "
+                         "(written there by default): give the ingredient another name")
+    trained = train(config, workdir, start_dir)
     model, variables, mesh = trained.model, trained.variables, sharding.data_mesh()
 
     evaluator = evaluate.for_model(model, mesh)

@@ -15,6 +15,7 @@ import optax
 if TYPE_CHECKING:  # ml_collections is only needed for the annotation
     import ml_collections
 
+from soupjax.config.base import check_choice
 from soupjax.devices import sharding
 
 
@@ -28,9 +29,7 @@ def make_optimizer(config: "ml_collections.ConfigDict", steps: int
     on a CPU, a minute or more for a big model on a TPU). What stays built in is the structure:
     optimizer kind, momentum and clipping norm.
     """
-    if config.optimizer not in ("sgd", "adamw"):
-        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}")
-    kind, momentum, clip = config.optimizer, config.momentum or None, float(config.grad_clip_norm)
+    kind, momentum, clip = check_choice("optimizer", config.optimizer), config.momentum or None, float(config.grad_clip_norm)
     # Biases and normalisation scales are not decayed (the usual practice for ViT and ResNet).
     decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
 
@@ -44,9 +43,7 @@ def make_optimizer(config: "ml_collections.ConfigDict", steps: int
         return optax.chain(*parts)
 
     tx = optax.inject_hyperparams(chain)(learning_rate=0.0, weight_decay=0.0)
-    schedule = getattr(config, "lr_schedule", "cosine")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"lr_schedule must be one of {SCHEDULES}, got {schedule!r}")
+    schedule = check_choice("lr_schedule", getattr(config, "lr_schedule", "cosine"))
     warmup = min(int(config.warmup_steps), max(steps - 1, 0))
     hparams = {"learning_rate": config.learning_rate, "warmup_steps": warmup, "total_steps": steps,
                "weight_decay": config.weight_decay, "label_smoothing": getattr(config, "label_smoothing", 0.0),
@@ -56,8 +53,6 @@ def make_optimizer(config: "ml_collections.ConfigDict", steps: int
                "decay_start": float(steps), "decay_steps": 1.0}
     return tx, {k: np.float32(v) for k, v in hparams.items()}
 
-
-SCHEDULES = ("cosine", "plateau")
 
 
 def learning_rate_at(step: jax.Array, hparams: Mapping[str, jax.Array]) -> jax.Array:
