@@ -116,19 +116,15 @@ def _finish_from_reference(dtypes):
     return finish
 
 
-def _reference_finisher(dtypes: tuple[Any, ...]) -> Callable[..., Any]:
-    return _compiled_per_layout(_finish_from_reference, dtypes)
-
-
 @functools.lru_cache(maxsize=None)
-def _compiled_per_layout_cached(make: Callable[..., Any], names: tuple[str, ...]) -> Callable[..., Any]:
-    return make(tuple(np.dtype(n) for n in names))
+def _reference_finisher_named(names: tuple[str, ...]) -> Callable[..., Any]:
+    return _finish_from_reference(tuple(np.dtype(n) for n in names))
 
 
-def _compiled_per_layout(make: Callable[..., Any], dtypes: tuple[Any, ...]) -> Callable[..., Any]:
+def _reference_finisher(dtypes: tuple[Any, ...]) -> Callable[..., Any]:
     """One jitted finisher per dtype layout, kept for the process: every soup of a sweep has the same
     layout, so it is traced once (keyed by dtype names, which hash where dtype objects may not)."""
-    return _compiled_per_layout_cached(make, tuple(np.dtype(d).name for d in dtypes))
+    return _reference_finisher_named(tuple(np.dtype(d).name for d in dtypes))
 
 
 # --------------------------------------------------------------------------------------------------
