@@ -28,7 +28,7 @@ from soupjax.io import checkpoints
 from soupjax import cooking
 from soupjax.training import train
 from soupjax.config.base import load_config
-from soupjax.training.sweep import finetune_all
+from soupjax.training.planning import finetune_all
 from soupjax.cli.startup import enable_compilation_cache, quiet_logs
 
 LEARNING_RATES = (0.1, 0.05, 0.2, 0.1)

@@ -41,7 +41,7 @@ def main(argv) -> int:
     del argv  # the flags parser refused positional arguments
     # JAX and TensorFlow are imported only now: a bad flag or config was refused in the first second.
     from soupjax.devices import sharding
-    from soupjax.training import sweep
+    from soupjax.training import planning, sweep
     sharding.initialize_multihost()
 
     workdir = os.path.abspath(FLAGS.workdir or default_workdir())
@@ -51,11 +51,11 @@ def main(argv) -> int:
         runs = sweep.select(runs, FLAGS.only)
     # Every check that needs no training (conflicting finished work, a directory that cannot be
     # written, data not available offline, an empty held-out split) comes before anything is written.
-    plan = sweep.plan_runs(runs, os.path.join(workdir, "ingredients"), os.path.join(workdir, "train"),
+    plan = planning.plan_runs(runs, os.path.join(workdir, "ingredients"), os.path.join(workdir, "train"),
                            overwrite=FLAGS.overwrite)
     if any(run.meta is None for run in plan):
         compilation_cache_in(workdir)
-    sweep.run_plan(plan)
+    planning.run_plan(plan)
     return 0
 
 

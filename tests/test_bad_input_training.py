@@ -188,9 +188,9 @@ def test_finetune_names_a_read_only_work_directory(tmp_path):
 def _finetune_command(runs, workdir):
     """What ``soupjax.finetune`` runs, with its error handling, in this process (importing the module
     itself would define its absl flags a second time beside soupjax.experiment's)."""
-    from soupjax.training import sweep
+    from soupjax.training import planning
     from soupjax.cli.errors import exit_on_input_error
-    return exit_on_input_error("soupjax.finetune", lambda: sweep.finetune_all(runs, workdir))
+    return exit_on_input_error("soupjax.finetune", lambda: planning.finetune_all(runs, workdir))
 
 
 def test_read_only_work_directory_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
@@ -279,7 +279,7 @@ def test_replacing_a_directory_keeps_the_old_one_until_the_new_one_is_in(tmp_pat
 
 def test_an_ingredient_fine_tuned_from_a_replaced_init_is_not_skipped(tmp_path, monkeypatch):
     from soupjax.io import checkpoints
-    from soupjax.training import sweep
+    from soupjax.training import planning
     from soupjax.cli.errors import InputError
     from test_train import load_config
     config = load_config("fashion_mnist_vit", "testing")
@@ -289,12 +289,12 @@ def test_an_ingredient_fine_tuned_from_a_replaced_init_is_not_skipped(tmp_path, 
     metas = {upstream: {"name": "upstream", "metrics": {"test": 0.9}}}
     monkeypatch.setattr(checkpoints, "is_ingredient", lambda path: Path(path) in metas)
     monkeypatch.setattr(checkpoints, "load_meta", lambda path: metas[Path(path)])
-    metas[target] = {"config": config.to_dict(), "init_ingredient": sweep._init_ingredient_id(config)}
-    assert sweep.plan_run("ingredient", config, {}, target, train_dir).meta is not None, "same init: skipped"
+    metas[target] = {"config": config.to_dict(), "init_ingredient": planning.init_ingredient_id(config)}
+    assert planning.plan_run("ingredient", config, {}, target, train_dir).meta is not None, "same init: skipped"
     metas[upstream] = {"name": "upstream", "metrics": {"test": 0.8}}  # the upstream model made again
     with pytest.raises(InputError, match="fine-tuned from another ingredient .* replaced since.*--overwrite"):
-        sweep.plan_run("ingredient", config, {}, target, train_dir)
-    assert sweep.plan_run("ingredient", config, {}, target, train_dir, overwrite=True).replace
+        planning.plan_run("ingredient", config, {}, target, train_dir)
+    assert planning.plan_run("ingredient", config, {}, target, train_dir, overwrite=True).replace
 
 
 @pytest.mark.slow
@@ -357,11 +357,11 @@ def _no_training(monkeypatch):
 
 
 def test_a_resumed_run_may_read_its_data_elsewhere_or_belong_to_an_extended_sweep(tmp_path):
-    """What sweep.plan_run lets differ (config_base.MAY_DIFFER), train.check_same_config lets differ
+    """What planning.plan_run lets differ (config_base.MAY_DIFFER), train.check_same_config lets differ
     too: an 8-ingredient sweep killed mid-ingredient and extended to 16, or moved to another data_dir,
     resumes instead of failing once training starts."""
     import copy
-    from soupjax.training import sweep
+    from soupjax.training import planning
     from soupjax.training import train
     from soupjax.cli.errors import InputError
     from test_train import load_config
@@ -371,7 +371,7 @@ def test_a_resumed_run_may_read_its_data_elsewhere_or_belong_to_an_extended_swee
     train.check_same_config(state, config, "the training state")  # the first run writes config.json
     later = copy.deepcopy(config)
     later.sweep.count, later.data.data_dir = 16, str(tmp_path / "elsewhere")
-    run = sweep.plan_run("sweep0_003", later, {}, tmp_path / "ingredients" / "sweep0_003", train_dir)
+    run = planning.plan_run("sweep0_003", later, {}, tmp_path / "ingredients" / "sweep0_003", train_dir)
     assert run.meta is None and not run.replace, "the plan resumes it"
     train.check_same_config(state, later, "the training state")  # and so does training
     later.learning_rate *= 2
@@ -385,7 +385,7 @@ def test_a_kill_while_swapping_in_a_replacement_neither_retrains_nor_leaves_stag
     import copy
     from soupjax.io import checkpoints
     from soupjax.io import files
-    from soupjax.training import sweep
+    from soupjax.training import planning
     from test_train import load_config
     old_config = load_config("fashion_mnist_vit", "testing")
     config = copy.deepcopy(old_config)
@@ -393,13 +393,13 @@ def test_a_kill_while_swapping_in_a_replacement_neither_retrains_nor_leaves_stag
     ingredients, train_root = tmp_path / "ingredients", tmp_path / "train"
     target = ingredients / "ingredient"
     _fake_ingredient(files.replaced_name(target), old_config)
-    _fake_ingredient(ingredients / sweep.STAGING / "ingredient", config)
+    _fake_ingredient(ingredients / planning.STAGING / "ingredient", config)
     (train_root / "ingredient").mkdir(parents=True)
     (train_root / "ingredient" / "config.json").write_text(json.dumps(config.to_dict()))
     _no_training(monkeypatch)
-    (run,) = plan = sweep.plan_runs([("ingredient", config, {})], ingredients, train_root)
+    (run,) = plan = planning.plan_runs([("ingredient", config, {})], ingredients, train_root)
     assert run.replace, "without --overwrite: the config asked for is the staged one"
-    sweep.run_plan(plan)
+    planning.run_plan(plan)
     assert checkpoints.load_meta(target)["config"]["learning_rate"] == config.learning_rate
     assert sorted(p.name for p in ingredients.iterdir()) == ["ingredient"], "no staging, nothing aside"
 
@@ -410,7 +410,7 @@ def test_an_ingredient_left_aside_by_a_killed_save_is_put_back(tmp_path, monkeyp
     import numpy as np
     from soupjax.io import checkpoints
     from soupjax.io import files
-    from soupjax.training import sweep
+    from soupjax.training import planning
     from test_train import load_config
     config = load_config("fashion_mnist_vit", "testing")
     target = tmp_path / "ingredients" / "ingredient"
@@ -434,23 +434,23 @@ def test_an_ingredient_left_aside_by_a_killed_save_is_put_back(tmp_path, monkeyp
     assert not target.exists() and checkpoints.load_meta(files.replaced_name(target))["name"] == "first"
 
     _no_training(monkeypatch)
-    (run,) = plan = sweep.plan_runs([("ingredient", config, {})], target.parent, tmp_path / "train")
+    (run,) = plan = planning.plan_runs([("ingredient", config, {})], target.parent, tmp_path / "train")
     assert run.meta is not None and run.restore_from == files.replaced_name(target)
-    sweep.run_plan(plan)
+    planning.run_plan(plan)
     assert checkpoints.load_meta(target)["name"] == "first"
     assert sorted(p.name for p in target.parent.iterdir()) == ["ingredient"]
 
 
 def test_a_corrupt_meta_json_is_replaced_with_overwrite(tmp_path):
     from soupjax.io import checkpoints
-    from soupjax.training import sweep
+    from soupjax.training import planning
     from test_train import load_config
     config = load_config("fashion_mnist_vit", "testing")
     target = _fake_ingredient(tmp_path / "ingredients" / "ingredient", config)
     (target / "meta.json").write_text("{not json")
     with pytest.raises(checkpoints.IngredientError, match=r"meta.json is not valid JSON.*--overwrite"):
-        sweep.plan_run("ingredient", config, {}, target, tmp_path / "train" / "ingredient")
-    run = sweep.plan_run("ingredient", config, {}, target, tmp_path / "train" / "ingredient", overwrite=True)
+        planning.plan_run("ingredient", config, {}, target, tmp_path / "train" / "ingredient")
+    run = planning.plan_run("ingredient", config, {}, target, tmp_path / "train" / "ingredient", overwrite=True)
     assert run.replace and run.meta is None
 
 

@@ -17,7 +17,7 @@ from soupjax import data
 from soupjax.cli.errors import InputError
 from soupjax.importers.fingerprint import weights_fingerprint
 from soupjax.io import checkpoints, trees
-from soupjax.training import linear_probe, shared_init, sweep
+from soupjax.training import linear_probe, planning, shared_init, sweep
 from test_train import load_config
 
 def _metas(ingredients_dir: Path) -> list[dict]:
@@ -63,7 +63,7 @@ def probed_sweep(tmp_path_factory, finetuned_workdir, fashion_mnist_data_dir):
     config = load_config("fashion_mnist_vit", f"testing,sweep=2,init={upstream}")
     config.head_init = "linear_probe"
     config.data.data_dir = fashion_mnist_data_dir
-    sweep.finetune_all(sweep.ingredient_configs(config), root / "work")
+    planning.finetune_all(sweep.ingredient_configs(config), root / "work")
     return {"root": root, "upstream": upstream, "ingredients": root / "work" / "ingredients"}
 
 
@@ -179,4 +179,4 @@ def test_save_start_writes_only_a_new_start(tmp_path):
 def test_an_ingredient_may_not_be_named_start(tmp_path):
     config = load_config("fashion_mnist_vit")
     with pytest.raises(InputError, match="may not be named 'start'"):
-        sweep.plan_runs([("start", config, {})], tmp_path / "ingredients", tmp_path / "train")
+        planning.plan_runs([("start", config, {})], tmp_path / "ingredients", tmp_path / "train")

@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 from soupjax import data
 from soupjax.io import checkpoints
 from soupjax.training import shared_init
-from soupjax.training import sweep
+from soupjax.training import planning, sweep
 from soupjax.training import train
 from soupjax.models import build_model_from_run_config as build_model
 from soupjax.evaluation.evaluate import apply_for_eval
@@ -305,9 +305,9 @@ def test_work_made_with_another_config_is_refused_with_the_fields_named(tmp_path
     monkeypatch.setattr(checkpoints, "load_meta", lambda path: {"config": stored})
     moved = config.copy_and_resolve_references()
     moved.data.data_dir = str(tmp_path / "elsewhere")
-    assert sweep.finetune_all([("sweep0_000", moved, {})], tmp_path) == [{"config": stored}]
+    assert planning.finetune_all([("sweep0_000", moved, {})], tmp_path) == [{"config": stored}]
     with pytest.raises(ValueError, match=r"sweep0_000.*learning_rate: 0\.001 != 0\.5"):
-        sweep.finetune_all([("sweep0_000", changed, {})], tmp_path)
+        planning.finetune_all([("sweep0_000", changed, {})], tmp_path)
 
 
 def test_config_json_is_the_plain_form_of_the_config(tmp_path):

@@ -235,9 +235,8 @@ _ARRAYS: collections.OrderedDict = collections.OrderedDict()
 
 
 def forget() -> None:
-    """Drop what this process remembers of the data sets it read (labels, decoded splits): it is named by
-    the data set's directory, builder and split, so data served under those names by something else
-    (another data set copied in, mocked examples) must not meet it. A new process starts without it."""
+    """Drop what this process remembers of the data sets it read (labels, decoded splits), named by data
+    set directory, builder and split: for data served under those names by something else (mocked)."""
     _LABELS.clear()
     _ARRAYS.clear()
 
@@ -363,6 +362,7 @@ def _finish(images: tf.Tensor, cfg) -> tf.Tensor:
 
 def train_batches(cfg, global_batch_size: int, *, seed: int,
                   start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    # Long: the two ways below (in memory, streaming) keep one contract and share the resume arithmetic.
     """Infinite, shuffled, augmented batches of this process's share of 'train'.
 
     Yields {'image': float32 [b, H, W, C], 'label': int32 [b], 'targets': float32 [b, num_classes]} with

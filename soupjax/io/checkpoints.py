@@ -95,7 +95,7 @@ def save_ingredient(directory: str | os.PathLike, variables: Mapping[str, Any], 
                 np.savez(staging / EVAL_FILE, **arrays)
             files.write_json_atomic(staging / META_FILE, {**meta, "format_version": FORMAT_VERSION})
             # The old ingredient is moved aside, not deleted, before the new one is renamed in: a kill
-            # between the two renames leaves both whole (see sweep.plan_run's recovery).
+            # between the two renames leaves both whole (see training.planning.plan_run's recovery).
             files.replace_directory(staging, directory)
     except BaseException:
         if primary:

@@ -21,10 +21,10 @@ def run_sweep_study(config, workdir: Path, *, recipe: str = "all", recalibrate_b
                     learned_epochs: int = 5, overwrite: bool = False) -> dict:
     """A reference-scale study: the config's sweep, then ``recipe`` (and, for BatchNorm models, the
     same again with recalibrated statistics, so the two can be compared)."""
-    from soupjax.training import sweep
+    from soupjax.training import planning, sweep
     ingredients_dir = workdir / "ingredients"
-    plan = sweep.plan_runs(sweep.ingredient_configs(config), ingredients_dir, workdir / "train", overwrite=overwrite)
-    sweep.run_plan(plan)
+    plan = planning.plan_runs(sweep.ingredient_configs(config), ingredients_dir, workdir / "train", overwrite=overwrite)
+    planning.run_plan(plan)
     results = {"plain": cook_into(recipe, ingredients_dir, workdir / "soups", overwrite, learned_epochs=learned_epochs)}
     if recalibrate_bn:
         results["recalibrated"] = cook_into(recipe, ingredients_dir, workdir / "soups-recalibrated", overwrite,
@@ -54,7 +54,7 @@ def run_study(configs, workdir: Path, *, seed: int, quick: bool, ingredients_onl
     """Upstream run, sweep, every recipe, from the ``(upstream, downstream)`` configs of
     ``study_configs``; returns the soup results (also written as a report), or ``{}`` with
     ``ingredients_only``."""
-    from soupjax.training import sweep
+    from soupjax.training import planning, sweep
 
     upstream, downstream = configs
     start = time.time()
@@ -64,9 +64,9 @@ def run_study(configs, workdir: Path, *, seed: int, quick: bool, ingredients_onl
     # Everything that can be refused is refused before the upstream model trains: work made with another
     # config, unwritable directories, data not there. (Whether the ingredients' init was replaced since
     # is known only once the upstream model exists: the sweep's own plan below checks it.)
-    up = [sweep.plan_run("ingredient", upstream, {}, upstream_dir, workdir / "upstream" / "train", overwrite=overwrite)]
-    sweep.check_plan(up)
-    sweep.check_plan([sweep.plan_run(name, config, hparams, ingredients_dir / name, workdir / "train" / name,
+    up = [planning.plan_run("ingredient", upstream, {}, upstream_dir, workdir / "upstream" / "train", overwrite=overwrite)]
+    planning.check_plan(up)
+    planning.check_plan([planning.plan_run(name, config, hparams, ingredients_dir / name, workdir / "train" / name,
                                      overwrite=overwrite, check_init=False) for name, config, hparams in runs],
                      check_init=False)
 
@@ -74,11 +74,11 @@ def run_study(configs, workdir: Path, *, seed: int, quick: bool, ingredients_onl
         print(f"[1/3] upstream: finished earlier ({upstream_dir})", flush=True)
     else:
         print(f"[1/3] upstream: training the shared init on classes {list(upstream.data.classes)}", flush=True)
-        meta = sweep.run_plan(up, "1/3 upstream")[0]
+        meta = planning.run_plan(up, "1/3 upstream")[0]
         print(f"[1/3] upstream: test accuracy {meta['metrics']['test']['accuracy']:.4f} "
               f"({meta['train_seconds']:.0f}s)", flush=True)
 
-    sweep.finetune_all(runs, workdir, ingredients_dir, label="2/3 ingredient", overwrite=overwrite)
+    planning.finetune_all(runs, workdir, ingredients_dir, label="2/3 ingredient", overwrite=overwrite)
     if downstream.eval_every_steps > 0:
         from soupjax.report import learning_curves
         out = workdir / f"learning-curves-seed{seed}"

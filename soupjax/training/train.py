@@ -41,7 +41,7 @@ def check_same_config(path: Path, config: ml_collections.ConfigDict, what: str) 
     """Refuse to resume or reuse work made with another config, naming the fields that differ."""
     from soupjax.config.base import MAY_DIFFER, refuse_changed
     if path.is_file():
-        # The fields sweep.plan_run lets differ: a resumed run may read its data from elsewhere, or
+        # The fields planning.plan_run lets differ: a resumed run may read its data from elsewhere, or
         # belong to a sweep extended since; config.json keeps the values it was started with.
         refuse_changed(json.loads(path.read_text()), config, f"{what} ({path})", ignore=MAY_DIFFER)
     else:
@@ -122,6 +122,8 @@ class TrainResult:
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
           start_dir: str | os.PathLike | None = None) -> TrainResult:
+    # Long: the loop's state (train state, throughput clock, held-out curve, plateau length, checkpoints)
+    # lives across its steps and its interruption; one function keeps the order of those steps visible.
     """The resumable training of one ingredient in ``workdir``, without its evaluation or saving.
 
     Rerunning with the same config continues from the latest checkpoint. This is the loop whose rate

@@ -1,0 +1,281 @@
+"""Where each ingredient of a sweep goes and what to do with it: fine-tune, skip (finished with the same
+config), resume, or (``--overwrite``) train again aside and swap in; every check that needs no training
+made first, so that bad input fails before anything is written.
+
+``sweep`` draws the hyperparameters (``ingredient_configs``); this module plans and runs them in a work
+directory: ingredients in ``ingredients/NAME``, training state in ``train/NAME``, and the start they are
+fine-tuned from in ``ingredients/start`` (``shared_init.save_start``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import ml_collections
+
+from soupjax.cli.errors import InputError
+from soupjax.config.base import MAY_DIFFER
+from soupjax.io import files
+
+
+@dataclasses.dataclass
+class PlannedRun:
+    """One ingredient of ``finetune_all``: where it goes and what to do with it."""
+    name: str
+    config: ml_collections.ConfigDict
+    hparams: dict[str, Any]
+    target: Path                 # the ingredient directory
+    train_dir: Path              # its training state
+    meta: dict | None = None     # set when it is finished with this config: skipped
+    replace: bool = False        # made with another config, and --overwrite: trained aside, then swapped in
+    # A finished ingredient a killed swap left aside (files.replaced_name): renamed back before the run.
+    restore_from: Path | None = None
+
+    @property
+    def staged_target(self) -> Path:
+        # A folder of its own, so that the ingredient keeps its name (meta.json records the directory's
+        # name) and is hidden from list_ingredients (names starting with '.') until it is swapped in.
+        return self.target.parent / STAGING / self.name
+
+    @property
+    def start_dir(self) -> Path:
+        # Beside the ingredients, also for one trained aside: cooking looks for it there.
+        from soupjax.training.shared_init import START_DIR
+        return self.target.parent / START_DIR
+
+    @property
+    def staged_train_dir(self) -> Path:
+        return self.train_dir.parent / STAGING / self.name
+
+
+STAGING = ".replacing"
+OVERWRITE_HINT = ("Pass --overwrite to replace it (the old one stays in place until the new one is complete), "
+                  "or use another work directory.")
+
+
+def finetune_all(runs: list[tuple[str, ml_collections.ConfigDict, dict[str, Any]]], workdir, ingredients_dir=None,
+                 label: str = "", *, overwrite: bool = False, train_root=None) -> list[dict[str, Any]]:
+    """Fine-tune every ``(name, config, hparams)`` of ``runs`` that is not finished yet; return their metas.
+
+    Ingredients land in ``ingredients_dir/NAME`` (default ``workdir/ingredients``), training state in
+    ``train_root/NAME`` (default ``workdir/train``). A finished ingredient is skipped only when it was
+    made with the same config: a changed config in the same directory is refused with the differing
+    fields named, because a sweep silently mixing old and new ingredients would make a soup of things
+    nobody asked for. With ``overwrite`` it is fine-tuned again aside (``.replacing/``) and swapped in
+    only once complete, so an interruption never leaves neither the old ingredient nor the new one.
+
+    Everything that can be checked before training (the work directory is writable, no finished work
+    conflicts, the data set is available offline with a usable held-out split, the init file exists)
+    is checked for every ingredient first: bad input fails before anything is written.
+    """
+    workdir = Path(workdir)
+    ingredients_dir = Path(ingredients_dir) if ingredients_dir else workdir / "ingredients"
+    train_root = Path(train_root) if train_root else workdir / "train"
+    return run_plan(plan_runs(runs, ingredients_dir, train_root, overwrite=overwrite), label)
+
+
+def run_plan(plan: list[PlannedRun], label: str = "") -> list[dict[str, Any]]:
+    """Carry out a ``plan_runs`` plan: skip the finished, fine-tune the rest; return every meta."""
+    import time
+
+    from soupjax.training import train
+
+    prefix = f"{label} " if label else ""
+    start, metas = time.time(), []
+    for i, run in enumerate(plan, 1):
+        tag = f"[{prefix}{i}/{len(plan)}] {run.name}"
+        if run.restore_from is not None:
+            _on_primary(lambda: os.replace(run.restore_from, run.target), f"soupjax-restore-{run.target}")
+        if run.meta is not None:
+            print(f"{tag}: finished earlier, skipped", flush=True)
+            metas.append(run.meta)
+            continue
+        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in run.hparams.items())
+        print(f"{tag}: {shown or 'config as given'}" + (" (replacing the one made with another config)"
+                                                         if run.replace else ""), flush=True)
+        if run.replace:
+            meta = _staged_meta(run)
+            if meta is None:
+                _on_primary(lambda: _discard_other_staging(run), f"soupjax-discard-{run.target}")
+                meta = train.train_and_evaluate(run.config, run.staged_train_dir, run.staged_target,
+                                                extra_meta=_extra_meta(run), start_dir=run.start_dir)
+
+            def swap_in(run: PlannedRun = run) -> None:
+                files.replace_directory(run.staged_train_dir, run.train_dir)
+                files.replace_directory(run.staged_target, run.target)
+            _on_primary(swap_in, f"soupjax-swap-{run.target}")
+        else:
+            meta = train.train_and_evaluate(run.config, run.train_dir, run.target, extra_meta=_extra_meta(run),
+                                            start_dir=run.start_dir)
+        m = meta["metrics"]
+        print(f"{tag}: held-out {m['heldout']['accuracy']:.4f}  test {m['test']['accuracy']:.4f}  "
+              f"({meta['train_seconds']:.0f}s, {meta['train_images_per_second']:.0f} img/s; "
+              f"{time.time() - start:.0f}s elapsed) -> {run.target}", flush=True)
+        metas.append(meta)
+    return metas
+
+
+def plan_runs(runs: list[tuple[str, ml_collections.ConfigDict, dict[str, Any]]], ingredients_dir, train_root,
+              *, overwrite: bool = False) -> list[PlannedRun]:
+    """What ``finetune_all`` will do with each run (``plan_run``), after every check that needs no
+    training (``check_plan``): ``InputError`` before anything is written."""
+    plan = [plan_run(name, config, hparams, Path(ingredients_dir) / name, Path(train_root) / name,
+                     overwrite=overwrite) for name, config, hparams in runs]
+    check_plan(plan)
+    return plan
+
+
+def plan_run(name: str, config: ml_collections.ConfigDict, hparams: Mapping[str, Any], target, train_dir, *,
+             overwrite: bool = False, check_init: bool = True) -> PlannedRun:
+    """Skip, fine-tune, or (``overwrite``) replace the ingredient ``target``, trained in ``train_dir``.
+
+    Finished work (the ingredient, or else the training state) made with another config is refused,
+    naming the differing fields, unless ``overwrite``. ``check_init=False`` leaves out the check that an
+    ingredient named by ``init_from`` was not replaced since (when it is yet to be made).
+    """
+    from soupjax.io import checkpoints
+    from soupjax.config.base import refuse_changed
+    from soupjax.training.shared_init import START_DIR
+
+    if name == START_DIR:
+        raise InputError(f"an ingredient may not be named {name!r}: the start the ingredients are fine-tuned from is "
+                         f"written as {Path(target).parent / START_DIR}; give config.name another name")
+    run = PlannedRun(name, config, dict(hparams), Path(target), Path(train_dir))
+    if not checkpoints.is_ingredient(run.target):
+        # A kill inside files.replace_directory (between moving the old one aside and renaming the new
+        # one in) leaves no ingredient at the target. The new one, complete in staging with this
+        # config, is swapped in by run_plan rather than trained again; else the old one is put back.
+        if _staged_meta(run) is not None:
+            run.replace = True
+            return run
+        aside = files.replaced_name(run.target)
+        if checkpoints.is_ingredient(aside):
+            run.restore_from = aside
+    source = run.restore_from or run.target
+    finished = checkpoints.is_ingredient(source)
+    if finished:
+        what = f"the ingredient {run.target}"
+        try:
+            stored = checkpoints.load_meta(source)
+        except checkpoints.IngredientError as e:
+            if not overwrite:
+                raise checkpoints.IngredientError(f"{e}. {OVERWRITE_HINT}") from e
+            run.replace = True  # unreadable: replaced like one made with another config
+            return run
+    else:
+        what, state = f"the training state in {run.train_dir}", run.train_dir / "config.json"
+        stored = {"config": json.loads(state.read_text())} if state.is_file() else None
+    if stored is None:
+        return run
+    try:
+        refuse_changed(stored.get("config", {}), config, what, ignore=MAY_DIFFER, remedy=OVERWRITE_HINT)
+        if check_init:
+            _refuse_replaced_init(stored, config, what)
+    except InputError:
+        if not overwrite:
+            raise
+        run.replace = True
+        return run
+    if finished:
+        run.meta = stored
+    return run
+
+
+def check_plan(plan: list[PlannedRun], *, check_init: bool = True) -> None:
+    """For the runs that will train: their directories can be written, the init file exists
+    (``check_init``), the data set is available offline and its held-out split is usable."""
+    from soupjax.config.base import fingerprint
+    todo = [run for run in plan if run.meta is None]
+    for directory in sorted({d for run in todo for d in (run.target.parent, run.train_dir.parent)}):
+        problem = files.writable_problem(directory)  # creates nothing: bad input leaves nothing behind
+        if problem:
+            raise InputError(f"cannot write {directory}: {problem}")
+    checked = set()
+    for run in todo:
+        key = (fingerprint(run.config.data), run.config.init_from.path)
+        if key not in checked:
+            checked.add(key)
+            _check_inputs(run.config, check_init=check_init)
+
+
+def _check_inputs(config: ml_collections.ConfigDict, *, check_init: bool = True) -> None:
+    """The init file exists, and the data set is there offline with a usable held-out split."""
+    from soupjax import data
+    path = config.init_from.path
+    if check_init and path and not Path(path).exists():
+        raise InputError(f"config.init_from.path {path} not found (the pretrained weights or the ingredient to "
+                         "start from)")
+    data.check_available(config.data)
+    data.check_heldout(config.data)
+
+
+def _extra_meta(run: PlannedRun) -> dict[str, Any]:
+    """What meta.json records beyond the config: the draw, and which init ingredient it started from."""
+    extra = {"hparams": run.hparams}
+    init = init_ingredient_id(run.config)
+    if init is not None:
+        extra["init_ingredient"] = init
+    return extra
+
+
+def init_ingredient_id(config: ml_collections.ConfigDict) -> str | None:
+    """A fingerprint of the meta.json of the ingredient ``init_from`` names (None for other inits).
+
+    The config records only the init's path; when the ingredient at that path is replaced (an upstream
+    run made again with ``--overwrite``), ingredients fine-tuned from the old one must not pass as
+    finished.
+    """
+    from soupjax.io import checkpoints
+    from soupjax.config.base import fingerprint
+    path = config.init_from.path
+    if not path or not checkpoints.is_ingredient(path):
+        return None
+    return fingerprint(checkpoints.load_meta(path))
+
+
+def _refuse_replaced_init(stored: dict, config: ml_collections.ConfigDict, what: str) -> None:
+    recorded, now = stored.get("init_ingredient"), init_ingredient_id(config)
+    if recorded is not None and now is not None and recorded != now:
+        raise InputError(f"{what} was fine-tuned from another ingredient at {config.init_from.path}, which "
+                         f"has been replaced since. {OVERWRITE_HINT}")
+
+
+def _staged_meta(run: PlannedRun) -> dict | None:
+    """The meta of an ingredient already complete in staging with this config (an earlier --overwrite run
+    stopped before swapping it in), so that it is swapped in instead of trained again."""
+    from soupjax.io import checkpoints
+    from soupjax.config.base import changed_fields
+    if not checkpoints.is_ingredient(run.staged_target):
+        return None
+    try:
+        meta = checkpoints.load_meta(run.staged_target)
+    except checkpoints.IngredientError:
+        return None  # unreadable staging is not complete: trained again
+    return None if changed_fields(meta.get("config", {}), run.config, ignore=MAY_DIFFER) else meta
+
+
+def _discard_other_staging(run: PlannedRun) -> None:
+    """Drop the training state of an abandoned replacement made with yet another config (an earlier
+    --overwrite run, stopped): it is soupjax's own unfinished staging, not anyone's finished work."""
+    from soupjax.config.base import changed_fields
+    state = run.staged_train_dir / "config.json"
+    if state.is_file() and changed_fields(json.loads(state.read_text()), run.config):
+        shutil.rmtree(run.staged_train_dir)
+
+
+def _on_primary(action, name: str) -> None:
+    """``action()`` on process 0 only, then every process waits for it (``name`` labels the barrier).
+
+    The work directory is shared between processes: two renaming or deleting the same directories
+    would race, one failing on what the other has just moved.
+    """
+    import jax
+    if jax.process_index() == 0:
+        action()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
