@@ -62,6 +62,7 @@ __all__ = [
     "uniform_by_tensor",
     "weighted_by_tensor",
     "greedy",
+    "visit_order",
     "pruned",
     "interpolate",
 ]
@@ -401,6 +402,25 @@ def accepts(score: float, best: float, *, strict: bool = False) -> bool:
     return score > best or (not strict and score == best)
 
 
+def visit_order(k: int, heldout_scores: Sequence[float] | None, *, order: str = "sorted", seed: int = 0,
+                ties: str = "index") -> list[int]:
+    """The order greedy visits K ingredients in: best held-out score first (``order='sorted'``), ties in index
+    order (``ties='index'``) or reversed (``'official'``: model-soups' ``main.py`` sorts ascending, reverses)."""
+    if ties not in ("index", "official"):
+        raise ValueError(f"ties must be 'index' or 'official', got {ties!r}")
+    if order == "random":
+        return [int(i) for i in np.random.default_rng(seed).permutation(k)]
+    if order != "sorted":
+        raise ValueError(f"order must be 'sorted' or 'random', got {order!r}")
+    if heldout_scores is None:
+        raise ValueError("order='sorted' needs heldout_scores")
+    scores = np.asarray(heldout_scores, np.float64)
+    if ties == "index":  # a stable sort on the negated scores: best first, ties in index order
+        return [int(i) for i in np.argsort(-scores, kind="stable")]
+    # The official code's order: a stable ascending sort, reversed (ties in reverse index order).
+    return [int(i) for i in np.argsort(scores, kind="stable")[::-1]]
+
+
 def greedy(
     loaders: Sequence[Loader],
     heldout_scores: Sequence[float] | None,
@@ -416,11 +436,8 @@ def greedy(
 
     Ingredients are visited best first by their individual held-out accuracy ``heldout_scores``
     (``order='sorted'``) or in a seeded random order (``order='random'``, the paper's "greedy soup,
-    random order" ablation). Among tied scores, ``ties='index'`` visits the lower index first;
-    ``ties='official'`` the higher index first, as the official mlfoundations/model-soups ``main.py``
-    does (it sorts ascending and reverses the list). Both are deterministic; with several tied
-    ingredients they can start the soup from different ones and so cook different soups. The soup starts as the first ingredient; each next
-    one is added if the held-out accuracy of the soup with it does not fall: ``>=`` as in the paper's
+    random order" ablation); tied scores by ``ties`` (``visit_order``: 'index' or the official
+    code's 'official'). The soup starts as the first ingredient; each next one is added if the held-out accuracy of the soup with it does not fall: ``>=`` as in the paper's
     Recipe 1 (so equally good ingredients join and the soup gets flatter), ``>`` with ``strict=True``
     (what the official mlfoundations/model-soups ``main.py`` does).
 
@@ -439,23 +456,7 @@ def greedy(
         raise ValueError("a soup needs at least one ingredient")
     if heldout_scores is not None and len(heldout_scores) != k:
         raise ValueError(f"{k} loaders but {len(heldout_scores)} held-out scores")
-    if ties not in ("index", "official"):
-        raise ValueError(f"ties must be 'index' or 'official', got {ties!r}")
-    if order == "sorted":
-        if heldout_scores is None:
-            raise ValueError("order='sorted' needs heldout_scores")
-        scores = np.asarray(heldout_scores, np.float64)
-        if ties == "index":
-            # Stable sort on the negated scores: best first, ties in index order.
-            visit = [int(i) for i in np.argsort(-scores, kind="stable")]
-        else:
-            # The official code's order: a stable ascending sort, reversed (ties in reverse index order).
-            visit = [int(i) for i in np.argsort(scores, kind="stable")[::-1]]
-    elif order == "random":
-        visit = [int(i) for i in np.random.default_rng(seed).permutation(k)]
-    else:
-        raise ValueError(f"order must be 'sorted' or 'random', got {order!r}")
-
+    visit = visit_order(k, heldout_scores, order=order, seed=seed, ties=ties)
     acc = RunningMean()
     first = visit[0]
     tree = _load(loaders[first], first)

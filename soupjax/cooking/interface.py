@@ -44,9 +44,8 @@ def rank(heldout: Sequence[float], ties: str = "index") -> list[int]:
     sorts ascending and reverses, and ``soups.greedy(ties='official')`` visit them).
 
     The one ranking cooking and ``soupjax.api.merge`` use (SLERP's two best, the greedy ensemble's order)."""
-    if ties not in ("index", "official"):
-        raise ValueError(f"ties must be 'index' or 'official', got {ties!r}")
-    return sorted(range(len(heldout)), key=lambda i: (-heldout[i], i if ties == "index" else -i))
+    from soupjax.arithmetic.soups import visit_order  # loads JAX: only when a method ranks
+    return visit_order(len(heldout), heldout, order="sorted", ties=ties)
 
 
 def short_options(point: Mapping[str, Any]) -> str:
