@@ -26,7 +26,7 @@ Setup (not timed):
 
 Timed, interleaved over `--rounds` (soupjax, PyTorch, soupjax, PyTorch, ...), for each K:
   soupjax   what `python -m soupjax.soup --recipe greedy` does: scores from each meta.json,
-            `checkpoints.ingredient_loader` per ingredient, `recipes.greedy` with an evaluator built
+            `checkpoints.ingredient_loader` per ingredient, `soups.greedy` with an evaluator built
             as `soupjax.cooking.evaluations.Evaluations.heldout_accuracy` (an `evaluate.Evaluator` over the held-out
             batches), until the soup's arrays are ready.
   PyTorch   the greedy loop of mlfoundations/model-soups `main.py`, rewritten from its description:
@@ -184,10 +184,10 @@ class Run:
 
 
 def soupjax_greedy(paths: list[Path], evaluate: Callable[[Any], float], strict: bool) -> Run:
-    """`soupjax.soup --recipe greedy`'s work: scores from meta.json, streamed loaders, recipes.greedy."""
+    """`soupjax.soup --recipe greedy`'s work: scores from meta.json, streamed loaders, soups.greedy."""
     import jax
     from soupjax.io import checkpoints
-    from soupjax.arithmetic import soups as recipes
+    from soupjax.arithmetic import soups
     parts = {"load": 0.0, "eval": 0.0}
 
     def timed(fn: Callable, part: str) -> Callable:
@@ -201,7 +201,7 @@ def soupjax_greedy(paths: list[Path], evaluate: Callable[[Any], float], strict: 
     start = time.perf_counter()
     scores = [checkpoints.load_meta(p)["metrics"]["heldout"]["accuracy"] for p in paths]
     loaders = [timed(checkpoints.ingredient_loader(p), "load") for p in paths]
-    result = recipes.greedy(loaders, scores, timed(evaluate, "eval"), strict=strict)
+    result = soups.greedy(loaders, scores, timed(evaluate, "eval"), strict=strict)
     jax.block_until_ready(result.variables)
     seconds = time.perf_counter() - start
     parts["soup arithmetic + rest"] = seconds - parts["load"] - parts["eval"]
@@ -367,9 +367,9 @@ def main() -> None:
         print(f"measured each synthetic ingredient's held-out accuracy (soupjax evaluator) in "
               f"{time.perf_counter() - t:.1f} s")
     t = time.perf_counter()
-    from soupjax.arithmetic import soups as recipes
+    from soupjax.arithmetic import soups
     scores = [checkpoints.load_meta(p)["metrics"]["heldout"]["accuracy"] for p in paths]
-    recipes.greedy([checkpoints.ingredient_loader(p) for p in paths[:2]], scores[:2], heldout_accuracy)
+    soups.greedy([checkpoints.ingredient_loader(p) for p in paths[:2]], scores[:2], heldout_accuracy)
     print(f"soup arithmetic compiled by a K=2 greedy soup ({time.perf_counter() - t:.2f} s, not timed)")
 
     t = time.perf_counter()

@@ -7,9 +7,9 @@ Writes max(K) synthetic ingredients (the model's init plus noise, float32) as so
 directory removed at the end), then, for each K, cooks the uniform soup of the first K, each method in a
 fresh process so that its peak resident memory (VmHWM) is its own:
 
-  per_tensor   recipes.uniform_by_tensor over checkpoints.tensor_source: one tensor of each ingredient at a
+  per_tensor   soup_arithmetic.uniform_by_tensor over checkpoints.tensor_source: one tensor of each ingredient at a
                time into a float32 accumulator of that tensor's size (how the soup CLI cooks it);
-  streamed     recipes.uniform over checkpoints.ingredient_loader: one whole ingredient at a time into a
+  streamed     soup_arithmetic.uniform over checkpoints.ingredient_loader: one whole ingredient at a time into a
                float32 running sum of the whole model;
   load_all     what one writes without soupjax: load all K, then tree_map a mean over them (skipped where
                K models would not fit in the memory available at that moment, or above --load_all_max_k);
@@ -47,7 +47,7 @@ import hashlib, json, os, sys, time
 from pathlib import Path
 import jax, numpy as np
 from soupjax.io import checkpoints
-from soupjax.arithmetic import soups as recipes
+from soupjax.arithmetic import soups as soup_arithmetic
 method, root, k = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 paths = checkpoints.list_ingredients(root)[:k]
 assert len(paths) == k, (len(paths), k)
@@ -60,9 +60,9 @@ start = status_mb("VmRSS")
 t = time.perf_counter()
 soup = None
 if method == "per_tensor":
-    soup = recipes.uniform_by_tensor([checkpoints.tensor_source(p) for p in paths])
+    soup = soup_arithmetic.uniform_by_tensor([checkpoints.tensor_source(p) for p in paths])
 elif method == "streamed":
-    soup = jax.device_get(recipes.uniform([checkpoints.ingredient_loader(p) for p in paths]))
+    soup = jax.device_get(soup_arithmetic.uniform([checkpoints.ingredient_loader(p) for p in paths]))
 elif method == "load_all":
     trees = [checkpoints.load_variables(p) for p in paths]
     soup = jax.tree_util.tree_map(lambda *xs: np.mean(np.stack(xs), axis=0), *trees)

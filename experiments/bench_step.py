@@ -24,7 +24,7 @@ import numpy as np
 def main() -> None:
     from soupjax import models
     from soupjax.io import checkpoints
-    from soupjax.arithmetic import soups as recipes
+    from soupjax.arithmetic import soups
     from soupjax.devices import sharding
     from soupjax.evaluation.evaluate import Evaluator
     from soupjax.evaluation.evaluate import apply_for_eval
@@ -84,7 +84,7 @@ def main() -> None:
             checkpoints.save_ingredient(Path(tmp) / f"ing{i:02d}", noisy, {"init_fingerprint": "bench"})
         loaders = [checkpoints.ingredient_loader(p) for p in checkpoints.list_ingredients(tmp)]
         t = time.perf_counter()
-        soup = recipes.uniform(loaders)
+        soup = soups.uniform(loaders)
         jax.block_until_ready(soup)
         soup_s = time.perf_counter() - t
     size_mb = sum(x.nbytes for x in jax.tree_util.tree_leaves(host)) / 2**20

@@ -59,9 +59,9 @@ def inspect(ingredients_dir: Path, out: Path, *, config: ConfigDict | None = Non
     from soupjax.cooking import preflight
     from soupjax.cli.errors import InputError
     from soupjax.cooking.evaluations import Evaluations
-    from soupjax.cooking.orchestrate import check_options, check_writable, load_config
+    from soupjax.cooking.orchestrate import check_recipe_options, check_writable, ingredients_config
 
-    check_options(eval_batch_size=eval_batch_size, recalibrate_bn=recalibrate_bn)
+    check_recipe_options(eval_batch_size=eval_batch_size, recalibrate_bn=recalibrate_bn)
     if pairs < 1 or points < 2:
         raise InputError(f"--inspect_pairs={pairs} --inspect_points={points}: need at least 1 pair and 2 points")
     ingredients = preflight.gather(ingredients_dir, allow_mixed_init=allow_mixed_init)
@@ -71,11 +71,11 @@ def inspect(ingredients_dir: Path, out: Path, *, config: ConfigDict | None = Non
                          f"({ingredients[0].name}): fine-tune at least two")
     if pairs > possible:
         raise InputError(f"--inspect_pairs={pairs}: {len(ingredients)} ingredients make only {possible} pair(s)")
-    config = load_config(ingredients, config, data_dir)
+    config = ingredients_config(ingredients, config, data_dir)
     check_writable(out)
     # Only now: the model and data modules take seconds to import, the checks above none.
     from soupjax import report
-    from soupjax.arithmetic import soups as recipes
+    from soupjax.arithmetic import soups
     from soupjax.io import checkpoints
     from soupjax.training.shared_init import locate_start, start_problem
     metas = [ing.meta for ing in ingredients]
@@ -114,7 +114,7 @@ def inspect(ingredients_dir: Path, out: Path, *, config: ConfigDict | None = Non
     lines = []
     for i, j in chosen:
         a, b = ingredients[i].load(), ingredients[j].load()
-        accs = [kitchen.heldout_accuracy(recipes.interpolate(a, b, float(alpha))) for alpha in alphas]
+        accs = [kitchen.heldout_accuracy(soups.interpolate(a, b, float(alpha))) for alpha in alphas]
         lines.append({"a": ingredients[i].name, "b": ingredients[j].name, "alphas": alphas.tolist(), "heldout": accs})
         print(f"interpolation {ingredients[i].name} -> {ingredients[j].name}: "
               + " ".join(f"{x:.3f}" for x in accs), flush=True)

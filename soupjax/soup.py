@@ -60,9 +60,9 @@ flags.DEFINE_bool("overwrite", False, "Replace soups and the report in --out tha
 def main(argv) -> int:
     del argv  # command_line.flags_parser refused any positional argument
     # Before JAX loads: a bad value is refused at once, not after seconds of imports.
-    from soupjax.cooking import check_options
+    from soupjax.cooking import check_recipe_options
     options = {name: FLAGS[name].value for name in methods.all_options()}
-    check_options(**options)
+    check_recipe_options(**options)
     workdir = Path(FLAGS.workdir or default_workdir()).absolute()
     ingredients_dir = Path(FLAGS.ingredients).absolute() if FLAGS.ingredients else workdir / "ingredients"
     out = Path(FLAGS.out).absolute() if FLAGS.out else workdir / "soups"

@@ -7,7 +7,7 @@ import pytest
 
 from soupjax.io.trees import path_str
 from soupjax.io import checkpoints
-from soupjax.arithmetic import soups as recipes
+from soupjax.arithmetic import soups
 
 
 def _variables(seed, kernel_shape=(3, 4)):
@@ -33,7 +33,7 @@ def ingredients(tmp_path):
 def test_reads_each_array_alone_with_its_stored_dtype(ingredients):
     trees, dirs = ingredients
     src = checkpoints.tensor_source(dirs[1])
-    assert isinstance(src, recipes.TensorSource)
+    assert isinstance(src, soups.TensorSource)
     flat = {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(trees[1])}
     assert set(src.paths) == set(flat)
     assert dict(zip(src.paths, src.shapes)) == {p: x.shape for p, x in flat.items()}
@@ -49,8 +49,8 @@ def test_soups_by_tensor_from_disk_equal_the_whole_tree_soups(ingredients):
     _, dirs = ingredients
     sources = [checkpoints.tensor_source(d) for d in dirs]
     loaders = [checkpoints.ingredient_loader(d) for d in dirs]
-    pairs = [(recipes.uniform_by_tensor(sources), recipes.uniform(loaders)),
-             (recipes.weighted_by_tensor(sources, [0.2, 0.0, 1.5]), recipes.weighted(loaders, [0.2, 0.0, 1.5]))]
+    pairs = [(soups.uniform_by_tensor(sources), soups.uniform(loaders)),
+             (soups.weighted_by_tensor(sources, [0.2, 0.0, 1.5]), soups.weighted(loaders, [0.2, 0.0, 1.5]))]
     for got, want in pairs:
         assert jax.tree.structure(got) == jax.tree.structure(want)
         for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
@@ -84,7 +84,7 @@ def test_mismatched_ingredients_on_disk_name_the_path(tmp_path):
     a = checkpoints.save_ingredient(tmp_path / "a", _variables(0), {})
     b = checkpoints.save_ingredient(tmp_path / "b", _variables(1, kernel_shape=(5, 4)), {})
     with pytest.raises(ValueError, match=r"params/Dense_0/kernel.*\(5, 4\).*\(3, 4\)"):
-        recipes.uniform_by_tensor([checkpoints.tensor_source(a), checkpoints.tensor_source(b)])
+        soups.uniform_by_tensor([checkpoints.tensor_source(a), checkpoints.tensor_source(b)])
 
 
 def test_not_an_ingredient(tmp_path):
@@ -105,7 +105,7 @@ def test_soup_from_disk_allocates_one_model_and_a_few_tensors(tmp_path):
     tensor = leaf * 4
     tracemalloc.start()
     try:
-        soup = recipes.uniform_by_tensor(sources, prefetch_bytes=4 * tensor, threads=2)
+        soup = soups.uniform_by_tensor(sources, prefetch_bytes=4 * tensor, threads=2)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -219,13 +219,13 @@ def test_ingredients_budget_decides_host_or_streaming():
 
 
 def test_zero_epochs_is_the_uniform_soup_and_init_weights():
-    from soupjax.arithmetic import soups as recipes
+    from soupjax.arithmetic import soups
 
     trees = _ingredients(k=3)
     loaders = [lambda t=t: t for t in trees]
     result = learned_lib.learned(loaders, apply_mlp, lambda: [_batch()], epochs=0)
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), result.variables, recipes.uniform(loaders)
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), result.variables, soups.uniform(loaders)
     )
     np.testing.assert_allclose(result.weights, [1 / 3] * 3, rtol=1e-6)
     assert len(result.history) == 1 and result.temperature == 1.0
@@ -333,7 +333,7 @@ class TrainableMLP(nn.Module):
 
 def test_learned_soup_trains_with_recalibrated_statistics():
     from soupjax.evaluation import batchnorm
-    from soupjax.arithmetic import soups as recipes
+    from soupjax.arithmetic import soups
 
     model = TrainableMLP()
     trees = _ingredients(k=3)
@@ -355,8 +355,8 @@ def test_learned_soup_trains_with_recalibrated_statistics():
                                  recalibrate=recalibrate)
     # Recalibrated for the initial soup and after each epoch; the soup's statistics are its own.
     assert len(seen) == 3
-    uniform = recalibrate(recipes.uniform(loaders))
-    assert loss_of(uniform, heldout[0]) != pytest.approx(loss_of(recipes.uniform(loaders), heldout[0]), rel=1e-2)
+    uniform = recalibrate(soups.uniform(loaders))
+    assert loss_of(uniform, heldout[0]) != pytest.approx(loss_of(soups.uniform(loaders), heldout[0]), rel=1e-2)
     assert result.history[0]["loss"] == pytest.approx(loss_of(uniform, heldout[0]), rel=1e-5)
     # Epoch 1's one step is taken at the uniform soup with those statistics: the same loss.
     assert result.history[1]["train_loss"] == pytest.approx(result.history[0]["loss"], rel=1e-5)

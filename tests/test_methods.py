@@ -21,7 +21,7 @@ from soupjax import methods
 from soupjax.io import checkpoints
 from soupjax import cooking
 from soupjax.arithmetic import merging
-from soupjax.arithmetic import soups as recipes
+from soupjax.arithmetic import soups as soup_arithmetic
 from soupjax.cli.errors import InputError
 from soupjax.config.base import load_config
 from test_train import init_fingerprint, init_variables
@@ -106,7 +106,7 @@ def test_the_registry_holds_every_method_with_its_docs_and_options():
 ])
 def test_method_options_out_of_range_are_refused_by_name(option, value, said):
     with pytest.raises(InputError) as err:
-        cooking.check_options(**{option: value})
+        cooking.check_recipe_options(**{option: value})
     assert said in str(err.value)
 
 
@@ -361,12 +361,12 @@ def test_slerp_ends_are_the_two_ingredients_statistics_included():
     init = {"params": {"w": np.zeros(3, np.float32)}, "batch_stats": {"var": np.ones(2, np.float32)}}
     a = {"params": {"w": np.array([1, 0, 0], np.float32)}, "batch_stats": {"var": np.array([2, 3], np.float32)}}
     b = {"params": {"w": np.array([0, 2, 0], np.float32)}, "batch_stats": {"var": np.array([4, 6], np.float32)}}
-    sources = [recipes.TreeSource(a), recipes.TreeSource(b)]
+    sources = [soup_arithmetic.TreeSource(a), soup_arithmetic.TreeSource(b)]
     slerp = methods.get("slerp").merge
     for t, want in ((0.0, a), (1.0, b)):
-        got = slerp.build("slerp", {"t": t}, recipes.TreeSource(init), sources, 0)
+        got = slerp.build("slerp", {"t": t}, soup_arithmetic.TreeSource(init), sources, 0)
         jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
-    quarter = slerp.build("slerp", {"t": 0.25}, recipes.TreeSource(init), sources, 0)
+    quarter = slerp.build("slerp", {"t": 0.25}, soup_arithmetic.TreeSource(init), sources, 0)
     np.testing.assert_allclose(quarter["batch_stats"]["var"], [2.5, 3.75], rtol=1e-7)
     # The plain mean (what every other merge does with statistics) would be [3, 4.5].
     assert slerp.chosen([0.1, 0.3, 0.3]) == [1, 2]  # the two best, equal ones in ingredient order
@@ -389,8 +389,8 @@ def test_dare_drops_the_masks_drawn_independently_at_the_rate_asked():
     ends = [jax.tree_util.tree_map(lambda x: (x + rng.normal(size=x.shape)).astype(np.float32), init) for _ in range(2)]
     dare = methods.get("dare").merge
     p, seed = 0.7, 11
-    got = dare.build("dare_linear", {"p": p, "lambda": 1.0}, recipes.TreeSource(init),
-                     [recipes.TreeSource(e) for e in ends], seed)
+    got = dare.build("dare_linear", {"p": p, "lambda": 1.0}, soup_arithmetic.TreeSource(init),
+                     [soup_arithmetic.TreeSource(e) for e in ends], seed)
     kept = []
     for path in ("params/w", "params/b"):
         group, name = path.split("/")

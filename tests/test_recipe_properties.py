@@ -30,7 +30,7 @@ from hypothesis.extra import numpy as hnp
 
 from soupjax.io import trees
 from soupjax.arithmetic import learned
-from soupjax.arithmetic import soups as recipes
+from soupjax.arithmetic import soups as soup_arithmetic
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 U32 = 2.0 ** -24              # float32 unit roundoff
@@ -113,25 +113,25 @@ def _assert_within_rounding(got, want, trees, what: str, *, ops: int | None = No
 def test_uniform_soup_does_not_depend_on_the_order_of_the_ingredients(trees, data):
     order = data.draw(st.permutations(range(len(trees))))
     shuffled = [trees[i] for i in order]
-    soup = recipes.uniform(_loaders(trees))
-    _assert_within_rounding(recipes.uniform(_loaders(shuffled)), soup, trees, "uniform, shuffled")
-    by_tensor = recipes.uniform_by_tensor([recipes.TreeSource(t) for t in shuffled], threads=1)
+    soup = soup_arithmetic.uniform(_loaders(trees))
+    _assert_within_rounding(soup_arithmetic.uniform(_loaders(shuffled)), soup, trees, "uniform, shuffled")
+    by_tensor = soup_arithmetic.uniform_by_tensor([soup_arithmetic.TreeSource(t) for t in shuffled], threads=1)
     _assert_within_rounding(by_tensor, soup, trees, "uniform_by_tensor, shuffled")
     # In the same order both add the same displacements from the same reference, but numpy rounds
     # each operation and XLA may fuse them: equal within rounding, not necessarily bit for bit.
-    _assert_within_rounding(recipes.uniform_by_tensor([recipes.TreeSource(t) for t in trees], threads=1), soup,
+    _assert_within_rounding(soup_arithmetic.uniform_by_tensor([soup_arithmetic.TreeSource(t) for t in trees], threads=1), soup,
                             trees, "uniform_by_tensor vs uniform")
 
 
 @SETTINGS
 @given(tree=ingredient(), weight=st.floats(1e-3, 1e3))
 def test_a_soup_of_one_ingredient_is_that_ingredient(tree, weight):
-    _assert_same_bits(recipes.uniform(_loaders([tree])), tree, "uniform")
-    _assert_same_bits(recipes.uniform_by_tensor([recipes.TreeSource(tree)]), tree, "uniform_by_tensor")
-    _assert_same_bits(recipes.weighted(_loaders([tree]), [weight]), tree, "weighted")
-    _assert_same_bits(recipes.weighted_by_tensor([recipes.TreeSource(tree)], [weight]), tree, "weighted_by_tensor")
-    _assert_same_bits(recipes.greedy(_loaders([tree]), [0.5], lambda s: 0.5).variables, tree, "greedy")
-    _assert_same_bits(recipes.pruned(_loaders([tree]), lambda s: 0.5).variables, tree, "pruned")
+    _assert_same_bits(soup_arithmetic.uniform(_loaders([tree])), tree, "uniform")
+    _assert_same_bits(soup_arithmetic.uniform_by_tensor([soup_arithmetic.TreeSource(tree)]), tree, "uniform_by_tensor")
+    _assert_same_bits(soup_arithmetic.weighted(_loaders([tree]), [weight]), tree, "weighted")
+    _assert_same_bits(soup_arithmetic.weighted_by_tensor([soup_arithmetic.TreeSource(tree)], [weight]), tree, "weighted_by_tensor")
+    _assert_same_bits(soup_arithmetic.greedy(_loaders([tree]), [0.5], lambda s: 0.5).variables, tree, "greedy")
+    _assert_same_bits(soup_arithmetic.pruned(_loaders([tree]), lambda s: 0.5).variables, tree, "pruned")
 
 
 @SETTINGS
@@ -140,12 +140,12 @@ def test_a_soup_of_k_copies_of_one_ingredient_is_that_ingredient(tree, k, data):
     # Exact in every dtype: the recipes sum displacements from the first ingredient, all zero here.
     # (Summing the copies themselves put float32 leaves up to 2 ulps off at K = 7.)
     weights = data.draw(st.lists(st.floats(1e-3, 1e3), min_size=k, max_size=k))
-    sources = [recipes.TreeSource(tree)] * k
-    for what, soup in (("uniform", recipes.uniform(_loaders([tree] * k))),
-                       ("uniform_by_tensor", recipes.uniform_by_tensor(sources)),
-                       ("weighted", recipes.weighted(_loaders([tree] * k), weights)),
-                       ("weighted_by_tensor", recipes.weighted_by_tensor(sources, weights)),
-                       ("greedy", recipes.greedy(_loaders([tree] * k), [0.5] * k, lambda s: 0.5).variables)):
+    sources = [soup_arithmetic.TreeSource(tree)] * k
+    for what, soup in (("uniform", soup_arithmetic.uniform(_loaders([tree] * k))),
+                       ("uniform_by_tensor", soup_arithmetic.uniform_by_tensor(sources)),
+                       ("weighted", soup_arithmetic.weighted(_loaders([tree] * k), weights)),
+                       ("weighted_by_tensor", soup_arithmetic.weighted_by_tensor(sources, weights)),
+                       ("greedy", soup_arithmetic.greedy(_loaders([tree] * k), [0.5] * k, lambda s: 0.5).variables)):
         _assert_same_bits(soup, tree, f"{what} of {k} copies")
 
 
@@ -182,8 +182,8 @@ def test_greedy_and_pruned_weights_sum_to_one_and_describe_the_soup(trees, data)
     scores = data.draw(st.lists(st.sampled_from([0.5, 0.6, 0.7]), min_size=k, max_size=k))
     # Held-out accuracies of the candidates, drawn from few values so that ties (which >= keeps) occur.
     evaluate = lambda soup: data.draw(st.sampled_from([0.5, 0.6, 0.7]))
-    results = {"greedy": recipes.greedy(_loaders(trees), scores, evaluate),
-               "pruned": recipes.pruned(_loaders(trees), evaluate, passes=2, heldout_scores=scores)}
+    results = {"greedy": soup_arithmetic.greedy(_loaders(trees), scores, evaluate),
+               "pruned": soup_arithmetic.pruned(_loaders(trees), evaluate, passes=2, heldout_scores=scores)}
     for what, result in results.items():
         w = np.asarray(result.weights, np.float64)
         assert len(w) == k and np.all(w >= 0) and abs(w.sum() - 1.0) <= 1e-12, (what, w)
@@ -192,7 +192,7 @@ def test_greedy_and_pruned_weights_sum_to_one_and_describe_the_soup(trees, data)
         # The recorded weights are the soup: the uniform soup of the ingredients they select. Greedy
         # adds only those (in its visiting order); pruned adds all K and subtracts the removed ones,
         # so its rounding is that of K + removed terms of every ingredient.
-        chosen = recipes.uniform(_loaders([trees[i] for i in used]))
+        chosen = soup_arithmetic.uniform(_loaders([trees[i] for i in used]))
         if what == "greedy":
             _assert_within_rounding(result.variables, chosen, [trees[i] for i in used], what)
         else:
@@ -211,14 +211,14 @@ def test_integer_and_bfloat16_leaves_keep_their_dtype_in_every_recipe(trees, dat
     evaluate = lambda soup: 0.5
     mix = learned.MixingProblem(learned.Ingredients(_loaders(trees)), lambda v, x: x, "layer")
     soups = {
-        "uniform": recipes.uniform(_loaders(trees)),
-        "weighted": recipes.weighted(_loaders(trees), weights),
-        "weighted raw": recipes.weighted(_loaders(trees), weights, normalize=False),
-        "uniform_by_tensor": recipes.uniform_by_tensor([recipes.TreeSource(t) for t in trees]),
-        "weighted_by_tensor": recipes.weighted_by_tensor([recipes.TreeSource(t) for t in trees], weights),
-        "greedy": recipes.greedy(_loaders(trees), list(range(k)), evaluate).variables,
-        "pruned": recipes.pruned(_loaders(trees), evaluate).variables,
-        "interpolate": recipes.interpolate(trees[0], trees[1], alpha),
+        "uniform": soup_arithmetic.uniform(_loaders(trees)),
+        "weighted": soup_arithmetic.weighted(_loaders(trees), weights),
+        "weighted raw": soup_arithmetic.weighted(_loaders(trees), weights, normalize=False),
+        "uniform_by_tensor": soup_arithmetic.uniform_by_tensor([soup_arithmetic.TreeSource(t) for t in trees]),
+        "weighted_by_tensor": soup_arithmetic.weighted_by_tensor([soup_arithmetic.TreeSource(t) for t in trees], weights),
+        "greedy": soup_arithmetic.greedy(_loaders(trees), list(range(k)), evaluate).variables,
+        "pruned": soup_arithmetic.pruned(_loaders(trees), evaluate).variables,
+        "interpolate": soup_arithmetic.interpolate(trees[0], trees[1], alpha),
         "learned mix": mix.mix(mix.init_logits("random", seed=1)),
     }
     stored = {p: x.dtype for p, x in _leaves(trees[0]).items()}

@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from soupjax.arithmetic import soups as recipes
+from soupjax.arithmetic import soups
 
 
 def _tree(seed, dtype=np.float32):
@@ -46,13 +46,13 @@ def _assert_tree_close(got, want, **kw):
 
 def test_uniform_of_identical_ingredients_is_that_ingredient():
     t = _tree(0)
-    soup = recipes.uniform([_loader(t)] * 5)
+    soup = soups.uniform([_loader(t)] * 5)
     _assert_tree_close(soup, t, rtol=1e-6, atol=1e-7)
 
 
 def test_uniform_of_two_is_their_mean_including_batch_stats():
     a, b = _tree(0), _tree(1)
-    soup = recipes.uniform([_loader(a), _loader(b)])
+    soup = soups.uniform([_loader(a), _loader(b)])
     want = jax.tree.map(lambda x, y: (x + y) / 2, a, b)
     _assert_tree_close(soup, want, rtol=1e-6, atol=1e-7)
     # The statistics are averaged like parameters, not copied from one ingredient.
@@ -63,9 +63,9 @@ def test_uniform_of_two_is_their_mean_including_batch_stats():
 
 def test_weighted_normalized_and_raw():
     a, b = _tree(0), _tree(1)
-    soup = recipes.weighted([_loader(a), _loader(b)], [1.0, 3.0])
+    soup = soups.weighted([_loader(a), _loader(b)], [1.0, 3.0])
     _assert_tree_close(soup, jax.tree.map(lambda x, y: (x + 3 * y) / 4, a, b), rtol=1e-6, atol=1e-6)
-    raw = recipes.weighted([_loader(a), _loader(b)], [0.5, -2.0], normalize=False)
+    raw = soups.weighted([_loader(a), _loader(b)], [0.5, -2.0], normalize=False)
     _assert_tree_close(raw, jax.tree.map(lambda x, y: 0.5 * x - 2 * y, a, b), rtol=1e-6, atol=1e-6)
 
 
@@ -75,13 +75,13 @@ def test_weighted_skips_zero_weight_ingredients():
     def never():
         raise AssertionError("an ingredient with weight 0 was loaded")
 
-    _assert_tree_close(recipes.weighted([_loader(a), never], [2.0, 0.0]), a, rtol=1e-6)
+    _assert_tree_close(soups.weighted([_loader(a), never], [2.0, 0.0]), a, rtol=1e-6)
 
 
 def test_bfloat16_leaves_come_back_as_bfloat16_averaged_in_float32():
     bf16 = ml_dtypes.bfloat16
     trees = [_tree(s, bf16) for s in range(3)]
-    soup = recipes.uniform([_loader(t) for t in trees])
+    soup = soups.uniform([_loader(t) for t in trees])
     for leaf in jax.tree.leaves(soup):
         assert leaf.dtype == jnp.bfloat16
     want = jax.tree.map(lambda *xs: (sum(x.astype(np.float32) for x in xs) / 3).astype(bf16), *trees)
@@ -94,7 +94,7 @@ def test_mixed_dtypes_are_kept_per_leaf():
         return {"params": params, "batch_stats": {"n": np.array(counts, np.int32)}}
 
     a, b = tree(1.0, [2, 4]), tree(0.0, [4, 5])
-    soup = recipes.uniform([_loader(a), _loader(b)])
+    soup = soups.uniform([_loader(a), _loader(b)])
     assert soup["params"]["w"].dtype == jnp.float32 and soup["params"]["h"].dtype == jnp.bfloat16
     assert soup["batch_stats"]["n"].dtype == jnp.int32
     np.testing.assert_array_equal(soup["batch_stats"]["n"], [3, 4])  # 4.5 rounds (half to even) to 4
@@ -102,7 +102,7 @@ def test_mixed_dtypes_are_kept_per_leaf():
 
 def test_running_mean_remove_is_inverse_of_add():
     a, b, c = _tree(0), _tree(1), _tree(2)
-    acc = recipes.RunningMean()
+    acc = soups.RunningMean()
     acc.add(a)
     acc.add(b)
     acc.add(c, weight=2.0)
@@ -123,13 +123,13 @@ def test_mismatched_shapes_error_names_path_and_both_shapes():
     b = _tree(1)
     b["params"]["dense"]["kernel"] = np.zeros((4, 3), np.float32)
     with pytest.raises(ValueError, match=r"params/dense/kernel.*\(4, 3\).*\(3, 4\)"):
-        recipes.uniform([_loader(a), _loader(b)])
+        soups.uniform([_loader(a), _loader(b)])
     c = _tree(2)
     del c["batch_stats"]["bn"]["var"]
     with pytest.raises(ValueError, match=r"missing \['batch_stats/bn/var'\]"):
-        recipes.uniform([_loader(a), _loader(c)])
+        soups.uniform([_loader(a), _loader(c)])
     with pytest.raises(ValueError, match=r"params/dense/kernel"):
-        recipes.interpolate(a, b, 0.5)
+        soups.interpolate(a, b, 0.5)
 
 
 def test_interpolate_endpoints_are_bit_exact():
@@ -137,7 +137,7 @@ def test_interpolate_endpoints_are_bit_exact():
         a, b = _tree(0, dtype), _tree(1, dtype)
         a["params"]["dense"]["bias"][0] = -0.0  # signed zeros survive the endpoints too
         for alpha, want in ((0.0, a), (1.0, b)):
-            got = recipes.interpolate(a, b, alpha)
+            got = soups.interpolate(a, b, alpha)
             jax.tree.map(
                 lambda g, w: np.testing.assert_array_equal(np.asarray(g).view(np.uint8), np.asarray(w).view(np.uint8)),
                 got,
@@ -146,7 +146,7 @@ def test_interpolate_endpoints_are_bit_exact():
             assert all(x.dtype == dtype for x in jax.tree.leaves(got))
     a, b = _tree(0), _tree(1)
     want = jax.tree.map(lambda x, y: 0.75 * x + 0.25 * y, a, b)
-    _assert_tree_close(recipes.interpolate(a, b, 0.25), want, rtol=1e-6, atol=1e-6)
+    _assert_tree_close(soups.interpolate(a, b, 0.25), want, rtol=1e-6, atol=1e-6)
 
 
 def test_uniform_memory_stays_flat_in_k():
@@ -168,11 +168,11 @@ def test_uniform_memory_stays_flat_in_k():
         return load
 
     loaders = [make_loader(i) for i in range(k)]
-    recipes.uniform(loaders[:2])  # compile outside the measurement
+    soups.uniform(loaders[:2])  # compile outside the measurement
     peak_live[0] = 0
     tracemalloc.start()
     try:
-        soup = recipes.uniform(loaders)
+        soup = soups.uniform(loaders)
         _, host_peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -197,7 +197,7 @@ def test_uniform_memory_stays_flat_in_k():
 
 
 def _sources(trees):
-    return [recipes.TreeSource(t, name=f"t{i}") for i, t in enumerate(trees)]
+    return [soups.TreeSource(t, name=f"t{i}") for i, t in enumerate(trees)]
 
 
 def _assert_same_soup(got, want):
@@ -211,14 +211,14 @@ def _assert_same_soup(got, want):
 
 def test_uniform_by_tensor_equals_uniform():
     trees = [_tree(s) for s in range(5)]
-    _assert_same_soup(recipes.uniform_by_tensor(_sources(trees)), recipes.uniform([_loader(t) for t in trees]))
+    _assert_same_soup(soups.uniform_by_tensor(_sources(trees)), soups.uniform([_loader(t) for t in trees]))
 
 
 def test_weighted_by_tensor_equals_weighted_normalized_raw_and_zero():
     trees = [_tree(s) for s in range(3)]
     for weights, normalize in (([1.0, 3.0, 0.5], True), ([0.5, -2.0, 1.0], False), ([2.0, 0.0, 1.0], True)):
-        _assert_same_soup(recipes.weighted_by_tensor(_sources(trees), weights, normalize),
-                          recipes.weighted([_loader(t) for t in trees], weights, normalize))
+        _assert_same_soup(soups.weighted_by_tensor(_sources(trees), weights, normalize),
+                          soups.weighted([_loader(t) for t in trees], weights, normalize))
 
     class Never:
         structure = trees[0]
@@ -226,11 +226,11 @@ def test_weighted_by_tensor_equals_weighted_normalized_raw_and_zero():
         def read(self, path):
             raise AssertionError("an ingredient with weight 0 was read")
 
-    _assert_same_soup(recipes.weighted_by_tensor([_sources(trees)[0], Never()], [2.0, 0.0]), trees[0])
+    _assert_same_soup(soups.weighted_by_tensor([_sources(trees)[0], Never()], [2.0, 0.0]), trees[0])
     with pytest.raises(ValueError, match="all weights are 0"):
-        recipes.weighted_by_tensor(_sources(trees[:1]), [0.0])
+        soups.weighted_by_tensor(_sources(trees[:1]), [0.0])
     with pytest.raises(ValueError, match="2 sources but 1 weights"):
-        recipes.weighted_by_tensor(_sources(trees[:2]), [1.0])
+        soups.weighted_by_tensor(_sources(trees[:2]), [1.0])
 
 
 def test_by_tensor_keeps_integer_and_bfloat16_dtypes():
@@ -239,39 +239,39 @@ def test_by_tensor_keeps_integer_and_bfloat16_dtypes():
         return {"params": params, "batch_stats": {"n": np.array(counts, np.int32)}, "empty": {}}
 
     a, b = tree(1.0, [2, 4]), tree(0.3, [4, 5])
-    soup = recipes.uniform_by_tensor(_sources([a, b]))
+    soup = soups.uniform_by_tensor(_sources([a, b]))
     assert soup["params"]["w"].dtype == np.float32 and soup["params"]["h"].dtype == ml_dtypes.bfloat16
     assert soup["batch_stats"]["n"].dtype == np.int32 and soup["empty"] == {}
     np.testing.assert_array_equal(soup["batch_stats"]["n"], [3, 4])  # 4.5 rounds (half to even) to 4
-    _assert_same_soup(soup, recipes.uniform([_loader(a), _loader(b)]))
+    _assert_same_soup(soup, soups.uniform([_loader(a), _loader(b)]))
     bf = [_tree(s, ml_dtypes.bfloat16) for s in range(3)]
-    got = recipes.uniform_by_tensor(_sources(bf))
+    got = soups.uniform_by_tensor(_sources(bf))
     jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), np.asarray(w)),
-                 got, recipes.uniform([_loader(t) for t in bf]))  # bf16 rounding of the same float32 mean
+                 got, soups.uniform([_loader(t) for t in bf]))  # bf16 rounding of the same float32 mean
 
 
 def test_by_tensor_mismatches_name_the_path():
     a, b = _tree(0), _tree(1)
     b["params"]["dense"]["kernel"] = np.zeros((4, 3), np.float32)
     with pytest.raises(ValueError, match=r"ingredient 1 \(t1\).*params/dense/kernel.*\(4, 3\).*\(3, 4\)"):
-        recipes.uniform_by_tensor(_sources([a, b]))
+        soups.uniform_by_tensor(_sources([a, b]))
     c = _tree(2)
     del c["batch_stats"]["bn"]["var"]
     with pytest.raises(ValueError, match=r"missing \['batch_stats/bn/var'\]"):
-        recipes.uniform_by_tensor(_sources([a, c]))
+        soups.uniform_by_tensor(_sources([a, c]))
 
     class Liar:  # declares one shape, reads another
         name = "liar"
-        structure = recipes.TreeSource(a).structure
+        structure = soups.TreeSource(a).structure
 
         def read(self, path):
-            x = recipes.TreeSource(a).read(path)
+            x = soups.TreeSource(a).read(path)
             return x.reshape(-1) if path == "params/dense/kernel" else x
 
     with pytest.raises(ValueError, match=r"ingredient 1 \(liar\): parameter 'params/dense/kernel' was read with shape"):
-        recipes.uniform_by_tensor([_sources([a])[0], Liar()])
+        soups.uniform_by_tensor([_sources([a])[0], Liar()])
     with pytest.raises(TypeError, match="not a TensorSource"):
-        recipes.uniform_by_tensor([_loader(a)])
+        soups.uniform_by_tensor([_loader(a)])
 
 
 def test_by_tensor_reads_one_tensor_at_a_time_and_holds_one_model():
@@ -280,7 +280,7 @@ def test_by_tensor_reads_one_tensor_at_a_time_and_holds_one_model():
     trees = [{"params": {f"w{j:02d}": np.full(leaf, float(i + j), np.float32) for j in range(n)}} for i in range(k)]
     order = []
 
-    class Recording(recipes.TreeSource):
+    class Recording(soups.TreeSource):
         def read(self, path):
             order.append(path)
             return super().read(path)
@@ -289,7 +289,7 @@ def test_by_tensor_reads_one_tensor_at_a_time_and_holds_one_model():
     tensor = leaf * 4
     tracemalloc.start()
     try:
-        soup = recipes.uniform_by_tensor(sources, prefetch_bytes=3 * tensor, threads=2)
+        soup = soups.uniform_by_tensor(sources, prefetch_bytes=3 * tensor, threads=2)
         _, host_peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -344,14 +344,14 @@ def _steps(result):
 
 
 def test_recipes_take_no_test_data():
-    for fn in (recipes.greedy, recipes.pruned):
+    for fn in (soups.greedy, soups.pruned):
         params = inspect.signature(fn).parameters
         assert not any("test" in name for name in params), params
 
 
 def test_greedy_adds_when_heldout_does_not_fall():
     ev = ScriptedEval({(1, 3): 0.92, (1, 3, 2): 0.92, (1, 3, 2, 0): 0.91})
-    result = recipes.greedy(LOADERS, SCORES, ev)
+    result = soups.greedy(LOADERS, SCORES, ev)
     assert ev.calls == [frozenset({1, 3}), frozenset({1, 2, 3}), frozenset({0, 1, 2, 3})]
     assert result.used == [1, 3, 2]
     assert result.heldout == 0.92
@@ -369,7 +369,7 @@ def test_greedy_adds_when_heldout_does_not_fall():
 
 def test_greedy_strict_skips_ties():
     ev = ScriptedEval({(1, 3): 0.92, (1, 3, 2): 0.92, (1, 3, 0): 0.93})
-    result = recipes.greedy(LOADERS, SCORES, ev, strict=True)
+    result = soups.greedy(LOADERS, SCORES, ev, strict=True)
     assert result.used == [1, 3, 0]
     assert [s["action"] for s in result.progression] == ["add", "add", "skip", "add"]
     assert result.heldout == 0.93
@@ -381,17 +381,17 @@ def test_greedy_random_order_is_seeded():
         subsets = [frozenset(c) for n in range(1, K + 1) for c in itertools.combinations(range(K), n)]
         return ScriptedEval({s: 0.5 + 0.1 * (2 in s) - 0.01 * len(s) for s in subsets})
 
-    runs = [recipes.greedy(LOADERS, SCORES, make_eval(), order="random", seed=s) for s in (0, 0, 1, 2, 3)]
+    runs = [soups.greedy(LOADERS, SCORES, make_eval(), order="random", seed=s) for s in (0, 0, 1, 2, 3)]
     assert _steps(runs[0]) == _steps(runs[1])
     orders = [tuple(s["ingredient"] for s in r.progression) for r in runs]
     assert all(sorted(o) == list(range(K)) for o in orders)
     assert len(set(orders[1:])) > 1  # different seeds, different orders
     # Without scores, the first ingredient is evaluated instead of looked up.
     ev = make_eval()
-    recipes.greedy(LOADERS, None, ev, order="random", seed=0)
+    soups.greedy(LOADERS, None, ev, order="random", seed=0)
     assert len(ev.calls) == K
     with pytest.raises(ValueError):
-        recipes.greedy(LOADERS, None, ev)  # sorted order needs the scores
+        soups.greedy(LOADERS, None, ev)  # sorted order needs the scores
 
 
 def test_greedy_tie_order_index_or_official():
@@ -402,24 +402,24 @@ def test_greedy_tie_order_index_or_official():
     subsets = [frozenset(c) for n in range(1, K + 1) for c in itertools.combinations(range(K), n)]
     table = {s: 0.95 if {1, 3} <= s and 2 not in s else (0.85 if 2 in s and len(s) > 1 else 0.90)
              for s in subsets}
-    index = recipes.greedy(LOADERS, scores, ScriptedEval(table))
+    index = soups.greedy(LOADERS, scores, ScriptedEval(table))
     assert [s["ingredient"] for s in index.progression] == [1, 2, 3, 0]
     assert index.used == [1, 3, 0]
-    official = recipes.greedy(LOADERS, scores, ScriptedEval(table), ties="official")
+    official = soups.greedy(LOADERS, scores, ScriptedEval(table), ties="official")
     assert [s["ingredient"] for s in official.progression] == [3, 2, 1, 0]
     assert official.used == [3, 1, 0]
     # Same ingredients here, but a different first one: with strict ">" the soups differ.
     strict_table = dict(table)
     strict_table.update({frozenset({1, 2}): 0.85, frozenset({2, 3}): 0.91, frozenset({1, 2, 3}): 0.92})
-    a = recipes.greedy(LOADERS, scores, ScriptedEval(strict_table), strict=True)
-    b = recipes.greedy(LOADERS, scores, ScriptedEval(strict_table), strict=True, ties="official")
+    a = soups.greedy(LOADERS, scores, ScriptedEval(strict_table), strict=True)
+    b = soups.greedy(LOADERS, scores, ScriptedEval(strict_table), strict=True, ties="official")
     assert a.used == [1, 3]
     assert b.used == [3, 2, 1]
     assert _members(a.variables) != _members(b.variables)
     # The default is index order, and the tie order is validated.
-    assert recipes.greedy(LOADERS, scores, ScriptedEval(table), ties="index").used == index.used
+    assert soups.greedy(LOADERS, scores, ScriptedEval(table), ties="index").used == index.used
     with pytest.raises(ValueError, match="ties"):
-        recipes.greedy(LOADERS, scores, ScriptedEval(table), ties="reverse")
+        soups.greedy(LOADERS, scores, ScriptedEval(table), ties="reverse")
 
 
 PRUNE_TABLE = {
@@ -435,7 +435,7 @@ PRUNE_TABLE = {
 
 def test_pruned_follows_the_algorithm_step_by_step():
     ev = ScriptedEval(PRUNE_TABLE)
-    result = recipes.pruned(LOADERS, ev, passes=3, heldout_scores=SCORES)
+    result = soups.pruned(LOADERS, ev, passes=3, heldout_scores=SCORES)
     assert _steps(result) == [
         (0, None, "start", 0.80, 4),
         (1, 0, "remove", 0.82, 3),  # worst first: 0, 2, 3, 1
@@ -452,12 +452,12 @@ def test_pruned_follows_the_algorithm_step_by_step():
 
 
 def test_pruned_one_pass_and_strict():
-    one = recipes.pruned(LOADERS, ScriptedEval(PRUNE_TABLE), passes=1, heldout_scores=SCORES)
+    one = soups.pruned(LOADERS, ScriptedEval(PRUNE_TABLE), passes=1, heldout_scores=SCORES)
     assert [s["action"] for s in one.progression] == ["start", "remove", "keep", "remove", "keep"]
     assert one.used == [1, 2] and one.heldout == 0.82
 
     ev = ScriptedEval(PRUNE_TABLE)
-    strict = recipes.pruned(LOADERS, ev, passes=5, heldout_scores=SCORES, strict=True)
+    strict = soups.pruned(LOADERS, ev, passes=5, heldout_scores=SCORES, strict=True)
     # Pass 1 removes only 0; pass 2 removes nothing and ends the search (pass 3..5 would repeat it).
     assert [(s["ingredient"], s["action"]) for s in strict.progression] == [
         (None, "start"), (0, "remove"), (2, "keep"), (3, "keep"), (1, "keep"),
@@ -468,8 +468,8 @@ def test_pruned_one_pass_and_strict():
 
 def test_pruned_explicit_ranking():
     ev = ScriptedEval({(0, 1, 2, 3): 0.8, (0, 1, 2): 0.7, (0, 1, 3): 0.7, (0, 2, 3): 0.7, (1, 2, 3): 0.7})
-    result = recipes.pruned(LOADERS, ev, ranking=[3, 2, 1, 0])
+    result = soups.pruned(LOADERS, ev, ranking=[3, 2, 1, 0])
     assert [s["ingredient"] for s in result.progression] == [None, 3, 2, 1, 0]
     assert result.used == [0, 1, 2, 3]
     with pytest.raises(ValueError):
-        recipes.pruned(LOADERS, ev, ranking=[0, 0, 1, 2])
+        soups.pruned(LOADERS, ev, ranking=[0, 0, 1, 2])

@@ -8,6 +8,6 @@ dish and write the report, resumably.
     rows.py          the report's rows (``Row``)
     preflight.py     the ingredients' checks before anything is cooked
 """
-from soupjax.cooking.orchestrate import check_options, cook, load_config
+from soupjax.cooking.orchestrate import check_recipe_options, cook, ingredients_config
 
-__all__ = ["check_options", "cook", "load_config"]
+__all__ = ["check_recipe_options", "cook", "ingredients_config"]

@@ -14,7 +14,7 @@ A rerun into the same ``out`` with other ingredients or options is refused befor
 differs, unless ``overwrite`` is given: a soup or report is never silently replaced by a different one.
 Every file is written under a temporary name and renamed into place (``soupjax.io.files``).
 
-Bad options and unusable inputs raise ``InputError`` before anything is written; ``check_options``
+Bad options and unusable inputs raise ``InputError`` before anything is written; ``check_recipe_options``
 needs no import of JAX, so the command line refuses a bad flag at once.
 
 With one ingredient (or one left after NaN/Inf ingredients are dropped) every recipe is that
@@ -39,7 +39,7 @@ from soupjax.cooking.rows import Cost, Row, ingredient_row, vs_best
 from soupjax.io.files import plain
 
 
-def check_options(*, recipe: str | None = None, **options: Any) -> dict[str, Any]:
+def check_recipe_options(*, recipe: str | None = None, **options: Any) -> dict[str, Any]:
     """Every option's value (the defaults filled in), or ``InputError`` naming the first one out of its
     range as the command line spells it (``--NAME=VALUE: must be ...``), an unknown option or recipe.
 
@@ -51,7 +51,7 @@ def check_options(*, recipe: str | None = None, **options: Any) -> dict[str, Any
     return methods.resolve(options)
 
 
-def load_config(ingredients: Sequence[Any], config: ConfigDict | None, data_dir: str | None) -> ConfigDict:
+def ingredients_config(ingredients: Sequence[Any], config: ConfigDict | None, data_dir: str | None) -> ConfigDict:
     """The ingredients' own config (or ``config``), with ``data_dir`` replaced when given."""
     config = copy.deepcopy(config) if config is not None else ConfigDict(ingredients[0].meta["config"])
     if data_dir:
@@ -120,7 +120,7 @@ def plan(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
     """Every check before the first write: options, the ingredients, the output directory and what it
     holds already (``InputError`` for the first problem)."""
     from soupjax import methods
-    o = check_options(recipe=recipe, **options)
+    o = check_recipe_options(recipe=recipe, **options)
     wanted = methods.wanted(recipe)
     out = Path(out)
     from soupjax.cooking import preflight
@@ -131,7 +131,7 @@ def plan(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
     from soupjax import data
     from soupjax.config.base import fingerprint
     from soupjax.training import shared_init
-    config = load_config(ingredients, config, data_dir)
+    config = ingredients_config(ingredients, config, data_dir)
     shift_names = check_shifts(data, config, shifts)
     init = ingredients[0].meta.get("init_fingerprint")
     # What a soup is made from: the ingredients by name and meta.json fingerprint (a retrained

@@ -310,7 +310,7 @@ def _tree_of(ckpt: Path) -> tuple[Any, tuple[tuple[str, str], ...], bool]:
 
 
 class IngredientTensors:
-    """An ingredient on disk, read one array at a time (a ``recipes.TensorSource``).
+    """An ingredient on disk, read one array at a time (a ``trees.TensorSource``).
 
     ``structure`` is the ingredient's tree of ``jax.ShapeDtypeStruct`` (from the checkpoint metadata,
     nothing loaded); ``paths``, ``shapes`` and ``dtypes`` are its leaves in tree order, each named by its
@@ -408,7 +408,7 @@ def _short(error: Exception) -> str:
 
 
 def tensor_source(directory: str | os.PathLike) -> IngredientTensors:
-    """The ingredient at ``directory`` as a per-tensor source for ``recipes.uniform_by_tensor``."""
+    """The ingredient at ``directory`` as a per-tensor source for ``soups.uniform_by_tensor`` and the merges."""
     return IngredientTensors(directory)
 
 

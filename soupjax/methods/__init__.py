@@ -5,7 +5,7 @@ its own options with their ranges and help, and ``cook``, the function that make
 calls ``register``. The command line (``soupjax.soup``), ``soupjax.cooking.cook``, the report and the study
 enumerate this registry, so a new method is one file here plus its test; nothing else changes.
 
-Modules here import only the standard library and numpy at the top: ``check_options`` runs before
+Modules here import only the standard library and numpy at the top: ``cooking.check_recipe_options`` runs before
 JAX is imported, so that a bad flag is refused at once. The heavy work is imported inside ``cook``.
 
 A method's ``cook(cooking, dish)`` receives a ``cooking.interface.Cooking`` (the ingredients, their

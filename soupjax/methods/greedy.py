@@ -31,9 +31,9 @@ def key(options, dish: str) -> dict:
 
 
 def cook(cooking, dish: str) -> Dish:
-    from soupjax.arithmetic import soups as recipes
+    from soupjax.arithmetic import soups
     o = cooking.options
-    res = recipes.greedy(cooking.loaders, cooking.heldout, cooking.heldout_accuracy, strict=o["greedy_strict"],
+    res = soups.greedy(cooking.loaders, cooking.heldout, cooking.heldout_accuracy, strict=o["greedy_strict"],
                          order=o["greedy_order"], seed=o["seed"], evaluate_first=bool(o["recalibrate_bn"]),
                          ties=o["greedy_ties"])
     steps = cooking.named_steps(res.progression)

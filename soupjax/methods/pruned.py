@@ -12,9 +12,9 @@ OPTIONS = {"pruned_passes": Option(1, "Pruned soup: passes over the ingredients.
 
 
 def cook(cooking, dish: str) -> Dish:
-    from soupjax.arithmetic import soups as recipes
+    from soupjax.arithmetic import soups
     o = cooking.options
-    res = recipes.pruned(cooking.loaders, cooking.heldout_accuracy, passes=o["pruned_passes"],
+    res = soups.pruned(cooking.loaders, cooking.heldout_accuracy, passes=o["pruned_passes"],
                          heldout_scores=cooking.heldout, strict=o["greedy_strict"])
     steps = cooking.named_steps(res.progression)
     return Dish(dish, res.weights, res.variables, meta={"progression": steps, "passes": o["pruned_passes"]})

@@ -92,7 +92,7 @@ def ingredient_names(results: Mapping[str, Any]) -> list[str]:
 
 
 def ingredient_label(ingredient: Any, names: Sequence[str]) -> str:
-    """Progressions may name an ingredient by its index (recipes.py) or by name (the CLI)."""
+    """Progressions may name an ingredient by its index (arithmetic/soups.py) or by name (the CLI)."""
     if ingredient is None:
         return MISSING
     if isinstance(ingredient, int) and not isinstance(ingredient, bool) and 0 <= ingredient < len(names):
