@@ -176,6 +176,30 @@ def test_save_start_writes_only_a_new_start(tmp_path):
     assert checkpoints.list_ingredients(tmp_path) == [] and checkpoints.is_start(tmp_path / "start")
 
 
+def test_a_start_written_by_another_machine_meanwhile_is_taken(tmp_path, monkeypatch):
+    """Machines splitting one sweep (--only) may write start/ at the same moment: the one whose save fails
+    because the other's landed first takes that start, the same one; any other failure still raises."""
+    config = load_config("fashion_mnist_vit")
+    variables = {"params": {"w": np.arange(3, dtype=np.float32)}}
+    kwargs = {"config": config, "init_fingerprint": "i"}
+    real_save = checkpoints.save_ingredient
+
+    def raced(directory, tree, meta, **kw):
+        real_save(directory, tree, meta, **kw)  # the other machine's save lands first ...
+        raise OSError(39, "Directory not empty")  # ... and this one's rename fails on it
+
+    monkeypatch.setattr(checkpoints, "save_ingredient", raced)
+    assert shared_init.save_start(tmp_path / "start", variables, start_fingerprint="a", **kwargs) is False
+    assert checkpoints.load_meta(tmp_path / "start")["start_fingerprint"] == "a"
+
+    def failing(directory, tree, meta, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "save_ingredient", failing)
+    with pytest.raises(OSError, match="No space"):
+        shared_init.save_start(tmp_path / "other", variables, start_fingerprint="a", **kwargs)
+
+
 def test_an_ingredient_may_not_be_named_start(tmp_path):
     config = load_config("fashion_mnist_vit")
     with pytest.raises(InputError, match="may not be named 'start'"):

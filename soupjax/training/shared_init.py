@@ -162,16 +162,29 @@ def save_start(directory: str | Path, variables: Variables, *, config: ml_collec
     A start of another fingerprint is replaced: the ingredients now being made start from this one.
     Every process calls it (the save is collective); they all read the same meta.json to decide."""
     directory = Path(directory)
-    if checkpoints.is_start(directory) and checkpoints.is_ingredient(directory):
-        try:
-            if checkpoints.load_meta(directory).get("start_fingerprint") == start_fingerprint:
-                return False
-        except checkpoints.IngredientError:
-            pass  # unreadable: written again
-    checkpoints.save_ingredient(directory, variables, {
-        "name": START_DIR, "kind": checkpoints.START_KIND, "init_fingerprint": init_fingerprint,
-        "start_fingerprint": start_fingerprint, "activation": activation, "config": config.to_dict()})
+    if _has_start(directory, start_fingerprint):
+        return False
+    try:
+        checkpoints.save_ingredient(directory, variables, {
+            "name": START_DIR, "kind": checkpoints.START_KIND, "init_fingerprint": init_fingerprint,
+            "start_fingerprint": start_fingerprint, "activation": activation, "config": config.to_dict()})
+    except OSError:
+        # Machines splitting one sweep with --only may write the same start at the same moment: the
+        # one that loses the race finds the winner's, which is the same start, and goes on.
+        if _has_start(directory, start_fingerprint):
+            return False
+        raise
     return True
+
+
+def _has_start(directory: Path, start_fingerprint: str) -> bool:
+    """Whether ``directory`` holds a finished start of fingerprint ``start_fingerprint``."""
+    if not (checkpoints.is_start(directory) and checkpoints.is_ingredient(directory)):
+        return False
+    try:
+        return checkpoints.load_meta(directory).get("start_fingerprint") == start_fingerprint
+    except checkpoints.IngredientError:
+        return False  # unreadable: written again
 
 
 def _stored_start(ingredients_dir: str | Path, metas: Sequence[Mapping[str, Any]]
