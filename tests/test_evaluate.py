@@ -50,17 +50,17 @@ def test_evaluator_dispatches_the_next_batch_before_reading_results_back(monkeyp
             events.append(("pulled", i))
             yield batch
 
-    local_rows = evaluate._local_rows
+    real_local_rows = evaluate.local_rows
     read_batches = []
 
     def record(array):
-        out = local_rows(array)
+        out = real_local_rows(array)
         if array.ndim == 2:  # the logits: exactly one per batch
             read_batches.append(len(read_batches))
             events.append(("read", read_batches[-1]))
         return out
 
-    monkeypatch.setattr(evaluate, "_local_rows", record)
+    monkeypatch.setattr(evaluate, "local_rows", record)
     evaluate.Evaluator(apply_for_eval(model))(variables, batches(), keep_logits=True)
     for i in range(len(data) - 1):
         assert events.index(("pulled", i + 1)) < events.index(("read", i)), events

@@ -248,7 +248,6 @@ def test_finetune_cli_names_a_missing_pretrained_file(tmp_path, fashion_mnist_da
 @pytest.mark.slow
 def test_linear_probe_fits_the_head_once_per_init(fashion_mnist_data_dir, monkeypatch):
     from soupjax.evaluation import evaluate
-    from soupjax.training import linear_probe
     config = load_config("fashion_mnist_vit", "testing")
     config.data.data_dir = fashion_mnist_data_dir
     config.data.heldout = 1000
@@ -279,7 +278,6 @@ def test_linear_probe_fits_the_head_once_per_init(fashion_mnist_data_dir, monkey
     other = shared_init.base_init(_reseeded(config), model)
     shared_init.with_head_init(_reseeded(config), other, model)
     assert reads == ["train", "train"]
-    assert len(linear_probe._FITTED) >= 2
 
 
 def _reseeded(config):

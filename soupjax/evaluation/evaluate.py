@@ -99,7 +99,7 @@ class Evaluator:
         def collect(batch: Mapping[str, np.ndarray], out: Mapping[str, jax.Array]) -> None:
             mask = np.asarray(batch.get("mask", np.ones(len(batch["label"]), np.float32))) > 0
             # Each process keeps the rows it fed in: its addressable shards, in order.
-            out = {k: _local_rows(v) for k, v in out.items() if keep_logits or k != "logits"}
+            out = {k: local_rows(v) for k, v in out.items() if keep_logits or k != "logits"}
             losses.append(out["loss"][mask])
             corrects.append(out["correct"][mask])
             labels_all.append(np.asarray(batch["label"])[mask])
@@ -134,7 +134,7 @@ class Evaluator:
             labels=labels, correct=correct.astype(np.int8))
 
 
-def _local_rows(array: jax.Array) -> np.ndarray:
+def local_rows(array: jax.Array) -> np.ndarray:
     """This process's rows of a batch-sharded global array, in device order."""
     if jax.process_count() == 1:
         return np.asarray(array)
