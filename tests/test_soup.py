@@ -351,6 +351,8 @@ def test_inspect_angles_distances_and_interpolation(mocked_ingredients, tmp_path
     other_head = tmp_path / "other_head"
     shutil.copytree(mocked_ingredients, other_head)
     for meta_file in other_head.glob("*/meta.json"):
+        if meta_file.parent.name == "start":
+            continue  # the start training wrote stays what it was: the ingredients now claim another one
         meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "start_fingerprint": "fedcba9876543210"}))
     with tfds.testing.mock_data(num_examples=64), pytest.raises(InputError, match="started from fedcba9876543210"):
         inspect(other_head, tmp_path / "refused", pairs=1, points=3)
@@ -359,7 +361,7 @@ def test_inspect_angles_distances_and_interpolation(mocked_ingredients, tmp_path
     # From-scratch runs (other inits, --allow_mixed_init) share no θ0: no angles, the same distances and lines.
     mixed = tmp_path / "mixed"
     shutil.copytree(mocked_ingredients, mixed)
-    first_meta = sorted(mixed.glob("*/meta.json"))[0]
+    first_meta = sorted(m for m in mixed.glob("*/meta.json") if m.parent.name != "start")[0]
     first_meta.write_text(json.dumps({**json.loads(first_meta.read_text()), "init_fingerprint": "another init"}))
     with tfds.testing.mock_data(num_examples=64), pytest.warns(UserWarning, match="2 different inits"):
         apart = inspect(mixed, tmp_path / "mixed_out", pairs=1, points=3, allow_mixed_init=True)
