@@ -3,7 +3,8 @@
     variables = model.init(rng, images)            # or jax.eval_shape(model.init, rng, images)
     variables = load_pretrained('ViT-B_16.npz', variables)        # head re-initialised if needed
 
-The file's source (a module of soupjax.importers.sources) is told by its name; the source reads it
+The file's source (a module of soupjax.importers.sources) is told by its name (and where sources share a
+suffix, as CLIP's and timm's .pt and .safetensors, by a cheap look at its tensor names); the source reads it
 into soupjax's tree, the position embedding is resampled as that source's own loader does, and the
 strict merge (importers.merge) takes every parameter from it or names each one that does not fit.
 Our own Orbax checkpoints are read by soupjax.io.checkpoints, not here.
@@ -22,7 +23,8 @@ from soupjax.io.trees import Tree, flatten, unflatten
 
 
 def source_of(path: str | Path) -> Source | None:
-    """The source whose files ``path`` is named like (nothing is read); None if no source claims it."""
+    """The source that claims ``path`` (by its name, or a cheap look at it: no tensor data is read);
+    None if no source claims it."""
     path = Path(path)
     for source in all_sources():
         if source.claims(path):
@@ -32,7 +34,7 @@ def source_of(path: str | Path) -> Source | None:
 
 def known_suffixes() -> list[str]:
     """Every file suffix some source claims, for messages."""
-    return [suffix for source in all_sources() for suffix in source.suffixes]
+    return list(dict.fromkeys(suffix for source in all_sources() for suffix in source.suffixes))
 
 
 def load_pretrained(path: str | Path, init_variables: Mapping[str, Any], *,
@@ -43,8 +45,9 @@ def load_pretrained(path: str | Path, init_variables: Mapping[str, Any], *,
 
     Args:
       path: a vision_transformer/big_vision `.npz` (ViT), or a timm `.safetensors`, `.pth`,
-        `.pt`, `.bin` (ViT or ResNet, told apart by their keys unless model_kind says); any file a
-        module of soupjax.importers.sources claims.
+        `.pt`, `.bin` (ViT or ResNet, told apart by their keys unless model_kind says), or a CLIP
+        checkpoint for a CLIPClassifier (an OpenAI/open_clip state dict or TorchScript archive, a
+        transformers CLIPModel directory); any file a module of soupjax.importers.sources claims.
       init_variables: the model's variables from `model.init` (or `jax.eval_shape(model.init,
         ...)` when nothing is kept from init); they fix every shape.
       dont_load: regexes (full match on '/'-joined paths within a collection) of parameters the
@@ -70,7 +73,7 @@ def load_pretrained(path: str | Path, init_variables: Mapping[str, Any], *,
       PretrainedMismatchError: the checkpoint does not fit; the message lists every problem.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f'pretrained checkpoint not found: {path}')
     source_name = str(path)
     source = source_of(path)
@@ -83,6 +86,10 @@ def load_pretrained(path: str | Path, init_variables: Mapping[str, Any], *,
     if model_is_vit != (kind == 'vit'):
         raise PretrainedMismatchError(source_name, [
             f"the checkpoint is a {kind} but the model is {'a ViT' if model_is_vit else 'not'}"])
+    model_is_clip = 'visual' in init_variables.get('params', {})
+    if model_is_clip != (kind == 'clip'):
+        raise PretrainedMismatchError(source_name, [
+            f"the checkpoint is a {kind} but the model is {'a CLIP' if model_is_clip else 'not'}"])
     if kind == 'vit':
         resample_to_model(loaded['params'], init_variables['params'],
                           posemb_method or source.posemb_method, posemb_grid)

@@ -82,6 +82,8 @@ class SelfAttention(nn.Module):
     num_heads: int
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    # Each position attends to itself and the positions before it only (CLIP's text tower).
+    causal: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, deterministic: bool) -> jnp.ndarray:
@@ -95,6 +97,10 @@ class SelfAttention(nn.Module):
         query, key, value = dense('query')(x), dense('key')(x), dense('value')(x)  # [B, L, heads, hd]
         query = query * jnp.asarray(head_dim ** -0.5, query.dtype)
         scores = jnp.einsum('bqhd,bkhd->bhqk', query, key).astype(jnp.float32)
+        if self.causal:
+            # -inf above the diagonal: exp gives 0 there, and the diagonal keeps every row's max finite.
+            length = scores.shape[-1]
+            scores = jnp.where(jnp.tril(jnp.ones((length, length), bool)), scores, -jnp.inf)
         # exp(s - max) / sum: the max only guards against overflow, so it carries no gradient.
         weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
         denominator = weights.sum(-1)  # [B, heads, L]

@@ -3,7 +3,7 @@
 Each module of this package defines ``SOURCE``, a `Source`: which files it claims, how it reads one
 into soupjax's variables for a given model, and what its own loader does that soupjax must do too
 (the position-embedding resampling, the GELU of its ViTs). ``soupjax.importers.dispatch`` finds them
-here by themselves, so a new source (CLIP, Hugging Face, ...) is one module in this folder and its test.
+here by themselves, so a new source is one module in this folder and its test.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from typing import Any
 
 from soupjax.io.trees import Tree
 
-# (path, init_variables, model_kind or None) -> (the model family read: 'vit' | 'resnet', variables tree
-# with the checkpoint's collections, e.g. {'params': ..., 'batch_stats': ...}).
+# (path, init_variables, model_kind or None) -> (the model family read: 'vit' | 'resnet' | 'clip', variables
+# tree with the checkpoint's collections, e.g. {'params': ..., 'batch_stats': ...}).
 Reader = Callable[[Path, Mapping[str, Any], 'str | None'], tuple[str, Tree]]
 
 
@@ -31,11 +31,18 @@ class Source:
     read: Reader
     # How its own loader resamples a position embedding to another grid (a key of posemb.POSEMB_METHODS).
     posemb_method: str
-    # The GELU its ViTs were trained with, as meta.json names it ('gelu_tanh' | 'gelu_exact'); None: unknown.
+    # The GELU its ViTs were trained with, as meta.json names it ('gelu_tanh' | 'gelu_exact'); None: unknown
+    # or told by each file.
     activation: str | None = None
+    # For sources that share suffixes with another (CLIP's .pt and .safetensors are timm's too): whether a
+    # path is this source's, by a cheap look at it (a header, the tensor names, a directory's config), in
+    # place of the suffix test. Sources are asked in module-name order, so such a source must come first.
+    accepts: Callable[[Path], bool] | None = None
 
     def claims(self, path: Path) -> bool:
-        """Whether ``path`` is a file of this source (by its name alone: nothing is read)."""
+        """Whether ``path`` is a file of this source: by its name, or for a source with `accepts`, by it."""
+        if self.accepts is not None:
+            return self.accepts(path)
         return path.suffix in self.suffixes
 
 
