@@ -81,7 +81,7 @@ class ClipCheckpoint:
     """
 
     path: Path
-    format: str  # 'open_clip state dict', 'OpenAI TorchScript archive', 'transformers CLIPModel', ...
+    format: str  # 'open_clip state dict', 'TorchScript archive', 'transformers CLIPModel directory', ...
     activation: str  # one of models.clip.CLIP_ACTIVATIONS
     activation_source: str  # how it is known, for messages and provenance
     vision: VisionSize
@@ -157,7 +157,7 @@ def read_clip(path: str | Path, *, activation: str | None = None, allow_activati
         has_text = text and layout.text_block in tensors
         text_size = (layouts.infer_text(layout, shapes, _heads(path, 'text', stated, text_heads))
                      if has_text else None)
-        used: set[str] = set(layouts.IGNORED_KEYS)
+        used = {k for k in tensors if layouts.is_ignored(k)}
         image_params = _convert(tensors, layouts.vision_entries(layout, vision), used)
         text_params = (_convert(tensors, layouts.text_entries(layout, text_size), used)
                        if text_size else None)

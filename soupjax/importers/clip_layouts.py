@@ -98,11 +98,18 @@ TRANSFORMERS = Layout(
     text_norm='text_model.final_layer_norm', text_proj_key='text_projection.weight')
 LAYOUTS = (OPEN_CLIP, TRANSFORMERS)
 
-# Tensors a CLIP file may hold that soupjax's towers have no use for: the contrastive logit scale
-# (kept aside by the reader), SigLIP's logit bias, buffers and OpenAI's TorchScript scalars.
-IGNORED_KEYS = frozenset({
-    'logit_scale', 'logit_bias', 'attn_mask', 'input_resolution', 'context_length', 'vocab_size',
-    'text_model.embeddings.position_ids', 'vision_model.embeddings.position_ids'})
+# Tensors a CLIP file may hold that soupjax's towers have no use for: the contrastive logit scale (kept
+# aside by the reader), SigLIP's logit bias and the scalars of OpenAI's TorchScript archives, at the top;
+# anywhere, the causal mask and transformers' position ids (buffers, which a TorchScript archive keeps
+# wherever its modules had them). A block's own `attn.logit_scale` (open_clip's scaled cosine attention)
+# is not one of them: it changes the function, so it is refused as unknown.
+IGNORED_KEYS = frozenset({'logit_scale', 'logit_bias', 'input_resolution', 'context_length', 'vocab_size'})
+IGNORED_BUFFERS = frozenset({'attn_mask', 'position_ids'})
+
+
+def is_ignored(key: str) -> bool:
+    """Whether a file's tensor is one soupjax's CLIP has no use for (IGNORED_KEYS, IGNORED_BUFFERS)."""
+    return key in IGNORED_KEYS or key.rsplit('.', 1)[-1] in IGNORED_BUFFERS
 
 
 def layout_of(keys: set[str]) -> Layout | None:
