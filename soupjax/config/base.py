@@ -77,7 +77,8 @@ def default_data_config() -> ml_collections.ConfigDict:
         classes=None,           # None, or original label ids to keep, relabelled 0..n-1 in this order
         image_size=32,
         channels=3,             # 3: grayscale tiled to RGB; 1: RGB converted to grayscale
-        normalize="inception",  # 'inception' [-1, 1] | 'imagenet' mean/std | 'unit' [0, 1]
+        normalize="inception",  # 'inception' [-1, 1] | 'imagenet' / 'clip' mean/std | 'unit' [0, 1]
+        resize_method="bilinear",  # 'bilinear' | 'bicubic' (CLIP, timm): every resize, training and evaluation
         train_crop="pad_crop",  # 'random_resized' (Inception) | 'pad_crop' (CIFAR) | 'resize'
         pad=4,
         flip=True,
@@ -85,6 +86,9 @@ def default_data_config() -> ml_collections.ConfigDict:
         mixup_alpha=0.0,        # 0 = off
         shuffle_buffer=50_000,
         eval_crop_pct=1.0,      # 1.0 = plain resize; 0.875 = resize shorter side to size/0.875, centre crop
+        # 'square': eval_crop_pct 1 squashes to [size, size], below 1 as above; 'shorter_side': shorter side
+        # to floor(size / eval_crop_pct), then the centre (torchvision's Resize + CenterCrop: CLIP, timm).
+        eval_resize="square",
         # 'default', a list of split names, or the names comma-separated. A FieldReference typed `object`
         # so that a list can replace the string; after a to_dict() round trip use the comma form.
         shifts=ml_collections.FieldReference("default", field_type=object),
@@ -108,7 +112,8 @@ def base_config() -> ml_collections.ConfigDict:
         "allow_activation_mismatch": False,
     })
     # 'default' keeps the model's own head init; 'linear_probe' fits the head on frozen features of
-    # the init first (LP-FT), which is what makes fine-tuned ingredients land in one basin.
+    # the init first (LP-FT), which is what makes fine-tuned ingredients land in one basin; 'zeroshot'
+    # (CLIP models) is CLIP's zero-shot classifier, the paper's start (soupjax.training.zeroshot).
     c.head_init = "default"
     c.linear_probe = ml_collections.ConfigDict({"num_examples": 4096, "l2": 1e-3, "steps": 300})
 
@@ -261,7 +266,9 @@ def check_override_paths(config: ml_collections.ConfigDict, paths: list[str]) ->
 # value out of range is refused with its name instead of failing (or, worse, running) deep in training.
 # The one home of these choices: the trainer (train_step, shared_init) checks its values here too.
 CHOICES = {"optimizer": ("sgd", "adamw"), "lr_schedule": ("cosine", "plateau"),
-           "head_init": ("default", "linear_probe")}
+           "head_init": ("default", "linear_probe", "zeroshot"),
+           # The data pipeline's (soupjax.data.preprocessing); the first is the default.
+           "data.resize_method": ("bilinear", "bicubic"), "data.eval_resize": ("square", "shorter_side")}
 _AT_LEAST = {"batch_size": 1, "eval_batch_size": 1, "total_steps": 0, "warmup_steps": 0, "eval_every_steps": 0,
              "log_every_steps": 1, "checkpoint_every_steps": 1, "weight_decay": 0, "label_smoothing": 0,
              "grad_clip_norm": 0, "sweep.count": 0, "sweep.seed": 0, "seed": 0, "init_seed": 0,

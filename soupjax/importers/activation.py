@@ -104,6 +104,8 @@ def resolve_activation(config: ConfigDict) -> str | None:
     resumed or repeated run is compared with).
     """
     path = config.init_from.path
+    if path and 'activation' in models.config_keys(config.model.name):
+        return _clip_activation(config)
     if not path or 'gelu_approximate' not in models.config_keys(config.model.name):
         return None
     needed = checkpoint_activation(path)
@@ -125,6 +127,41 @@ def resolve_activation(config: ConfigDict) -> str | None:
                     '(init_from.allow_activation_mismatch)', path,
                     gelu_name(needed.gelu_approximate), gelu_name(bool(configured)))
     return gelu_activation(bool(configured))
+
+
+def _clip_activation(config: ConfigDict) -> str:
+    """`resolve_activation` for a CLIP model (its `activation` field): what the init says (an ingredient's
+    meta.json; a CLIP file's config or archive, importers.clip_checkpoint.stated_activation), else the
+    config's, else OpenAI's QuickGELU with a warning (a bare state dict does not say). A config that
+    contradicts what the file says is refused unless init_from.allow_activation_mismatch."""
+    path, configured = config.init_from.path, config.model.get('activation')
+    from soupjax.io import checkpoints  # orbax: only for ingredient directories
+    if checkpoints.is_ingredient(path):
+        recorded = checkpoints.load_meta(path).get('activation')
+        stated = None if recorded is None else (recorded, 'a soupjax ingredient (its meta.json)')
+    else:
+        from soupjax.importers.clip_checkpoint import stated_activation
+        said = stated_activation(path)
+        stated = None if said is None else (said.name, said.source)
+    if stated is None:
+        if configured is None:
+            logging.warning('%s does not say which activation its CLIP runs: QuickGELU, as OpenAI\'s weights '
+                            '(set model.activation=gelu_exact for open_clip\'s LAION models without -quickgelu)',
+                            path)
+            return 'quick_gelu'
+        return configured
+    name, source = stated
+    if configured is None or configured == name:
+        return name
+    if not config.init_from.get('allow_activation_mismatch', False):
+        raise ActivationMismatchError(
+            f'{path} runs {name} ({source}), but the config sets model.activation={configured!r}: with another '
+            'activation the pretrained CLIP is not the function it was trained as. Leave model.activation out '
+            'to use the checkpoint\'s, or set init_from.allow_activation_mismatch=True to fine-tune with '
+            f'{configured} on purpose.')
+    logging.warning('%s runs %s (%s); fine-tuning with %s as the config asks (init_from.allow_activation_mismatch)',
+                    path, name, source, configured)
+    return configured
 
 
 def with_checkpoint_activation(config: ConfigDict) -> ConfigDict:

@@ -11,6 +11,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from soupjax.models.clip import CLIP_ACTIVATIONS, CLIP_SIZES, CLIPClassifier
+from soupjax.models.clip import classifier as clip_classifier
 from soupjax.models.resnet import RESNET_CONFIGS, ResNet
 from soupjax.models.vit import VIT_SIZES, VIT_TESTING, VisionTransformer
 
@@ -20,6 +22,7 @@ MODEL_NAMES: tuple[str, ...] = (
     'vit-ti/16', 'vit-s/16', 'vit-s/32', 'vit-b/16', 'vit-b/32', 'vit-l/16', 'vit-l/32',
     'vit-h/14', 'vit-testing', 'vit',
     *RESNET_CONFIGS,
+    *CLIP_SIZES,
 )
 
 _VIT_NAME = re.compile(r'vit-(ti|s|b|l|h)/(\d+)')
@@ -43,6 +46,8 @@ def _family(name: str) -> type[nn.Module]:
         return VisionTransformer
     if key in RESNET_CONFIGS:
         return ResNet
+    if key in CLIP_SIZES:
+        return CLIPClassifier
     raise ValueError(f'unknown model {name!r}; known: {", ".join(MODEL_NAMES)} '
                      "(ViT names take any patch size, e.g. 'vit-b/8')")
 
@@ -55,7 +60,8 @@ def config_keys(name: str) -> set[str]:
 # The nonlinearities meta.json records under 'activation', and the GELU each ViT one names
 # (VisionTransformer.gelu_approximate: True is the tanh approximation).
 GELU_OF_ACTIVATION: dict[str, bool] = {'gelu_exact': False, 'gelu_tanh': True}
-ACTIVATIONS: tuple[str, ...] = (*GELU_OF_ACTIVATION, 'relu')
+# CLIP adds OpenAI's QuickGELU (x * sigmoid(1.702 x)); a CLIP model runs any of CLIP_ACTIVATIONS.
+ACTIVATIONS: tuple[str, ...] = (*GELU_OF_ACTIVATION, 'relu', 'quick_gelu')
 
 
 def activation(model: nn.Module) -> str:
@@ -68,6 +74,8 @@ def activation(model: nn.Module) -> str:
         return 'gelu_tanh' if model.gelu_approximate else 'gelu_exact'
     if isinstance(model, ResNet):
         return 'relu'
+    if isinstance(model, CLIPClassifier):
+        return model.activation
     raise TypeError(f'not a soupjax model: {type(model).__name__}')
 
 
@@ -85,6 +93,13 @@ def with_activation(name: str, cfg: dict[str, Any], activation_name: str) -> dic
         if activation_name != 'relu':
             raise ValueError(f'{name} is a ResNet, which runs relu, not {activation_name}')
         return cfg
+    if _family(name) is CLIPClassifier:
+        if activation_name not in CLIP_ACTIVATIONS:
+            raise ValueError(f'{name} is a CLIP, which runs one of {sorted(CLIP_ACTIVATIONS)}, not {activation_name}')
+        configured = cfg.get('activation')
+        if configured is not None and configured != activation_name:
+            raise ValueError(f'{name}: model.activation={configured!r} contradicts the activation {activation_name!r}')
+        return {**cfg, 'activation': activation_name}
     if activation_name not in GELU_OF_ACTIVATION:
         raise ValueError(f'{name} is a ViT, which runs a GELU, not {activation_name}')
     approximate = GELU_OF_ACTIVATION[activation_name]
@@ -117,13 +132,17 @@ def get_model(name: str, num_classes: int, **cfg: Any) -> nn.Module:
 
     Names (case-insensitive): 'vit-{ti,s,b,l,h}/{patch}', 'vit-testing' (a tiny ViT for tests),
     'vit' (shape fully given by cfg: hidden_size, num_layers, num_heads, mlp_dim, patch_size),
-    'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnet50d', 'resnet-testing'.
+    'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'resnet50d', 'resnet-testing',
+    'clip-vit-b/32', 'clip-vit-b/16', 'clip-vit-l/14', 'clip-testing' (CLIP's image tower and a head on
+    its normalised features: models.clip.CLIPClassifier).
 
     ViT cfg: patch_size, hidden_size, num_layers, num_heads, mlp_dim, pooling ('token' | 'gap'),
     dropout_rate, attention_dropout_rate, representation_size, gelu_approximate (default False,
     the exact GELU of timm; True is the tanh approximation that vision_transformer and big_vision
     trained with: soupjax.importers.activation.resolve_activation picks the init checkpoint's),
     head_zero_init (default True), dtype.
+    CLIP cfg: activation ('quick_gelu' | 'gelu_exact' | 'gelu_tanh'; from the init checkpoint when
+    unset: importers.activation.resolve_activation), head_zero_init, dtype, and the tower's widths.
     ResNet cfg: stem ('imagenet' | 'deep' | 'cifar'), avg_down, width, bn_momentum (default 0.9,
     i.e. PyTorch's 0.1), zero_init_last_bn, stage_sizes, block ('basic' | 'bottleneck'), dtype.
     """
@@ -142,5 +161,11 @@ def get_model(name: str, num_classes: int, **cfg: Any) -> nn.Module:
                       {**VIT_SIZES[size], 'patch_size': int(patch)}, cfg)
     if key in RESNET_CONFIGS:
         return _build(ResNet, name, num_classes, RESNET_CONFIGS[key], cfg)
+    if key in CLIP_SIZES:
+        # The image tower of the size, and its head; the text tower is not part of the model
+        # (it builds zero-shot heads: soupjax.training.zeroshot).
+        default = clip_classifier(key, num_classes)
+        base = {f: getattr(default, f) for f in _fields(CLIPClassifier)}
+        return _build(CLIPClassifier, name, num_classes, base, cfg)
     raise ValueError(f'unknown model {name!r}; known: {", ".join(MODEL_NAMES)} '
                      "(ViT names take any patch size, e.g. 'vit-b/8')")

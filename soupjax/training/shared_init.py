@@ -76,13 +76,35 @@ def base_init(config: ml_collections.ConfigDict, model: nn.Module | None = None)
 
 
 def with_head_init(config: ml_collections.ConfigDict, variables: Variables,
-                   model: nn.Module | None = None) -> Variables:
-    """Apply ``config.head_init`` to a base init ('default' keeps it; 'linear_probe' fits the head)."""
-    if check_choice("head_init", config.head_init) == "linear_probe":
+                   model: nn.Module | None = None, *, cache_dir: str | Path | None = None) -> Variables:
+    """Apply ``config.head_init`` to a base init ('default' keeps it; 'linear_probe' fits the head;
+    'zeroshot' sets CLIP's zero-shot head, kept in ``cache_dir`` (the ingredients' folder) once computed)."""
+    choice = check_choice("head_init", config.head_init)
+    if choice == "zeroshot":
+        return _with_zeroshot_head(config, variables, cache_dir)
+    if choice == "linear_probe":
         # Imported here: the probe reads the training data, and soupjax.data imports TensorFlow.
         from soupjax.training.linear_probe import fit_head
         return fit_head(model or build_model_from_run_config(config, resolve_activation(config)), variables, config)
     return variables
+
+
+def _with_zeroshot_head(config: ml_collections.ConfigDict, variables: Variables,
+                        cache_dir: str | Path | None) -> Variables:
+    if "clip" not in config.model.name.lower() or not config.init_from.path:
+        raise InputError(f"head_init='zeroshot' needs a CLIP model (config.model.name clip-...) started from a CLIP "
+                         f"checkpoint (config.init_from.path); got model {config.model.name!r}, "
+                         f"init_from {config.init_from.path or 'none'!r}")
+    # Imported here: the class names may come from the data set's builder (TensorFlow).
+    from soupjax.training.zeroshot import zeroshot_start_head
+    head = zeroshot_start_head(config, cache_dir)
+    have = variables["params"]["head"]
+    for name, value in head.items():
+        if tuple(have[name].shape) != value.shape:
+            raise InputError(f"head_init='zeroshot': the zero-shot head/{name} has shape {value.shape}, the model's "
+                             f"{tuple(have[name].shape)} (another embedding width or class count)")
+    params = {**variables["params"], "head": {k: jnp.asarray(v, have[k].dtype) for k, v in head.items()}}
+    return {**variables, "params": params}
 
 
 def start_problem(metas: Sequence[Mapping[str, Any]]) -> str | None:

@@ -142,7 +142,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
 
     base = base_init(config, model)
     fingerprint = weights_fingerprint(base["params"])
-    init = with_head_init(config, base, model)
+    init = with_head_init(config, base, model, cache_dir=Path(start_dir).parent if start_dir is not None else None)
     # The exact start, head included: merges take displacements from it, and the linear-probe head is
     # not promised bit-exact when rebuilt elsewhere, so cooking checks the rebuilt one against this.
     start_fingerprint = weights_fingerprint(init)
