@@ -90,7 +90,8 @@ def test_no_module_imports_a_private_name_of_another():
     assert not private, "\n".join(private)
 
 
-@pytest.mark.parametrize("top_level_allowed", [("api", "finetune", "soup", "experiment", "inspect_soup", "__init__")])
+@pytest.mark.parametrize("top_level_allowed", [("api", "finetune", "soup", "experiment", "inspect_soup",
+                                               "import_ingredients", "__init__")])
 def test_the_top_level_holds_only_entry_points(top_level_allowed):
     top = sorted(p.stem for p in PACKAGE.glob("*.py"))
     assert set(top) <= set(top_level_allowed), f"modules at soupjax/'s top level that are not entry points: {top}"
