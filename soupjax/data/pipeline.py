@@ -51,6 +51,8 @@ _SALT_SHUFFLE = 3
 # differ in these alone give the same evaluation examples, so logits computed under one serve the other.
 TRAINING_ONLY_FIELDS = ("data_dir", "download", "train_crop", "pad", "flip", "aug_strength", "mixup_alpha",
                         "shuffle_buffer", "shifts", "cache")
+# Fields added since, at their defaults: left out of the hash, so configs made before them keep theirs.
+ADDED_AT_DEFAULT = (("resize_method", "bilinear"), ("eval_resize", "square"))
 
 
 def eval_fingerprint(cfg) -> str:
@@ -61,7 +63,8 @@ def eval_fingerprint(cfg) -> str:
     """
     from soupjax.config.base import fingerprint
     from soupjax.io.files import plain
-    return fingerprint({k: v for k, v in plain(cfg).items() if k not in TRAINING_ONLY_FIELDS})
+    return fingerprint({k: v for k, v in plain(cfg).items()
+                        if k not in TRAINING_ONLY_FIELDS and (k, v) not in ADDED_AT_DEFAULT})
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -152,10 +155,6 @@ def _cardinality(builder, split) -> int:
     return n if n >= 0 else int(ds.reduce(0, lambda c, _: c + 1))
 
 
-def _split_names(builder) -> list[str]:
-    return list(builder.info.splits.keys())
-
-
 def resolve(cfg, split: str) -> Source:
     """Where the examples of ``split`` come from: the TFDS builder and split string (the held-out split is
     the tail of TFDS's ``train`` that the training split stops at), the label map, the synthetic shift."""
@@ -171,7 +170,7 @@ def resolve(cfg, split: str) -> Source:
                 raise InputError("split 'heldout' requested but the data config has heldout=0")
             return Source(builder, f"train[{total - n_heldout}:]", label_map)
         return Source(builder, f"train[:{total - n_heldout}]" if n_heldout else "train", label_map)
-    names = _split_names(builder)
+    names = list(builder.info.splits.keys())
     test = "test" if "test" in names or not names else "validation"  # no split names known: 'test'
     if split == "test":
         return Source(builder, test, label_map)
@@ -342,10 +341,10 @@ def _numpy(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
 
 
 def _check_config(cfg) -> None:
-    if cfg.normalize not in pp.NORMALIZATIONS:
-        raise InputError(f"unknown normalize {cfg.normalize!r}; valid: {', '.join(pp.NORMALIZATIONS)}")
-    if cfg.train_crop not in pp.TRAIN_CROPS:
-        raise InputError(f"unknown train_crop {cfg.train_crop!r}; valid: {', '.join(pp.TRAIN_CROPS)}")
+    for field, valid in (("normalize", pp.NORMALIZATIONS), ("train_crop", pp.TRAIN_CROPS),
+                         ("resize_method", pp.RESIZE_METHODS), ("eval_resize", pp.EVAL_RESIZES)):
+        if cfg.get(field, valid[0]) not in valid:  # the fields added later default to their first choice
+            raise InputError(f"unknown {field} {cfg.get(field)!r}; valid: {', '.join(valid)}")
     if cfg.channels not in (1, 3):
         raise InputError(f"channels must be 1 or 3, got {cfg.channels}")
     if not 0 < cfg.eval_crop_pct <= 1:
@@ -394,18 +393,18 @@ def train_batches(cfg, global_batch_size: int, *, seed: int,
     channels = _source_channels(src)
     size, strength, seed = cfg.image_size, float(cfg.aug_strength), int(seed)
     area_range, ratio_range = pp.crop_range(strength)
-    pad = int(round(cfg.pad * strength))
+    pad, method = int(round(cfg.pad * strength)), cfg.get("resize_method", "bilinear")
     in_memory = _in_memory(cfg, src, n)
 
     def augment_batch(key, images):  # uint8 [b, h, w, c] -> [b, size, size, c] on the uint8 scale
         k_crop, k_flip = tf.unstack(tf.random.experimental.stateless_split(key, 2))
         if cfg.train_crop == "random_resized":
             images = pp.batch_random_resized_crop(images, k_crop, size, area_range=area_range,
-                                                  aspect_ratio_range=ratio_range)
+                                                  aspect_ratio_range=ratio_range, method=method)
         elif cfg.train_crop == "pad_crop":
-            images = pp.batch_pad_crop(images, k_crop, size, pad)
+            images = pp.batch_pad_crop(images, k_crop, size, pad, method)
         else:
-            images = pp.resize(images, size)
+            images = pp.resize(images, size, method)
         return pp.batch_flip(images, k_flip) if cfg.flip else images
 
     def augment_example(g, image_bytes, label):  # -> uint8 [size, size, c]
@@ -413,11 +412,11 @@ def train_batches(cfg, global_batch_size: int, *, seed: int,
         k_crop, k_flip = tf.unstack(tf.random.experimental.stateless_split(key, 2))
         if cfg.train_crop == "random_resized":
             image = pp.random_resized_crop(image_bytes, k_crop, size, channels, area_range=area_range,
-                                           aspect_ratio_range=ratio_range, jpeg=_is_jpeg(src))
+                                           aspect_ratio_range=ratio_range, jpeg=_is_jpeg(src), method=method)
         elif cfg.train_crop == "pad_crop":
-            image = pp.pad_crop(pp.decode(image_bytes, channels), k_crop, size, pad)
+            image = pp.pad_crop(pp.decode(image_bytes, channels), k_crop, size, pad, method)
         else:
-            image = pp.resize(pp.decode(image_bytes, channels), size)
+            image = pp.resize(pp.decode(image_bytes, channels), size, method)
         if cfg.flip:
             image = pp.random_flip(image, k_flip)
         return {"image": tf.ensure_shape(image, [size, size, channels]), "label": label}
@@ -478,7 +477,8 @@ def eval_batches(cfg, split: str, global_batch_size: int) -> Iterator[dict[str, 
     counts = [_count(src, s) for s in shards]
     n_batches = math.ceil(max(counts) / local)
     first_index = sum(_cardinality(src.builder, s) for s in shards[:pi])  # index in the unfiltered split
-    size, channels, n = cfg.image_size, _source_channels(src), counts[pi]
+    size, channels, n, method = cfg.image_size, _source_channels(src), counts[pi], cfg.get("resize_method", "bilinear")
+    crop_args = dict(size=size, crop_pct=cfg.eval_crop_pct, method=method, mode=cfg.get("eval_resize", "square"))
     in_memory = _in_memory(cfg, src, n)
 
     if in_memory:
@@ -488,14 +488,14 @@ def eval_batches(cfg, split: str, global_batch_size: int) -> Iterator[dict[str, 
             rows = b * local + tf.range(local, dtype=tf.int64)
             mask = rows < n
             rows = tf.minimum(rows, n - 1)
-            return {"image": pp.center_crop(tf.gather(images, rows), size, cfg.eval_crop_pct),
+            return {"image": pp.center_crop(tf.gather(images, rows), **crop_args),
                     "label": tf.where(mask, tf.gather(labels, rows), 0), "index": tf.gather(index, rows),
                     "mask": tf.cast(mask, tf.float32)}
 
         ds = tf.data.Dataset.range(n_batches if n else 0).map(take, num_parallel_calls=tf.data.AUTOTUNE)
     else:
         def view(index, image_bytes, label):
-            image = pp.center_crop(pp.decode(image_bytes, channels), size, cfg.eval_crop_pct)
+            image = pp.center_crop(pp.decode(image_bytes, channels), **crop_args)
             return {"image": tf.ensure_shape(image, [size, size, channels]), "label": label, "index": index,
                     "mask": tf.constant(1.0)}
 

@@ -15,10 +15,17 @@ import math
 
 import tensorflow as tf
 
-NORMALIZATIONS = ("inception", "imagenet", "unit")
+from soupjax.config.base import CHOICES
+
+NORMALIZATIONS = ("inception", "imagenet", "unit", "clip")
 TRAIN_CROPS = ("random_resized", "pad_crop", "resize")
+RESIZE_METHODS = CHOICES["data.resize_method"]  # the first is the default
+EVAL_RESIZES = CHOICES["data.eval_resize"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# OpenAI CLIP's (open_clip.constants.OPENAI_DATASET_MEAN / _STD): every OpenAI and most open_clip weights.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Salts keep the streams of random numbers for different purposes apart.
 SALT_AUGMENT, SALT_MIXUP, SALT_SHIFT = 0, 1, 2
@@ -37,10 +44,15 @@ def decode(image_bytes: tf.Tensor, channels: int) -> tf.Tensor:
     return image
 
 
-def resize(image: tf.Tensor, size: int) -> tf.Tensor:
-    """Resizes to [size, size] (bilinear, antialiased when shrinking); keeps the dtype of `image`."""
+def resize(image: tf.Tensor, size, method: str = "bilinear") -> tf.Tensor:
+    """Resizes to [size, size] (or to `size` = [h, w]), antialiased when shrinking; keeps the dtype of `image`.
+
+    `method` is 'bilinear' or 'bicubic' (Keys' cubic, a = -0.5, as PIL's); a uint8 image is rounded and
+    clipped back to uint8 (bicubic overshoots at edges).
+    """
     dtype = image.dtype
-    image = tf.image.resize(image, [size, size], method="bilinear", antialias=True)
+    shape = size if isinstance(size, (tf.Tensor, list, tuple)) else [size, size]
+    image = tf.image.resize(image, shape, method=method, antialias=True)
     return _cast_like(image, dtype)
 
 
@@ -58,7 +70,7 @@ def crop_range(aug_strength: float) -> tuple[tuple[float, float], tuple[float, f
 
 def random_resized_crop(image_bytes: tf.Tensor, key: tf.Tensor, size: int, channels: int, *,
                         area_range=(0.08, 1.0), aspect_ratio_range=(3 / 4, 4 / 3),
-                        jpeg: bool = False) -> tf.Tensor:
+                        jpeg: bool = False, method: str = "bilinear") -> tf.Tensor:
     """Inception-style crop of the encoded image (decoding only the crop for JPEG), resized to [size, size]."""
     if jpeg:
         shape = tf.image.extract_jpeg_shape(image_bytes)
@@ -74,12 +86,12 @@ def random_resized_crop(image_bytes: tf.Tensor, key: tf.Tensor, size: int, chann
         image = tf.io.decode_and_crop_jpeg(image_bytes, window, channels=channels)
     else:
         image = tf.slice(image, begin, crop_size)
-    return resize(image, size)
+    return resize(image, size, method)
 
 
-def pad_crop(image: tf.Tensor, key: tf.Tensor, size: int, pad: int) -> tf.Tensor:
+def pad_crop(image: tf.Tensor, key: tf.Tensor, size: int, pad: int, method: str = "bilinear") -> tf.Tensor:
     """Resizes to [size, size], zero-pads `pad` pixels per side and takes a random [size, size] crop (CIFAR)."""
-    image = resize(image, size)
+    image = resize(image, size, method)
     if pad <= 0:
         return image
     image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
@@ -90,21 +102,51 @@ def random_flip(image: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
     return tf.image.stateless_random_flip_left_right(image, seed=key)
 
 
-def center_crop(image: tf.Tensor, size: int, crop_pct: float) -> tf.Tensor:
+def center_crop(image: tf.Tensor, size: int, crop_pct: float, method: str = "bilinear",
+                mode: str = "square") -> tf.Tensor:
     """Eval view of an image [h, w, c] or a batch [b, h, w, c]; keeps the dtype.
 
-    crop_pct 1: plain resize to [size, size]. crop_pct < 1 (e.g. 0.875, ImageNet style): resize the shorter
-    side to ceil(size / crop_pct), keeping the aspect ratio, then take the central [size, size].
+    mode 'square' (soupjax's own): crop_pct 1 is a plain resize to [size, size] (the aspect ratio is not
+    kept); crop_pct < 1 (e.g. 0.875, ImageNet style) resizes the shorter side to ceil(size / crop_pct),
+    keeping the aspect ratio, then takes the central [size, size].
+    mode 'shorter_side' (open_clip's and timm's evaluation transform): the shorter side to
+    floor(size / crop_pct) (torchvision's Resize(int), the longer side truncated as it does), then its
+    CenterCrop(size); crop_pct 1 is CLIP's Resize(size) + CenterCrop(size). The resize runs as PIL's
+    does, the width first and then the height, a uint8 image rounded to uint8 in between: PIL clips
+    there what the cubic overshoots, and a single pass differs from it by up to 19 levels on noise.
     """
+    if mode == "shorter_side":
+        hw = tf.shape(image)[-3:-1]
+        new_shape = shorter_side_shape(hw, math.floor(size / crop_pct))
+        image = resize(resize(image, tf.stack([hw[0], new_shape[1]]), method), new_shape, method)
+        return torchvision_center_crop(image, size)
+    if mode != "square":
+        raise ValueError(f"unknown eval resize {mode!r}; valid: {', '.join(EVAL_RESIZES)}")
     if crop_pct >= 1.0:
-        return resize(image, size)
+        return resize(image, size, method)
     shape = tf.cast(tf.shape(image)[-3:-1], tf.float32)
     scale = math.ceil(size / crop_pct) / tf.reduce_min(shape)
     new_shape = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
     dtype = image.dtype
-    image = _cast_like(tf.image.resize(image, new_shape, method="bilinear", antialias=True), dtype)
+    image = _cast_like(tf.image.resize(image, new_shape, method=method, antialias=True), dtype)
     top = (new_shape[0] - size) // 2
     left = (new_shape[1] - size) // 2
+    return image[..., top:top + size, left:left + size, :]
+
+
+def shorter_side_shape(shape: tf.Tensor, short: int) -> tf.Tensor:
+    """[h, w] (int32) with the shorter side `short` and the longer int(short * long / shorter), as
+    torchvision's Resize(short) computes it (float64 here, like Python's division of the integers)."""
+    hw = tf.cast(shape, tf.float64)
+    lo = tf.reduce_min(hw)
+    return tf.cast(tf.where(hw == lo, tf.cast(short, tf.float64), tf.floor(short * hw / lo)), tf.int32)
+
+
+def torchvision_center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+    """The central [size, size] of an image [h, w, c] or a batch [b, h, w, c] at least that large, where
+    torchvision's CenterCrop takes it: offsets round((h - size) / 2), half to even as Python's round."""
+    hw = tf.shape(image)[-3:-1]
+    top, left = tf.unstack(tf.cast(tf.round(tf.cast(hw - size, tf.float64) / 2.0), tf.int32))
     return image[..., top:top + size, left:left + size, :]
 
 
@@ -112,10 +154,11 @@ def center_crop(image: tf.Tensor, size: int, crop_pct: float) -> tf.Tensor:
 # batch instead of one per example, with the batch's random numbers drawn from one key.
 
 
-def batch_pad_crop(images: tf.Tensor, key: tf.Tensor, size: int, pad: int) -> tf.Tensor:
+def batch_pad_crop(images: tf.Tensor, key: tf.Tensor, size: int, pad: int,
+                   method: str = "bilinear") -> tf.Tensor:
     """`pad_crop` of a batch [b, h, w, c]: resize, zero-pad, a random [size, size] crop per image."""
     if images.shape[1:3] != (size, size):
-        images = resize(images, size)
+        images = resize(images, size, method)
     if pad <= 0:
         return images
     images = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
@@ -127,11 +170,14 @@ def batch_pad_crop(images: tf.Tensor, key: tf.Tensor, size: int, pad: int) -> tf
 
 
 def batch_random_resized_crop(images: tf.Tensor, key: tf.Tensor, size: int, *,
-                              area_range=(0.08, 1.0), aspect_ratio_range=(3 / 4, 4 / 3)) -> tf.Tensor:
-    """Inception-style crop of each image of a batch [b, h, w, c], resized to [size, size] (bilinear).
+                              area_range=(0.08, 1.0), aspect_ratio_range=(3 / 4, 4 / 3),
+                              method: str = "bilinear") -> tf.Tensor:
+    """Inception-style crop of each image of a batch [b, h, w, c], resized to [size, size].
 
     Area fraction ~ U(area_range), log aspect ratio ~ U(log aspect_ratio_range); a crop that would not fit
-    is clipped to the image (instead of resampled). Returns float32.
+    is clipped to the image (instead of resampled). Returns float32 (on the scale of `images`).
+    'bilinear' samples the fractional box at once (tf.image.crop_and_resize, no antialiasing); 'bicubic'
+    rounds the box to whole pixels and resizes each crop as `resize` does (antialiased), image by image.
     """
     b, h, w = tf.shape(images)[0], images.shape[1], images.shape[2]
     u = tf.random.stateless_uniform([4, b], seed=key)
@@ -142,7 +188,19 @@ def batch_random_resized_crop(images: tf.Tensor, key: tf.Tensor, size: int, *,
     crop_h = tf.minimum(1.0, tf.sqrt(area / ratio * w / h))
     y0, x0 = (1.0 - crop_h) * u[2], (1.0 - crop_w) * u[3]
     boxes = tf.stack([y0, x0, y0 + crop_h, x0 + crop_w], axis=1)
-    return tf.image.crop_and_resize(tf.cast(images, tf.float32), boxes, tf.range(b), [size, size])
+    if method == "bilinear":
+        return tf.image.crop_and_resize(tf.cast(images, tf.float32), boxes, tf.range(b), [size, size])
+    pixels = tf.cast(tf.round(boxes * [h, w, h, w]), tf.int32)  # corners in whole pixels, inside the image
+    top_left = tf.minimum(pixels[:, :2], [h - 1, w - 1])
+    extent = tf.maximum(pixels[:, 2:] - top_left, 1)
+
+    def one(args):
+        image, corner, hw = args
+        crop = tf.slice(image, tf.concat([corner, [0]], 0), tf.concat([hw, [-1]], 0))
+        return tf.image.resize(tf.cast(crop, tf.float32), [size, size], method=method, antialias=True)
+
+    return tf.map_fn(one, (images, top_left, extent),
+                     fn_output_signature=tf.TensorSpec([size, size, images.shape[-1]], tf.float32))
 
 
 def batch_flip(images: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
@@ -169,15 +227,17 @@ def set_channels(image: tf.Tensor, channels: int) -> tf.Tensor:
 
 
 def normalize(image: tf.Tensor, mode: str) -> tf.Tensor:
-    """[0, 1] float -> model input. 'inception': [-1, 1]; 'imagenet': (x - mean) / std; 'unit': unchanged."""
+    """[0, 1] float -> model input. 'inception': [-1, 1]; 'imagenet' / 'clip': (x - mean) / std with
+    ImageNet's or OpenAI CLIP's statistics (one channel: their averages); 'unit': unchanged."""
     if mode == "inception":
         return image * 2.0 - 1.0
     if mode == "unit":
         return image
-    if mode == "imagenet":
+    if mode in ("imagenet", "clip"):
         c = image.shape[-1]
-        mean = IMAGENET_MEAN if c == 3 else (sum(IMAGENET_MEAN) / 3,)
-        std = IMAGENET_STD if c == 3 else (sum(IMAGENET_STD) / 3,)
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if mode == "imagenet" else (CLIP_MEAN, CLIP_STD)
+        mean = mean if c == 3 else (sum(mean) / 3,)
+        std = std if c == 3 else (sum(std) / 3,)
         return (image - tf.constant(mean)) / tf.constant(std)
     raise ValueError(f"unknown normalize {mode!r}; valid: {', '.join(NORMALIZATIONS)}")
 
