@@ -271,3 +271,17 @@ def test_class_names_file_refusals(tmp_path, content, message):
     with pytest.raises(InputError, match=message) as e:
         cn.class_names(data.default_data_config(), str(path))
     assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_work_stored_before_the_new_fields_is_the_same_work():
+    """A stored config (an ingredient's meta.json) from before the fields is not 'a different config'
+    while the new one holds their defaults; any other value is a change."""
+    from soupjax.config.base import changed_fields
+    from soupjax.io.files import plain
+    config = base_config()
+    stored = plain(config)
+    for field in ("resize_method", "eval_resize"):
+        del stored["data"][field]
+    assert changed_fields(stored, config) == []
+    config.data.resize_method = "bicubic"
+    assert changed_fields(stored, config) == ["data.resize_method: None != 'bicubic'"]

@@ -171,9 +171,16 @@ def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
 MAY_DIFFER = ("data.data_dir", "sweep.count")
 
 
+# Data fields added after work was first stored, at their defaults: a stored config without one was made
+# with what the default does (soupjax.data reads a missing one as its default), so it is the same work.
+ADDED_AT_DEFAULT = {"data.resize_method": "bilinear", "data.eval_resize": "square"}
+
+
 def changed_fields(stored: Any, config: Any, *, ignore: tuple[str, ...] = ()) -> list[str]:
-    """``differences`` less the dotted fields in ``ignore``."""
-    return [d for d in differences(stored, config) if d.split(":", 1)[0] not in ignore]
+    """``differences`` less the dotted fields in ``ignore`` and the fields of ``ADDED_AT_DEFAULT`` that
+    ``stored`` lacks where ``config`` holds their default."""
+    added = {f"{path}: None != {value!r}" for path, value in ADDED_AT_DEFAULT.items()}
+    return [d for d in differences(stored, config) if d.split(":", 1)[0] not in ignore and d not in added]
 
 
 def refuse_changed(stored: Any, config: Any, what: str, *, ignore: tuple[str, ...] = (),

@@ -51,20 +51,19 @@ _SALT_SHUFFLE = 3
 # differ in these alone give the same evaluation examples, so logits computed under one serve the other.
 TRAINING_ONLY_FIELDS = ("data_dir", "download", "train_crop", "pad", "flip", "aug_strength", "mixup_alpha",
                         "shuffle_buffer", "shifts", "cache")
-# Fields added since, at their defaults: left out of the hash, so configs made before them keep theirs.
-ADDED_AT_DEFAULT = (("resize_method", "bilinear"), ("eval_resize", "square"))
 
 
 def eval_fingerprint(cfg) -> str:
     """A hash of what decides the evaluation examples of every split (not the training augmentation).
 
     An ingredient's training-time logits are reused when cooking only under the same hash; a sweep
-    over augmentation strength or mixup must not make every ingredient be evaluated again.
+    over augmentation strength or mixup must not make every ingredient be evaluated again. Fields added
+    later (``ADDED_AT_DEFAULT``) are left out at their defaults: configs older than them keep their hash.
     """
-    from soupjax.config.base import fingerprint
+    from soupjax.config.base import ADDED_AT_DEFAULT, fingerprint
     from soupjax.io.files import plain
     return fingerprint({k: v for k, v in plain(cfg).items()
-                        if k not in TRAINING_ONLY_FIELDS and (k, v) not in ADDED_AT_DEFAULT})
+                        if k not in TRAINING_ONLY_FIELDS and (f"data.{k}", v) not in ADDED_AT_DEFAULT.items()})
 
 
 # ---------------------------------------------------------------------------------------------- sources
