@@ -111,22 +111,10 @@ def zeroshot_option(config: "ml_collections.ConfigDict", name: str) -> str:
 
 
 def class_names_for(config: "ml_collections.ConfigDict") -> list[str]:
-    """``config.zeroshot.classnames``'s file, or the data set's label names for the classes it uses."""
+    """``config.zeroshot.classnames``'s file (every class of the data set in label order, or exactly the
+    kept ``data.classes`` in their order), or the data set's label names for the classes it uses."""
     from soupjax.data import class_names as names
-    path = zeroshot_option(config, "classnames")
-    expected = _num_classes(config)
-    if path:
-        found = names.read_class_names(path)
-        if len(found) != expected:
-            raise InputError(f"zero-shot class names {path}: {len(found)} names, but the data set "
-                             f"{config.data.name} has {expected} classes (one name per line, in label order)")
-        return found
-    return names.class_names(config.data)
-
-
-def _num_classes(config: "ml_collections.ConfigDict") -> int:
-    from soupjax import data
-    return data.num_classes(config.data)
+    return names.class_names(config.data, zeroshot_option(config, "classnames") or None)
 
 
 def _tokenizer_for(config: "ml_collections.ConfigDict") -> "ClipTokenizer":
