@@ -238,6 +238,12 @@ def test_bad_input_is_one_line_naming_the_file_and_nothing_is_written(released, 
              r"clip-testing at 32 px with 1000 classes needs \(1000, 16\)", [renamed], tmp_path)
     _refused(r"would both be the ingredient 'model_0'", [files[0], files[0]], tmp_path)
     _refused(r"--base .*nowhere\.pt: no such file", files, tmp_path, base=tmp_path / "nowhere.pt")
+    # What the zero-shot start needs, checked before the first write: words for class names, a tokenizer.
+    _refused(r"label names are WordNet ids", files, tmp_path, base=released["base"])
+    bare = tmp_path / "bare" / "clip.pt"
+    bare.parent.mkdir()
+    bare.write_bytes(released["base"].read_bytes())
+    _refused(r"tokenizer", files, tmp_path, base=bare, classnames=released["classnames"])
     _refused(r"model 'vit-testing' is not a CLIP", files, tmp_path,
              config=f"{ROOT / 'configs' / 'fashion_mnist_vit.py'}:testing")
 

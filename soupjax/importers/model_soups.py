@@ -253,6 +253,18 @@ def check_against_model(first: ReleasedFile, model: Any, config: ml_collections.
                          f"({len(extra)} such tensors)")
 
 
+def check_zeroshot_inputs(config: ml_collections.ConfigDict) -> None:
+    """The zero-shot start's class names, templates and tokenizer read (``InputError`` naming a missing or
+    unfit one), before anything is written: what ``write_start`` will need besides the base's weights."""
+    from soupjax.text.clip_tokenizer import ClipTokenizer
+    from soupjax.training import zeroshot
+    zeroshot.class_names_for(config)
+    templates = zeroshot.zeroshot_option(config, "templates")
+    if templates:
+        zeroshot.read_templates(templates)
+    ClipTokenizer.from_path(zeroshot.zeroshot_option(config, "tokenizer") or config.init_from.path)
+
+
 @dataclasses.dataclass
 class Start:
     """The shared start written beside the ingredients, by its fingerprints."""
@@ -390,6 +402,8 @@ def import_model_soups(files: Sequence[str | os.PathLike], out: str | os.PathLik
     check_against_model(released[0], model, config, num_classes)
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(input_shape(config)), train=False))
     # Every conflict with what is in `out` is found before the first write.
+    if base_path is not None:
+        check_zeroshot_inputs(config)
     metas = [ingredient_meta(r, config, activation, activation_source, None) for r in released]
     for r, meta in zip(released, metas):
         _existing(out / r.name, r, meta, overwrite)
