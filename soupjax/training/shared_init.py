@@ -114,7 +114,9 @@ def start_problem(metas: Sequence[Mapping[str, Any]]) -> str | None:
     and, where recorded, the same ``start_fingerprint`` (the whole start, head init included)."""
     inits = {meta.get("init_fingerprint") for meta in metas}
     if None in inits or "" in inits:
-        return "the ingredients' meta.json does not record the init they were fine-tuned from (init_fingerprint)"
+        # Imported ingredients say why they have no start (model-soups files imported without --base).
+        note = next((m["start_note"] for m in metas if m.get("start_note")), None)
+        return note or "the ingredients' meta.json does not record the init they were fine-tuned from (init_fingerprint)"
     if len(inits) > 1:
         return f"the ingredients were fine-tuned from {len(inits)} different inits (--allow_mixed_init): there is no one θ0"
     starts = {meta.get("start_fingerprint") for meta in metas} - {None}
