@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The model-soups paper's CLIP ViT-B/32 table from its 72 released ingredients, beside the official numbers.
+# Usage: experiments/reproduce_model_soups.sh MODELS_DIR CLIP_FILE MODEL_SOUPS_CHECKOUT TFDS_DATA_DIR [WORKDIR]
+#   MODELS_DIR            the released model_{i}.pt files (github.com/mlfoundations/model-soups, release v0.0.2)
+#   CLIP_FILE             OpenAI's ViT-B-32.pt, the CLIP they were fine-tuned from (the zero-shot start, θ0)
+#   MODEL_SOUPS_CHECKOUT  a checkout of mlfoundations/model-soups: its individual_model_results.jsonl,
+#                         uniform_soup_results.jsonl and greedy_soup_results.jsonl are the official numbers
+#   TFDS_DATA_DIR         imagenet2012 (and imagenet_v2, imagenet_r, imagenet_a, imagenet_sketch) prepared in TFDS
+#   WORKDIR               default runs/model_soups
+# SHIFTS=imagenet_v2,imagenet_r (say) reports only those shift sets, when not all four are prepared.
+# Needs soupjax and open_clip installed (open_clip ships OpenAI's ImageNet class names, its 80 templates and
+# CLIP's tokenizer file). Rerunning the same command continues: imported files are skipped, cooked soups reused.
+set -euo pipefail
+usage="usage: $0 MODELS_DIR CLIP_FILE MODEL_SOUPS_CHECKOUT TFDS_DATA_DIR [WORKDIR]"
+models_dir=${1:?path of the directory of the released model_N.pt files; $usage}
+clip=${2:?path of the CLIP file they were fine-tuned from, OpenAI ViT-B-32.pt; $usage}
+official=${3:?path of a checkout of mlfoundations/model-soups, for its results files; $usage}
+data_dir=${4:?path of the TFDS data directory with imagenet2012 and its shifts; $usage}
+workdir=${5:-runs/model_soups}
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+config="$(dirname "$here")/configs/imagenet_clip_vit_b32.py"
+
+fail() { echo "$0: error: $*" >&2; exit 2; }
+# Every input is looked at before hours of work: a missing results file must not end the run at the table.
+shopt -s nullglob
+files=("$models_dir"/model_*.pt)
+shopt -u nullglob
+[ ${#files[@]} -gt 0 ] || fail "no model_*.pt files in $models_dir (the 72 released ingredients)"
+[ -f "$clip" ] || fail "$clip: no such file (OpenAI's ViT-B-32.pt)"
+for f in individual_model_results.jsonl uniform_soup_results.jsonl greedy_soup_results.jsonl; do
+    [ -f "$official/$f" ] || fail "$official/$f: no such file (give a checkout of mlfoundations/model-soups)"
+done
+[ -d "$data_dir" ] || case $data_dir in gs://*) ;; *) fail "$data_dir: no such directory (TFDS_DATA_DIR)" ;; esac
+# model_0 .. model_71 in numeric order (the ingredients are named after the files).
+mapfile -t files < <(printf '%s\n' "${files[@]}" | sort -V)
+echo "$0: ${#files[@]} files from $models_dir; work directory $workdir"
+
+# 1. OpenAI's ImageNet class names, its 80 templates and CLIP's tokenizer file, from the installed open_clip
+#    (what the official zeroshot.py uses; soupjax does not copy them). Written once, renamed into place.
+zeroshot="$workdir/zeroshot"
+mkdir -p "$zeroshot"
+if [ ! -f "$zeroshot/classnames.txt" ]; then
+    python -c 'import sys; from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES as C
+open(sys.argv[1], "w").write("".join(c + "\n" for c in C))' "$zeroshot/classnames.txt.tmp"
+    mv "$zeroshot/classnames.txt.tmp" "$zeroshot/classnames.txt"
+fi
+if [ ! -f "$zeroshot/templates.txt" ]; then
+    python -c 'import sys; from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES as T
+open(sys.argv[1], "w").write("".join(t("{}") + "\n" for t in T))' "$zeroshot/templates.txt.tmp"
+    mv "$zeroshot/templates.txt.tmp" "$zeroshot/templates.txt"
+fi
+tokenizer=$(python -c 'import os, open_clip; print(os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz"))')
+
+# 2. The files as soupjax ingredients, with the zero-shot start from the base (θ0 of the merges and WiSE-FT).
+python -m soupjax.import_ingredients --format model-soups --out "$workdir/ingredients" \
+    --config "$config:data_dir=$data_dir" --base "$clip" --tokenizer "$tokenizer" \
+    --classnames "$zeroshot/classnames.txt" --templates "$zeroshot/templates.txt" "${files[@]}"
+
+# 3. Each recipe cooked into one directory (the ingredients' evaluations are cached there and shared). Every
+#    command gets the same options: WiSE-FT checks that the soups it starts from were cooked with them.
+#    --greedy_ties official: ingredients of equal held-out accuracy in the official code's order.
+#    --learned_mode both: the paper's learned soup and learned soup by layer.
+soups="$workdir/soups"
+options=(--greedy_ties official --learned_mode both --wise_ft_of best_ingredient,uniform,greedy)
+[ -n "${SHIFTS:-}" ] && options+=(--shifts "$SHIFTS")
+mkdir -p "$workdir/reports"
+for recipe in uniform greedy learned ensemble wise_ft; do
+    python -m soupjax.soup --recipe "$recipe" --ingredients "$workdir/ingredients" --out "$soups" \
+        --data_dir "$data_dir" "${options[@]}"
+    # Each cook writes the report of its own recipe: kept per recipe for the table below.
+    cp "$soups/report.json" "$workdir/reports/$recipe.json"
+done
+
+# 4. Our table beside the official numbers.
+python "$here/compare_official.py" --official "$official" --out "$workdir/comparison.md" \
+    "$workdir"/reports/{uniform,greedy,learned,ensemble,wise_ft}.json
