@@ -19,8 +19,9 @@ another process, so the driver stays small:
   keep all   `torch.load(f, weights_only=True)` of each file in turn, every state dict kept in a list:
              what a naive script that averages the files at the end would hold.
   one by one the same loads, each state dict dropped before the next: the floor of reading the files.
-Floors, once each before the rounds: the peak RSS of a process that only imports torch, and of one that
-imports what the import command imports (jax, soupjax.importers.model_soups).
+Floors, once each before the rounds (or alone with --floors_only): the peak RSS of a process that only imports
+torch, and of one that imports what the import command imports when it runs (jax, soupjax.data with
+TensorFlow and TFDS, the models, orbax).
 
 Measurement, interleaved: for each of --rounds rounds and each K, the three contenders run one after the
 other in an order that rotates with the round and the K, 1 s apart. Reported per K and contender: the
@@ -136,9 +137,13 @@ def measure_one(kind: str, files: list[Path], root: Path, log: Tee, **start: Pat
 
 def floors(root: Path, log: Tee) -> None:
     """The peak RSS of an interpreter that only imports torch, and of one with the import command's imports."""
+    # import_model_soups imports soupjax.data (TensorFlow, TFDS) and the models when it runs, not at the top.
+    command_imports = ('import jax, jax.numpy; import soupjax.import_ingredients, soupjax.importers.model_soups; '
+                       'from soupjax import data; from soupjax.models import build_model_from_run_config; '
+                       'from soupjax.io import checkpoints; from soupjax.training import shared_init')
     for what, code in (('python + import torch', 'import torch'),
-                       ('python + import jax, soupjax.importers.model_soups',
-                        'import jax, jax.numpy; import soupjax.importers.model_soups')):
+                       ('python + the import command\'s imports (jax, soupjax.data with TensorFlow and TFDS, '
+                        'the models, orbax)', command_imports)):
         seconds, peak, _ = run_measured([sys.executable, '-c', code], root / 'run.log')
         log(f'floor: {what}: peak RSS {peak:.0f} MiB, {seconds:.1f} s')
 
@@ -187,6 +192,7 @@ def main() -> None:
     parser.add_argument('--ks', default='1,4,16', help='numbers of files to import')
     parser.add_argument('--rounds', type=int, default=2)
     parser.add_argument('--base_k', type=int, default=0, help='one import --base run of this many files (0: none)')
+    parser.add_argument('--floors_only', action='store_true', help='measure the two floors only (no files)')
     parser.add_argument('--log', default=str(REPO / 'experiments' / 'results' / 'bench_import.log'))
     args = parser.parse_args()
     ks = sorted(int(x) for x in args.ks.split(','))
@@ -196,8 +202,12 @@ def main() -> None:
     log(f"{time.strftime('%Y-%m-%d %H:%M')}  {platform.node()} ({platform.machine()}): {os.cpu_count()} CPUs "
         f"({cpu}), no accelerator, {available_memory() / GiB:.1f} GiB available; load average "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the start (1, 5, 15 min; shared with other jobs)")
-    ks = fitting_ks(ks, 470 * 2**20, log)
     root = Path(tempfile.mkdtemp(prefix='bench_import-'))
+    if args.floors_only:
+        floors(root, log)
+        shutil.rmtree(root)
+        return
+    ks = fitting_ks(ks, 470 * 2**20, log)
     started = time.perf_counter()
     results: dict[tuple[str, int], list[tuple[float, float]]] = {}
     try:
