@@ -258,11 +258,11 @@ def get_config(arg=None):
     c = _base.get_config(arg)
     c.model = {{"name": "vit-testing", "patch_size": 4}}
     c.batch_size, c.eval_batch_size, c.warmup_steps = 16, 500, 2
-    c.total_steps, c.checkpoint_every_steps, c.log_every_steps = 24, 4, 1
+    c.total_steps, c.checkpoint_every_steps, c.log_every_steps = 16, 4, 1
     c.eval_every_steps, c.plateau.cooldown_steps = 4, 4
-    c.data.heldout, c.data.shuffle_buffer = 500, 256
+    c.data.heldout, c.data.shuffle_buffer = 256, 256
     c.data.shifts = []  # the report without shift columns: a kill test, not a robustness one
-    c.linear_probe.num_examples, c.linear_probe.steps = 256, 20
+    c.linear_probe.num_examples, c.linear_probe.steps = 128, 10
     return c
 '''
 

@@ -85,8 +85,15 @@ _RESNET_SHAPES = {
 }
 
 
+# CLIP image towers: (width, layers, heads, patch, embedding width), from OpenAI's model card.
+_CLIP_SHAPES = {
+    'clip-vit-b/32': (768, 12, 12, 32, 512), 'clip-vit-b/16': (768, 12, 12, 16, 512),
+    'clip-vit-l/14': (1024, 24, 16, 14, 768), 'clip-testing': (32, 2, 2, 8, 16),
+}
+
+
 def test_every_listed_name_builds_its_architecture():
-    assert sorted(list_models()) == sorted([*_VIT_SHAPES, *_RESNET_SHAPES])
+    assert sorted(list_models()) == sorted([*_VIT_SHAPES, *_RESNET_SHAPES, *_CLIP_SHAPES])
     assert len(set(list_models())) == len(list_models())
     for name in list_models():
         cfg = {}
@@ -94,6 +101,18 @@ def test_every_listed_name_builds_its_architecture():
             hidden, layers, heads, mlp, patch = _VIT_SHAPES['vit']
             cfg = dict(hidden_size=hidden, num_layers=layers, num_heads=heads, mlp_dim=mlp, patch_size=patch)
         model = get_model(name.upper(), 3, **cfg)  # names are case-insensitive
+        if name in _CLIP_SHAPES:
+            width, layers, heads, patch, embed = _CLIP_SHAPES[name]
+            assert (model.width, model.layers, model.heads, model.patch_size, model.embed_dim) == _CLIP_SHAPES[name]
+            shallow = get_model(name, 3, layers=1)
+            images = jax.ShapeDtypeStruct((2, 2 * patch, 2 * patch, 3), jnp.float32)
+            logits, variables = jax.eval_shape(shallow.init_with_output, KEY, images)
+            assert (logits.shape, logits.dtype) == ((2, 3), jnp.float32), name
+            flat = flatten(variables['params'])
+            assert flat['visual/conv1/kernel'].shape == (patch, patch, 3, width), name
+            assert flat['visual/transformer/resblocks_0/attn/query/kernel'].shape == (width, heads, width // heads)
+            assert flat['visual/proj'].shape == (width, embed) and flat['head/kernel'].shape == (embed, 3), name
+            continue
         if name in _VIT_SHAPES:
             assert (model.hidden_size, model.num_layers, model.num_heads, model.mlp_dim,
                     model.patch_size) == _VIT_SHAPES[name], name

@@ -97,23 +97,25 @@ def _interrupt_after(n: int, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
 def test_train_step_and_resume_under_mock_data(name, tmp_path, monkeypatch):
+    """Each config trains, resumes bit-exactly after a preemption and, for the reference studies, goes on
+    through cooking as experiments/*.sh run it (greedy; a ResNet also with recalibrated BatchNorm)."""
     config = load_config(name)
     config.total_steps = 4
     config.checkpoint_every_steps = 1
     config.head_init = "default"  # the linear probe has its own test; keep this one about resuming
     with tfds.testing.mock_data(num_examples=64):
-        straight = train.train_and_evaluate(config, tmp_path / "straight", tmp_path / "ing_straight")
+        straight = train.train_and_evaluate(config, tmp_path / "straight", tmp_path / "ingredients" / "straight")
         with monkeypatch.context() as m:
             _interrupt_after(2, m)
             with pytest.raises(Preempted):
-                train.train_and_evaluate(config, tmp_path / "resumed", tmp_path / "ing_resumed")
-        assert not checkpoints.is_ingredient(tmp_path / "ing_resumed"), "a preempted run must not leave an ingredient"
-        resumed = train.train_and_evaluate(config, tmp_path / "resumed", tmp_path / "ing_resumed")
+                train.train_and_evaluate(config, tmp_path / "resumed", tmp_path / "ingredients" / "resumed")
+        assert not checkpoints.is_ingredient(tmp_path / "ingredients" / "resumed"), "a preempted run must not leave an ingredient"
+        resumed = train.train_and_evaluate(config, tmp_path / "resumed", tmp_path / "ingredients" / "resumed")
     assert straight["resumed_from_step"] == 0
     assert resumed["resumed_from_step"] == 2
     assert resumed["steps"] == straight["steps"] == 4
-    a = checkpoints.load_variables(tmp_path / "ing_straight")
-    b = checkpoints.load_variables(tmp_path / "ing_resumed")
+    a = checkpoints.load_variables(tmp_path / "ingredients" / "straight")
+    b = checkpoints.load_variables(tmp_path / "ingredients" / "resumed")
     init = init_variables(config)
     moved = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda x, y: np.abs(x - y).max(), a["params"], init["params"]))
     assert max(moved) > 0, "training did not change the parameters"
@@ -123,11 +125,25 @@ def test_train_step_and_resume_under_mock_data(name, tmp_path, monkeypatch):
         for split in ("heldout", "test"):
             (logits,), labels = forward_logits(config, [b], split)
             assert_metrics(resumed["metrics"][split], logits, labels, (name, split))
+        if name != "fashion_mnist_vit":
+            _cook_as_the_reference_study_does(name, tmp_path)
     if name == "cifar10_resnet50d":
         assert "batch_stats" in a
         before = jax.tree_util.tree_leaves(init["batch_stats"])
         after = jax.tree_util.tree_leaves(a["batch_stats"])
         assert any(not np.allclose(x, y) for x, y in zip(before, after)), "batch_stats were not updated"
+
+
+def _cook_as_the_reference_study_does(name: str, root: Path) -> None:
+    """The cooking stage of experiments/*.sh (study.stages.cook_into) on the two ingredients under root."""
+    from soupjax.study import stages
+    recalibrate = 2 if name == "cifar10_resnet50d" else 0
+    results = stages.cook_into("greedy", root / "ingredients", root / "soups", False)
+    assert {r["name"] for r in results["soups"]} == {"best_ingredient", "greedy"}, name
+    assert checkpoints.is_ingredient(root / "soups" / "greedy")
+    if recalibrate:
+        stages.cook_into("greedy", root / "ingredients", root / "soups-recalibrated", False, recalibrate_bn=recalibrate)
+        assert checkpoints.load_meta(root / "soups-recalibrated" / "greedy")["recalibrated_bn_batches"] == 2
 
 
 def test_sweep_draws_are_reproducible_and_share_the_init():
