@@ -34,17 +34,20 @@ SHIFT_COLUMNS = (("ImageNet-V2", "imagenet_v2", "ImageNetV2"), ("ImageNet-R", "i
 OFFICIAL_OF = {"best_ingredient": "best individual model", "uniform": "uniform_soup", "greedy": "greedy_soup",
                "ensemble": "ensemble"}
 NOTES = """Notes on what is compared:
-- Held-out: not comparable, so no difference is given. The official ImageNet2p is 26 random images per class
-  of ImageNet's training set that the released models were not fine-tuned on (its index file,
+
+- Held-out: not comparable, so no difference is given. The official ImageNet2p is 26 random images per
+  class of ImageNet's training set that the released models were not fine-tuned on (its index file,
   imagenet_98_idxs.npy, is not published); soupjax's held-out split is 2% of TFDS's imagenet2012 training
-  split, most of which the released models were fine-tuned on. Our held-out accuracies are therefore
-  optimistic, and the greedy and learned soups (and the best ingredient, and WiSE-FT's alpha) are chosen on
-  partly seen images: they may choose differently from the official code.
+  split, and about 98% of its images were among those the released models were fine-tuned on (every
+  training image but their ImageNet2p). Our held-out accuracies are therefore optimistic, and the greedy
+  and learned soups (and the best ingredient, and WiSE-FT's alpha) are chosen on mostly seen images: they
+  may choose differently from the official code.
 - ObjectNet, the paper's fifth shift, is not in TFDS: the official numbers are shown, ours are n/a, and the
   mean of shifts here is over the shifts both sides have (the official plot's mean is over five).
-- ImageNet and the shifts are the same images on both sides; differences come from evaluation (TFDS
-  decoding and TensorFlow's bicubic resize against PIL's, float32 against the official PyTorch run), and for
-  the greedy soup also from the held-out split it is chosen on. The per-ingredient table measures the first.
+- ImageNet (its validation set) and the shifts are the same test sets on both sides; differences come from
+  the evaluation (TFDS decoding and TensorFlow's bicubic resize against PIL's, soupjax's JAX model against
+  the official PyTorch one) and, for the soups chosen on held-out data, from the held-out split. The
+  per-ingredient table measures the first: the same weights evaluated by both.
 - The best individual model is chosen on each side's own held-out split, as in the paper."""
 
 

@@ -4,10 +4,13 @@
 #   MODELS_DIR            the released model_{i}.pt files (github.com/mlfoundations/model-soups, release v0.0.2)
 #   CLIP_FILE             OpenAI's ViT-B-32.pt, the CLIP they were fine-tuned from (the zero-shot start, θ0)
 #   MODEL_SOUPS_CHECKOUT  a checkout of mlfoundations/model-soups: its individual_model_results.jsonl,
-#                         uniform_soup_results.jsonl and greedy_soup_results.jsonl are the official numbers
+#                         uniform_soup_results.jsonl, greedy_soup_results.jsonl (and ensemble_results.jsonl
+#                         where it has it) are the official numbers, read there, never copied
 #   TFDS_DATA_DIR         imagenet2012 (and imagenet_v2, imagenet_r, imagenet_a, imagenet_sketch) prepared in TFDS
-#   WORKDIR               default runs/model_soups
+#   WORKDIR               default runs/model_soups: ingredients/, soups/, reports/ (one report.json per recipe),
+#                         comparison.md (the table printed at the end)
 # SHIFTS=imagenet_v2,imagenet_r (say) reports only those shift sets, when not all four are prepared.
+# See experiments/reference_runs.md for what is compared, and what cannot be.
 # Needs soupjax and open_clip installed (open_clip ships OpenAI's ImageNet class names, its 80 templates and
 # CLIP's tokenizer file). Rerunning the same command continues: imported files are skipped, cooked soups reused.
 set -euo pipefail
@@ -26,7 +29,7 @@ shopt -s nullglob
 files=("$models_dir"/model_*.pt)
 shopt -u nullglob
 [ ${#files[@]} -gt 0 ] || fail "no model_*.pt files in $models_dir (the 72 released ingredients)"
-[ -f "$clip" ] || fail "$clip: no such file (OpenAI's ViT-B-32.pt)"
+[ -e "$clip" ] || fail "$clip: no such file (OpenAI's ViT-B-32.pt)"
 for f in individual_model_results.jsonl uniform_soup_results.jsonl greedy_soup_results.jsonl; do
     [ -f "$official/$f" ] || fail "$official/$f: no such file (give a checkout of mlfoundations/model-soups)"
 done
@@ -35,21 +38,32 @@ done
 mapfile -t files < <(printf '%s\n' "${files[@]}" | sort -V)
 echo "$0: ${#files[@]} files from $models_dir; work directory $workdir"
 
-# 1. OpenAI's ImageNet class names, its 80 templates and CLIP's tokenizer file, from the installed open_clip
-#    (what the official zeroshot.py uses; soupjax does not copy them). Written once, renamed into place.
+# 1. OpenAI's ImageNet class names and 80 templates (what the official zeroshot.py uses) from the installed
+#    open_clip, which ships them (soupjax does not copy them): each file written once, renamed into place,
+#    kept on a rerun. The tokenizer is the bpe_simple_vocab_16e6.txt.gz that open_clip ships.
 zeroshot="$workdir/zeroshot"
 mkdir -p "$zeroshot"
-if [ ! -f "$zeroshot/classnames.txt" ]; then
-    python -c 'import sys; from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES as C
-open(sys.argv[1], "w").write("".join(c + "\n" for c in C))' "$zeroshot/classnames.txt.tmp"
-    mv "$zeroshot/classnames.txt.tmp" "$zeroshot/classnames.txt"
-fi
-if [ ! -f "$zeroshot/templates.txt" ]; then
-    python -c 'import sys; from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES as T
-open(sys.argv[1], "w").write("".join(t("{}") + "\n" for t in T))' "$zeroshot/templates.txt.tmp"
-    mv "$zeroshot/templates.txt.tmp" "$zeroshot/templates.txt"
-fi
-tokenizer=$(python -c 'import os, open_clip; print(os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz"))')
+tokenizer=$(python - "$zeroshot" <<'EOF'
+import os
+import sys
+
+import open_clip
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+
+def write_once(name, lines):
+    path = os.path.join(sys.argv[1], name)
+    if not os.path.exists(path):
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
+        os.replace(path + ".tmp", path)
+
+
+write_once("classnames.txt", IMAGENET_CLASSNAMES)
+write_once("templates.txt", [template("{}") for template in OPENAI_IMAGENET_TEMPLATES])
+print(os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz"))
+EOF
+)
 
 # 2. The files as soupjax ingredients, with the zero-shot start from the base (θ0 of the merges and WiSE-FT).
 python -m soupjax.import_ingredients --format model-soups --out "$workdir/ingredients" \
@@ -58,7 +72,8 @@ python -m soupjax.import_ingredients --format model-soups --out "$workdir/ingred
 
 # 3. Each recipe cooked into one directory (the ingredients' evaluations are cached there and shared). Every
 #    command gets the same options: WiSE-FT checks that the soups it starts from were cooked with them.
-#    --greedy_ties official: ingredients of equal held-out accuracy in the official code's order.
+#    --greedy_ties official: ingredients of equal held-out accuracy in reverse index order, as the official code
+#    visits them (our index is the name's place in string order, model_10 before model_2; exact ties only).
 #    --learned_mode both: the paper's learned soup and learned soup by layer.
 soups="$workdir/soups"
 options=(--greedy_ties official --learned_mode both --wise_ft_of best_ingredient,uniform,greedy)
