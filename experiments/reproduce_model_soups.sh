@@ -7,7 +7,7 @@
 #                         uniform_soup_results.jsonl, greedy_soup_results.jsonl (and ensemble_results.jsonl
 #                         where it has it) are the official numbers, read there, never copied
 #   TFDS_DATA_DIR         imagenet2012 (and imagenet_v2, imagenet_r, imagenet_a, imagenet_sketch) prepared in TFDS
-#   WORKDIR               default runs/model_soups: ingredients/, soups/, reports/ (one report.json per recipe),
+#   WORKDIR               default runs/model_soups: ingredients/, soups/ (with report.json),
 #                         comparison.md (the table printed at the end)
 # SHIFTS=imagenet_v2,imagenet_r (say) reports only those shift sets, when not all four are prepared.
 # See experiments/reference_runs.md for what is compared, and what cannot be.
@@ -70,22 +70,16 @@ python -m soupjax.import_ingredients --format model-soups --out "$workdir/ingred
     --config "$config:data_dir=$data_dir" --base "$clip" --tokenizer "$tokenizer" \
     --classnames "$zeroshot/classnames.txt" --templates "$zeroshot/templates.txt" "${files[@]}"
 
-# 3. Each recipe cooked into one directory (the ingredients' evaluations are cached there and shared). Every
-#    command gets the same options: WiSE-FT checks that the soups it starts from were cooked with them.
+# 3. The recipes cooked in one command, into one directory and one report (the ingredients' evaluations
+#    are made once and shared; WiSE-FT starts from the soups cooked before it).
 #    --greedy_ties official: ingredients of equal held-out accuracy in reverse index order, as the official code
 #    visits them (our index is the name's place in string order, model_10 before model_2; exact ties only).
 #    --learned_mode both: the paper's learned soup and learned soup by layer.
 soups="$workdir/soups"
 options=(--greedy_ties official --learned_mode both --wise_ft_of best_ingredient,uniform,greedy)
 [ -n "${SHIFTS:-}" ] && options+=(--shifts "$SHIFTS")
-mkdir -p "$workdir/reports"
-for recipe in uniform greedy learned ensemble wise_ft; do
-    python -m soupjax.soup --recipe "$recipe" --ingredients "$workdir/ingredients" --out "$soups" \
-        --data_dir "$data_dir" "${options[@]}"
-    # Each cook writes the report of its own recipe: kept per recipe for the table below.
-    cp "$soups/report.json" "$workdir/reports/$recipe.json"
-done
+python -m soupjax.soup --recipe uniform,greedy,learned,ensemble,wise_ft --ingredients "$workdir/ingredients" \
+    --out "$soups" --data_dir "$data_dir" "${options[@]}"
 
 # 4. Our table beside the official numbers.
-python "$here/compare_official.py" --official "$official" --out "$workdir/comparison.md" \
-    "$workdir"/reports/{uniform,greedy,learned,ensemble,wise_ft}.json
+python "$here/compare_official.py" --official "$official" --out "$workdir/comparison.md" "$soups/report.json"

@@ -39,8 +39,9 @@ from soupjax.io.workdirs import default_workdir
 
 PROGRAM = "soupjax.soup"
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("recipe", "all", [*methods.names(), "all", "inspect"],
-                  "Which recipe to cook ('all': every method in soupjax.methods; 'inspect': the ingredients' geometry).")
+flags.DEFINE_string("recipe", "all",
+                    f"Which recipe to cook: one of {', '.join(methods.names())}, several comma-separated (one cook, "
+                    "one report), 'all' (every method in soupjax.methods) or 'inspect' (the ingredients' geometry).")
 flags.DEFINE_string("workdir", None, "Work directory (default: $SOUPJAX_WORKDIR or ./runs/soupjax).")
 flags.DEFINE_string("ingredients", None, "Directory of ingredients (default: WORKDIR/ingredients).")
 flags.DEFINE_string("out", None, "Output directory for soups and the report (default: WORKDIR/soups).")
@@ -62,7 +63,7 @@ def main(argv) -> int:
     # Before JAX loads: a bad value is refused at once, not after seconds of imports.
     from soupjax.cooking import check_recipe_options
     options = {name: FLAGS[name].value for name in methods.all_options()}
-    check_recipe_options(**options)
+    check_recipe_options(recipe=None if FLAGS.recipe == "inspect" else FLAGS.recipe, **options)
     workdir = Path(FLAGS.workdir or default_workdir()).absolute()
     ingredients_dir = Path(FLAGS.ingredients).absolute() if FLAGS.ingredients else workdir / "ingredients"
     out = Path(FLAGS.out).absolute() if FLAGS.out else workdir / "soups"

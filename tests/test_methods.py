@@ -475,3 +475,13 @@ def test_a_method_is_asked_only_for_the_dishes_not_cooked_yet(ingredients, tmp_p
     assert modes == ["global", "layer", "layer"]
     assert "learned_global: cooked earlier, reused" in capsys.readouterr().out
     assert [row["name"] for row in results["soups"]] == ["best_ingredient", "learned_global", "learned_layer"]
+
+
+def test_a_list_of_recipes_is_cooked_in_the_registry_order():
+    """--recipe a,b: one cook of those methods, each after the soups it starts from (wise_ft after greedy)."""
+    assert [m.name for m in methods.wanted("wise_ft,greedy,uniform")] == ["uniform", "greedy", "wise_ft"]
+    assert [m.name for m in methods.wanted("uniform, uniform")] == ["uniform"]
+    for bad, fragment in (("uniform,soup_of_the_day", "'soup_of_the_day'"), ("uniform,all", "a list names methods only"),
+                          ("uniform,", "a list names methods only")):
+        with pytest.raises(InputError, match=fragment):
+            methods.wanted(bad)

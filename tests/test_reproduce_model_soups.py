@@ -115,13 +115,12 @@ def test_the_script_imports_cooks_and_prints_both_columns(tmp_path):
     assert "3 ingredients in" in out.stdout and "with their start" in out.stdout
     assert (workdir / "ingredients" / "start").is_dir()
 
-    # Each recipe cooked into one directory, its report kept.
+    # The recipes cooked by one command into one directory and one report.
     cooks = [c for c in soupjax_commands if c[1] == "soupjax.soup"]
-    assert [c[c.index("--recipe") + 1] for c in cooks] == list(RECIPES)
-    for recipe in RECIPES:
-        report = json.loads((workdir / "reports" / f"{recipe}.json").read_text())
-        assert report["meta"]["recipes"] == [recipe]
-        assert report["meta"]["splits"]["shifts"] == SHIFTS.split(",")
+    assert [c[c.index("--recipe") + 1] for c in cooks] == [",".join(RECIPES)]
+    report = json.loads((workdir / "soups" / "report.json").read_text())
+    assert report["meta"]["recipes"] == list(RECIPES)
+    assert report["meta"]["splits"]["shifts"] == SHIFTS.split(",")
     for soup in ("uniform", "greedy", "learned_global", "learned_layer", "wise_ft_best_ingredient",
                  "wise_ft_uniform", "wise_ft_greedy"):
         assert (workdir / "soups" / soup / "meta.json").is_file(), soup

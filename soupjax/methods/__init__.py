@@ -241,10 +241,18 @@ def method_of_dish(dish: str) -> Method | None:
 
 
 def wanted(recipe: str) -> list[Method]:
-    """The methods ``--recipe`` asks for: one, or every one ``in_all`` for 'all'."""
+    """The methods ``--recipe`` asks for: one, several comma-separated (cooked in the registry's order, so
+    that a method comes after the soups it starts from, e.g. wise_ft after greedy), or every one
+    ``in_all`` for 'all'."""
     if recipe == "all":
         return [m for m in methods() if m.in_all]
-    return [get(recipe)]
+    names_given = [name.strip() for name in recipe.split(",")]
+    if len(names_given) == 1:
+        return [get(recipe)]
+    if "" in names_given or "all" in names_given or "inspect" in names_given:
+        raise InputError(f"--recipe={recipe!r}: a list names methods only ({', '.join(names())})")
+    asked = {get(name).name for name in names_given}
+    return [m for m in methods() if m.name in asked]
 
 
 def all_options() -> dict[str, Option]:
