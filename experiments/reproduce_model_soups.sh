@@ -10,6 +10,7 @@
 #   WORKDIR               default runs/model_soups: ingredients/, soups/ (with report.json),
 #                         comparison.md (the table printed at the end)
 # SHIFTS=imagenet_v2,imagenet_r (say) reports only those shift sets, when not all four are prepared.
+# SOUP_OPTIONS="--memory_budget_mb=20000 ..." adds options of python -m soupjax.soup to the cook.
 # See experiments/reference_runs.md for what is compared, and what cannot be.
 # Needs soupjax and open_clip installed (open_clip ships OpenAI's ImageNet class names, its 80 templates and
 # CLIP's tokenizer file). Rerunning the same command continues: imported files are skipped, cooked soups reused.
@@ -78,6 +79,8 @@ python -m soupjax.import_ingredients --format model-soups --out "$workdir/ingred
 soups="$workdir/soups"
 options=(--greedy_ties official --learned_mode both --wise_ft_of best_ingredient,uniform,greedy)
 [ -n "${SHIFTS:-}" ] && options+=(--shifts "$SHIFTS")
+# shellcheck disable=SC2206  # words on purpose: one option each
+[ -n "${SOUP_OPTIONS:-}" ] && options+=($SOUP_OPTIONS)
 python -m soupjax.soup --recipe uniform,greedy,learned,ensemble,wise_ft --ingredients "$workdir/ingredients" \
     --out "$soups" --data_dir "$data_dir" "${options[@]}"
 

@@ -83,9 +83,10 @@ def test_merge_and_cooking_give_bit_identical_models(finetuned_workdir, tmp_path
         "uniform", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "spherical_mean", "model_stock"}
     ingredients = api.load_ingredients(ingredients_dir)
     init = api.shared_init(ingredients)
+    # Every merge in one cook (a --recipe list): one plan, one report, the rows of each method.
+    results = api.cook(",".join(m.name for m in merges), ingredients_dir, out, shifts=[], **_ONE_POINT)
+    rows = {row["name"]: row for row in results["soups"]}
     for method in merges:
-        results = api.cook(method.name, ingredients_dir, out, shifts=[], **_ONE_POINT)
-        rows = {row["name"]: row for row in results["soups"]}
         for dish, names in method.merge.hyperparameters.items():
             chosen = rows[dish]["chosen"] or {}
             given = {n: _ONE_POINT["seed"] if n == "seed" else chosen["lambda" if n == "lam" else n] for n in names}

@@ -266,13 +266,11 @@ def test_the_command_feeds_soup(released, tmp_path):
     assert "3 ingredients in" in done.stdout and "with their start" in done.stdout
     assert done.stderr.count("[import] ") == 3 and "files/s" in done.stderr and "eta" in done.stderr
     with tfds.testing.mock_data(num_examples=16):
-        uniform = api.cook("uniform", out, tmp_path / "soups", shifts=[])
-        merged = api.cook("task_arithmetic", out, tmp_path / "merges", shifts=[], task_arithmetic_scales="0.5")
-        wise = api.cook("wise_ft", out, tmp_path / "wise", shifts=[], wise_ft_of="best_ingredient",
-                        wise_ft_alphas="0,0.5,1")
-    assert {r["name"] for r in uniform["soups"]} >= {"uniform"}
-    assert {r["name"] for r in merged["soups"]} >= {"task_arithmetic"}
-    assert any(r["name"].startswith("wise_ft") for r in wise["soups"])
+        # A soup, a merge and WiSE-FT in one cook (a --recipe list).
+        cooked = api.cook("uniform,task_arithmetic,wise_ft", out, tmp_path / "soups", shifts=[],
+                          task_arithmetic_scales="0.5", wise_ft_of="best_ingredient", wise_ft_alphas="0,0.5,1")
+    names = {r["name"] for r in cooked["soups"]}
+    assert {"uniform", "task_arithmetic"} <= names and any(n.startswith("wise_ft") for n in names), names
     states = [torch.load(path, weights_only=True) for path in released["files"]]
     averaged = {k: sum(s[k] * (1.0 / len(states)) for s in states) for k in states[0]}
     batch = images(seed=3)

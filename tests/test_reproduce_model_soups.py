@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "reproduce_model_soups.sh"
 SHIFTS = "imagenet_v2,imagenet_r"
 RECIPES = ("uniform", "greedy", "learned", "ensemble", "wise_ft")
+# Options a user adds to the cook (SOUP_OPTIONS): here fewer WiSE-FT points and learned epochs, for time.
+SOUP_OPTIONS = "--wise_ft_alphas=0,0.5,1 --learned_epochs=1"
 
 # The stand-in for `python`. A `-m soupjax.X` command runs the real module's command line under mock data
 # (tests/conftest.py's mock_data: the pipeline's memory cleared, mocked builders count as prepared), the
@@ -101,7 +103,7 @@ def test_the_script_imports_cooks_and_prints_both_columns(tmp_path):
     (workdir / "zeroshot").mkdir(parents=True)
     (workdir / "zeroshot" / "templates.txt").write_text("a bad photo of a {}.\na photo of many {}.\n")
     args = [str(files[0].parent), str(base), str(official), str(data_dir), str(workdir)]
-    out = run_script(args, tmp_path, SHIFTS=SHIFTS)
+    out = run_script(args, tmp_path, SHIFTS=SHIFTS, SOUP_OPTIONS=SOUP_OPTIONS)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
     # The import got the files, the base, open_clip's class names and the templates file it found.
@@ -118,6 +120,7 @@ def test_the_script_imports_cooks_and_prints_both_columns(tmp_path):
     # The recipes cooked by one command into one directory and one report.
     cooks = [c for c in soupjax_commands if c[1] == "soupjax.soup"]
     assert [c[c.index("--recipe") + 1] for c in cooks] == [",".join(RECIPES)]
+    assert all(option in cooks[0] for option in SOUP_OPTIONS.split()), "SOUP_OPTIONS reach the cook"
     report = json.loads((workdir / "soups" / "report.json").read_text())
     assert report["meta"]["recipes"] == list(RECIPES)
     assert report["meta"]["splits"]["shifts"] == SHIFTS.split(",")
@@ -148,7 +151,7 @@ def test_the_script_imports_cooks_and_prints_both_columns(tmp_path):
     assert "ObjectNet, the paper's fifth shift, is not in TFDS" in table
 
     # A rerun continues: nothing imported or cooked again, the same table.
-    again = run_script(args, tmp_path, SHIFTS=SHIFTS)
+    again = run_script(args, tmp_path, SHIFTS=SHIFTS, SOUP_OPTIONS=SOUP_OPTIONS)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stderr.count("skipped=already imported") == 3
     for soup in ("uniform", "greedy", "learned_global", "learned_layer", "wise_ft_uniform"):
