@@ -39,7 +39,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -49,7 +48,7 @@ import time
 from pathlib import Path
 
 # experiments/ is this script's directory, so on sys.path: the benchmarks' shared log writer.
-from bench_vs_mergekit import Tee
+from bench_vs_mergekit import Tee, machine_line
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = 'ViT-B-32'
@@ -274,11 +273,8 @@ def main() -> None:
     args = parser.parse_args()
     batches = [int(x) for x in args.batches.split(',')]
     log = Tee(Path(args.log))
-    cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')), '?')
     log('$ ' + ' '.join(['python', *sys.argv]))
-    log(f"{time.strftime('%Y-%m-%d %H:%M')}  {platform.node()} ({platform.machine()}): {os.cpu_count()} CPUs "
-        f"({cpu}), no accelerator; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the start "
-        f"(1, 5, 15 min; shared with other jobs)")
+    log(machine_line())
     kinds = ['soupjax', 'open_clip'] + ([] if args.no_torch_compile else ['torch.compile'])
     root = Path(tempfile.mkdtemp(prefix='bench_clip-'))
     contenders: list[Contender] = []

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -46,7 +45,7 @@ import time
 from pathlib import Path
 
 # experiments/ is this script's directory, so on sys.path: the benchmarks' shared log writer.
-from bench_vs_mergekit import Tee
+from bench_vs_mergekit import Tee, machine_line
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = 'ViT-B-32'
@@ -197,11 +196,8 @@ def main() -> None:
     args = parser.parse_args()
     ks = sorted(int(x) for x in args.ks.split(','))
     log = Tee(Path(args.log))
-    cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')), '?')
     log('$ ' + ' '.join(['python', *sys.argv]))
-    log(f"{time.strftime('%Y-%m-%d %H:%M')}  {platform.node()} ({platform.machine()}): {os.cpu_count()} CPUs "
-        f"({cpu}), no accelerator, {available_memory() / GiB:.1f} GiB available; load average "
-        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the start (1, 5, 15 min; shared with other jobs)")
+    log(machine_line(f', {available_memory() / GiB:.1f} GiB available'))
     root = Path(tempfile.mkdtemp(prefix='bench_import-'))
     if args.floors_only:
         floors(root, log)

@@ -124,6 +124,15 @@ class Tee:
             f.write(line + "\n")
 
 
+def machine_line(extra: str = "") -> str:
+    """The line a benchmark log starts with: date, host, CPUs and the load average (the machine is shared,
+    so the load says how much of it the measurement had); ``extra`` follows 'no accelerator'."""
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return (f"{time.strftime('%Y-%m-%d %H:%M')}  {platform.node()} ({platform.machine()}): {os.cpu_count()} CPUs "
+            f"({cpu}), no accelerator{extra}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the "
+            "start (1, 5, 15 min; shared with other jobs)")
+
+
 def make_ingredients(root: Path, model_name: str, classes: int, k: int) -> tuple[int, float]:
     """theta_0 and ``k`` ingredients under ``root`` in both formats; (bytes of one model, seconds)."""
     import jax
