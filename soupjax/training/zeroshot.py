@@ -19,8 +19,6 @@ tokenizer), and every ingredient's start is the same bit for bit.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -133,6 +131,7 @@ def zeroshot_start_head(config: "ml_collections.ConfigDict", cache_dir: str | os
                         ) -> dict[str, np.ndarray]:
     """The head a ``head_init='zeroshot'`` run starts from (``head_variables`` of ``zeroshot_head``), for
     ``config.init_from.path``'s CLIP: read from ``cache_dir`` when it was computed there before."""
+    from soupjax.config.base import fingerprint
     from soupjax.io.files import write_atomic
     classnames = class_names_for(config)
     template_file = zeroshot_option(config, "templates")
@@ -141,7 +140,7 @@ def zeroshot_start_head(config: "ml_collections.ConfigDict", cache_dir: str | os
     identity = {"checkpoint": _file_identity(config.init_from.path),
                 "tokenizer": _file_identity(tokenizer_path) if tokenizer_path else None,
                 "classnames": classnames, "templates": templates, "scale": ZEROSHOT_SCALE}
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    key = fingerprint(identity)
     cached = Path(cache_dir) / f"zeroshot_head-{key}.npz" if cache_dir is not None else None
     if cached is not None and cached.is_file():
         with np.load(cached) as stored:
