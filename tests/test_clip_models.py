@@ -77,6 +77,16 @@ def _features(ckpt, images, tokens):
     return np.asarray(image), np.asarray(text)
 
 
+def _assert_features_match(ckpt, ref, what: str) -> None:
+    """ckpt's image and text features on _inputs() equal the reference's (ref_image, ref_text) within TOL;
+    the differences are printed for the closing figures."""
+    image, text = _features(ckpt, *_inputs())
+    ref_image, ref_text = ref
+    print(f'{what}: image {np.abs(image - ref_image).max():.2e} text {np.abs(text - ref_text).max():.2e}')
+    np.testing.assert_allclose(image, ref_image, atol=TOL, rtol=0)
+    np.testing.assert_allclose(text, ref_text, atol=TOL, rtol=0)
+
+
 @pytest.fixture(scope='module')
 def open_clip_files(tmp_path_factory):
     """For each activation: the model's reference features and its files in every open_clip layout."""
@@ -125,13 +135,7 @@ def test_open_clip_parity(open_clip_files, quick_gelu, layout):
     assert ckpt.activation == ('quick_gelu' if quick_gelu else 'gelu_exact')
     assert (ckpt.vision.heads, ckpt.text.heads) == (HEADS, TEXT_HEADS)
     assert ckpt.vision == clip_checkpoint.VisionSize(IMAGE, PATCH, WIDTH, 2, HEADS, 4 * WIDTH, EMBED)
-    images, tokens = _inputs()
-    image, text = _features(ckpt, images, tokens)
-    ref_image, ref_text = case['ref']
-    print(f'open_clip quick_gelu={quick_gelu} {layout}: image {np.abs(image - ref_image).max():.2e} '
-          f'text {np.abs(text - ref_text).max():.2e}')
-    np.testing.assert_allclose(image, ref_image, atol=TOL, rtol=0)
-    np.testing.assert_allclose(text, ref_text, atol=TOL, rtol=0)
+    _assert_features_match(ckpt, case['ref'], f'open_clip quick_gelu={quick_gelu} {layout}')
     assert ckpt.logit_scale == pytest.approx(float(case['model'].logit_scale))
 
 
@@ -191,13 +195,7 @@ def test_transformers_parity(hf_dirs, hidden_act, activation, target):
     ckpt = read_clip(path)  # heads, activation and the end-of-text token from config.json
     assert ckpt.activation == activation and ckpt.format.startswith('transformers')
     assert (ckpt.vision.heads, ckpt.text.heads, ckpt.eos_token_id) == (HEADS, TEXT_HEADS, VOCAB - 1)
-    images, tokens = _inputs()
-    image, text = _features(ckpt, images, tokens)
-    ref_image, ref_text = case['ref']
-    print(f'transformers {hidden_act} {target}: image {np.abs(image - ref_image).max():.2e} '
-          f'text {np.abs(text - ref_text).max():.2e}')
-    np.testing.assert_allclose(image, ref_image, atol=TOL, rtol=0)
-    np.testing.assert_allclose(text, ref_text, atol=TOL, rtol=0)
+    _assert_features_match(ckpt, case['ref'], f'transformers {hidden_act} {target}')
 
 
 def test_text_pooling_rules_agree_for_clip_vocabularies(open_clip_files):

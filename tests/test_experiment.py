@@ -80,14 +80,20 @@ experiment.run()
 """
 
 
-def _run_script(script: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+def python_stand_in(tmp_path: Path, program: str) -> str:
+    """A ``python`` that runs ``program`` (Python source) with the real interpreter instead, in a folder
+    under tmp_path: the PATH a reference script is started with so that its python commands reach it."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "fake_python.py").write_text(_FAKE_PYTHON)
+    (bin_dir / "fake_python.py").write_text(program)
     python = bin_dir / "python"
     python.write_text(f'#!/usr/bin/env bash\nexec "{sys.executable}" "{bin_dir / "fake_python.py"}" "$@"\n')
     python.chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", JAX_PLATFORMS="cpu",
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+
+
+def _run_script(script: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=python_stand_in(tmp_path, _FAKE_PYTHON), JAX_PLATFORMS="cpu",
                SOUPJAX_TEST_RECORD=str(tmp_path / "record.json"), PYTHONPATH=str(ROOT))
     return subprocess.run(["bash", str(ROOT / "experiments" / script), *args], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=300)

@@ -23,6 +23,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("open_clip")
 
+from test_experiment import python_stand_in  # noqa: E402
 from test_import_ingredients import write_model_soups_files  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,13 +76,7 @@ def write_official_results(directory: Path, count: int) -> Path:
 
 
 def run_script(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "fake_python.py").write_text(_FAKE_PYTHON)
-    python = bin_dir / "python"
-    python.write_text(f'#!/usr/bin/env bash\nexec "{sys.executable}" "{bin_dir / "fake_python.py"}" "$@"\n')
-    python.chmod(0o755)
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, PATH=python_stand_in(tmp_path, _FAKE_PYTHON), JAX_PLATFORMS="cpu",
                SOUPJAX_TEST_RECORD=str(tmp_path / "commands.jsonl"), SOUPJAX_TEST_PYTHON=sys.executable,
                SOUPJAX_TEST_DIR=str(ROOT / "tests"), PYTHONPATH=str(ROOT), **env)
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT, env=env,
