@@ -166,7 +166,7 @@ def summarise(results: dict[tuple[str, int], list[tuple[float, float]]], ks: lis
               log: Tee) -> None:
     """The table: median wall time, its range, time per file, median peak RSS and its range."""
     log('')
-    log(f'| K | contender | wall s (median) | wall s range | s per file | peak RSS MiB (median) | peak RSS range |')
+    log('| K | contender | wall s (median) | wall s range | s per file | peak RSS MiB (median) | peak RSS range |')
     log('|---:|---|---:|---:|---:|---:|---:|')
     for k in ks:
         for kind in CONTENDERS:

@@ -4,9 +4,13 @@
     features = ckpt.image_encoder().apply({'params': ckpt.image_params}, images)
 
 Files read (nothing in any of them runs):
-  - open_clip / OpenAI state dicts: `.pt`, `.pth`, `.bin` through torch.load(weights_only=True), and
-    `.safetensors` without torch. A model-soups `ModelWrapper` state dict (keys `model.` + CLIP's, its
-    text blocks deleted, and `classification_head.weight/bias`) reads as the image tower and its head.
+  - open_clip / OpenAI state dicts: `.pt`, `.pth`, `.bin` (torch.save's zips) and `.safetensors`, read
+    without torch by importers.clip_torch_archive (the pickle's or the header's tensor records), one
+    tensor at a time as it is converted, so a read holds the converted tree and one source tensor, never
+    the whole file; a pickle that needs more than tensors (or torch's pre-1.6 format) goes through
+    torch.load(weights_only=True). A model-soups `ModelWrapper` state dict (keys `model.` + CLIP's, its
+    text blocks deleted, and `classification_head.weight/bias`) reads as the image tower and its head;
+    with text=False the text tower's tensors are never read.
   - OpenAI's original TorchScript archives (`ViT-B-32.pt`): their tensors are read from the zip by
     importers.clip_torch_archive, which builds tensors and stub objects only (never torch.jit.load).
   - Hugging Face transformers CLIPModel directories (config.json + model.safetensors, its shards, or
@@ -51,7 +55,7 @@ import numpy as np
 from soupjax.cli.errors import InputError
 from soupjax.importers import clip_layouts as layouts
 from soupjax.importers.clip_layouts import TextSize, VisionSize
-from soupjax.importers.clip_torch_archive import TorchArchive
+from soupjax.importers.clip_torch_archive import TorchArchive, safetensors_tensors, state_dict_tensors
 from soupjax.importers.posemb import resample_posemb
 from soupjax.io.trees import Tree, flatten, unflatten
 from soupjax.models import clip as clip_models
@@ -184,15 +188,21 @@ def read_clip(path: str | Path, *, activation: str | None = None, allow_activati
 
 def _convert(tensors: Mapping[str, Any], entries: list[layouts.Entry],
              used: set[str]) -> dict[str, np.ndarray]:
+    """The entries' tensors read one at a time (a lazy tensor's bytes are dropped once converted; the
+    last one is kept for the next entry, as query, key and value come from one fused tensor) and
+    converted to float32 numpy arrays of their own, in soupjax's layout."""
     flat = {}
+    last_key, last = None, None
     for entry in entries:
         if entry.key not in tensors:
             raise InputError(f'tensor {entry.key} is missing (expected shape {entry.shape})')
-        value = _numpy(tensors[entry.key])
-        if tuple(value.shape) != entry.shape:
-            raise InputError(f'tensor {entry.key} has shape {tuple(value.shape)}, but its siblings '
-                             f'imply {entry.shape}')
-        flat[entry.path] = np.asarray(entry.convert(value), dtype=np.float32)
+        shape = tuple(np.shape(tensors[entry.key]))
+        if shape != entry.shape:
+            raise InputError(f'tensor {entry.key} has shape {shape}, but its siblings imply {entry.shape}')
+        if entry.key != last_key:
+            last_key, last = None, None  # the previous source tensor goes before the next is read
+            last_key, last = entry.key, _numpy(tensors[entry.key])
+        flat[entry.path] = np.array(entry.convert(last), dtype=np.float32, order='C')
         used.add(entry.key)
     return flat
 
@@ -209,7 +219,7 @@ def _unwrap(tensors: dict[str, Any], path: Path) -> tuple[dict[str, Any], Tree |
         weight = _numpy(tensors.pop('classification_head.weight'))
         bias = tensors.pop('classification_head.bias', None)
         bias = np.zeros(weight.shape[0], np.float32) if bias is None else _numpy(bias)
-        head = {'kernel': np.asarray(weight.T, np.float32), 'bias': np.asarray(bias, np.float32)}
+        head = {'kernel': np.array(weight.T, np.float32, order='C'), 'bias': np.array(bias, np.float32)}
     if any(k.startswith('model.visual.') for k in tensors):
         tensors = {k.removeprefix('model.'): v for k, v in tensors.items()}
     return tensors, head
@@ -270,7 +280,10 @@ def _read_file(path: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
 
 
 def _read_weights(path: Path) -> dict[str, Any]:
-    from soupjax.importers.sources.timm import load_timm_state_dict  # torch.load(weights_only=True)
+    """A state dict file's (or a sharded safetensors index's) tensors by name, unread: each is read when
+    converted, so that a reader holds one of them at a time. A pickle file that is not a zip (torch's
+    format before 1.6), or whose pickle needs more than tensors and containers, goes through
+    torch.load(weights_only=True) whole, which reads what it can and names what it refuses."""
     if path.name.endswith('.index.json'):  # sharded safetensors: {'weight_map': {key: shard}}
         try:
             shards = sorted(set(json.loads(path.read_text())['weight_map'].values()))
@@ -278,8 +291,16 @@ def _read_weights(path: Path) -> dict[str, Any]:
             raise InputError(f'{path}: not a safetensors index ({e})') from None
         tensors: dict[str, Any] = {}
         for shard in shards:
-            tensors.update(load_timm_state_dict(path.parent / shard))
+            tensors.update(_read_weights(path.parent / shard))
         return tensors
+    if path.suffix == '.safetensors':
+        return dict(safetensors_tensors(path))
+    if zipfile.is_zipfile(path):
+        try:
+            return dict(state_dict_tensors(path))
+        except InputError:
+            pass  # torch.load says why, or reads what this reader does not
+    from soupjax.importers.sources.timm import load_timm_state_dict  # torch.load(weights_only=True)
     return load_timm_state_dict(path)
 
 

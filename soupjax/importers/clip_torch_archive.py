@@ -1,17 +1,23 @@
-"""PyTorch zip archives read as data, without torch and without running anything in them.
+"""PyTorch zip archives and safetensors files read as data, one tensor at a time, without torch and without
+running anything in them.
 
 OpenAI's original CLIP files (`ViT-B-32.pt`, ...) are TorchScript archives, which `torch.load(weights_only=
 True)` refuses and `torch.jit.load` would run. Both they and `torch.save`'s files are zips with a pickle,
 `data.pkl`, that describes the object, and one record per tensor storage under `data/`. This module reads
 that pickle with an unpickler that builds nothing but:
-  - numpy arrays, from the `data/` records, through `torch._utils._rebuild_tensor_v2` (checked to stay
-    inside its storage) and `_rebuild_parameter`;
+  - tensors that know their storage record, offset, shape and strides (`ArchiveTensor`), through
+    `torch._utils._rebuild_tensor_v2` (checked to stay inside its storage) and `_rebuild_parameter`;
   - a `ScriptObject` for every `__torch__.*` class: its name and the attributes the archive stores
     (the TorchScript code in `code/` is never read);
   - dicts, lists and TorchScript's list builders.
 Any other global (a function such as `os.system`, any class) is refused before it is looked up, so the
-archive cannot make the reader call anything else. Tensors are read lazily: listing the names and
-shapes of an archive (to tell a CLIP file from a timm one) reads the pickle alone.
+archive cannot make the reader call anything else. A safetensors file's header gives the same lazy
+tensors (`SafetensorsTensor`).
+
+Tensors are read lazily and one at a time: listing the names and shapes of a file reads its pickle or
+header alone, and `numpy()` reads that one tensor's bytes, keeping nothing once the array is dropped. So
+an importer that converts tensor by tensor holds one source tensor at a time, never the whole file
+(`state_dict_tensors`, `safetensors_tensors`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import json
 import math
 import pickle
 import zipfile
@@ -94,16 +101,34 @@ class ArchiveTensor(_Sealed):
         return count <= self.storage.numel and (count == 0 or last < self.storage.numel)
 
     def numpy(self) -> np.ndarray:
-        """The tensor as a numpy array (bfloat16 and float16 come back as float32)."""
+        """The tensor as a numpy array, its storage record read now and not kept (bfloat16 and float16
+        come back as float32). Read-only when it is the record's bytes as they are (a tensor that is its
+        whole storage, contiguous, in the machine's byte order); a copy of the elements it covers else."""
         if not self.fits():
             raise InputError(f'{self.storage.archive.path}: a tensor reaches past its storage')
         flat = self.storage.archive.storage_array(self.storage)
-        itemsize = flat.dtype.itemsize
-        view = np.lib.stride_tricks.as_strided(
-            flat[self.offset:], shape=self.shape, strides=[s * itemsize for s in self.strides],
-            writeable=False)
-        array = np.array(view)
-        return array.astype(np.float32) if array.dtype.name in ('bfloat16', 'float16') else array
+        if self.offset == 0 and math.prod(self.shape) == flat.size and self.strides == _contiguous(self.shape):
+            array = flat.reshape(self.shape)
+        else:
+            itemsize = flat.dtype.itemsize
+            array = np.array(np.lib.stride_tricks.as_strided(
+                flat[self.offset:], shape=self.shape, strides=[s * itemsize for s in self.strides],
+                writeable=False))
+        return _widened(array)
+
+
+def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides (in elements) of a C-contiguous tensor of ``shape``."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _widened(array: np.ndarray) -> np.ndarray:
+    """float16 and bfloat16 as float32 (numpy computes neither well); other dtypes as they are."""
+    return array.astype(np.float32) if array.dtype.name in ('bfloat16', 'float16') else array
 
 
 class TorchArchive:
@@ -125,7 +150,6 @@ class TorchArchive:
         self.is_torchscript = f'{self.prefix}constants.pkl' in names
         order = f'{self.prefix}byteorder'
         self._big_endian = order in names and self._zip.read(order).strip() == b'big'
-        self._storages: dict[str, np.ndarray] = {}
 
     @functools.cached_property
     def root(self) -> Any:
@@ -141,22 +165,21 @@ class TorchArchive:
                              f'read it ({e}); nothing in it ran') from None
 
     def storage_array(self, storage: _Storage) -> np.ndarray:
-        """The flat array of one storage record, read once."""
-        if storage.key not in self._storages:
-            name = f'{self.prefix}data/{storage.key}'
-            try:
-                raw = self._zip.read(name)
-            except KeyError:
-                raise InputError(f'{self.path}: storage record {name} is missing') from None
-            dtype = _numpy_dtype(storage.dtype)
-            if self._big_endian:
-                dtype = dtype.newbyteorder('>')
-            if len(raw) < storage.numel * dtype.itemsize:
-                raise InputError(f'{self.path}: storage record {name} holds {len(raw)} bytes, '
-                                 f'fewer than its {storage.numel} {storage.dtype} elements')
-            array = np.frombuffer(raw, dtype=dtype, count=storage.numel)
-            self._storages[storage.key] = array.astype(dtype.newbyteorder('='))
-        return self._storages[storage.key]
+        """The flat array of one storage record, read from the zip now and not kept: read-only, over the
+        record's bytes (a copy only for a big-endian archive)."""
+        name = f'{self.prefix}data/{storage.key}'
+        try:
+            raw = self._zip.read(name)
+        except KeyError:
+            raise InputError(f'{self.path}: storage record {name} is missing') from None
+        dtype = _numpy_dtype(storage.dtype)
+        if self._big_endian:
+            dtype = dtype.newbyteorder('>')
+        if len(raw) < storage.numel * dtype.itemsize:
+            raise InputError(f'{self.path}: storage record {name} holds {len(raw)} bytes, '
+                             f'fewer than its {storage.numel} {storage.dtype} elements')
+        array = np.frombuffer(raw, dtype=dtype, count=storage.numel)
+        return array.astype(dtype.newbyteorder('=')) if self._big_endian else array
 
     def tensors(self) -> dict[str, ArchiveTensor]:
         """Every tensor by its state-dict name ('visual.conv1.weight'), read lazily."""
@@ -241,3 +264,98 @@ class _DataUnpickler(pickle.Unpickler):
 def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """The name and shape of every tensor of a PyTorch zip archive, reading its pickle only."""
     return {name: tensor.shape for name, tensor in TorchArchive(path).tensors().items()}
+
+
+# What torch.save's training checkpoints wrap a state dict in (as importers.sources.timm unwraps them).
+_WRAPPERS = ('state_dict_ema', 'state_dict', 'model')
+
+
+def state_dict_tensors(path: str | Path) -> dict[str, ArchiveTensor]:
+    """The tensors of a `torch.save` state dict zip by name, unread (each `numpy()` reads that one):
+    a training checkpoint's 'state_dict_ema' / 'state_dict' / 'model' unwrapped and DistributedDataParallel's
+    'module.' dropped, values that are not tensors left out, as torch.load-based readers do. InputError when
+    the file is not such a zip, or its pickle needs more than tensors and containers."""
+    archive = TorchArchive(path)
+    root = archive.root
+    for wrapper in _WRAPPERS:
+        if isinstance(root, dict) and isinstance(root.get(wrapper), dict):
+            root = root[wrapper]
+            break
+    if not isinstance(root, dict):
+        raise InputError(f'{archive.path}: holds a {type(root).__name__}, not a state dict (a mapping of '
+                         'parameter names to tensors)')
+    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in root.items()
+            if isinstance(k, str) and isinstance(v, ArchiveTensor)}
+
+
+# safetensors' dtype names -> numpy's (bfloat16 through ml_dtypes, a dependency of JAX).
+_SAFETENSORS_DTYPES = {'F64': 'float64', 'F32': 'float32', 'F16': 'float16', 'BF16': 'bfloat16',
+                       'I64': 'int64', 'I32': 'int32', 'I16': 'int16', 'I8': 'int8', 'U64': 'uint64',
+                       'U32': 'uint32', 'U16': 'uint16', 'U8': 'uint8', 'BOOL': 'bool'}
+_MAX_HEADER = 100 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class SafetensorsTensor:
+    """A tensor of a safetensors file, read from its byte range only when `numpy()` is called."""
+
+    path: Path
+    name: str
+    dtype: str  # safetensors' name: 'F32', 'BF16', ...
+    shape: tuple[int, ...]
+    begin: int  # absolute offsets in the file
+    end: int
+
+    def numpy(self) -> np.ndarray:
+        """The tensor as a read-only numpy array over the bytes just read (bfloat16 and float16 come back
+        as float32, a copy)."""
+        if self.dtype not in _SAFETENSORS_DTYPES:
+            raise InputError(f'{self.path}: tensor {self.name} is of dtype {self.dtype}, which soupjax does not '
+                             f'read ({", ".join(_SAFETENSORS_DTYPES)})')
+        with open(self.path, 'rb') as f:
+            f.seek(self.begin)
+            raw = f.read(self.end - self.begin)
+        if len(raw) != self.end - self.begin:
+            raise InputError(f'{self.path}: tensor {self.name} is cut short (the file ends inside it)')
+        dtype = _numpy_dtype(_SAFETENSORS_DTYPES[self.dtype]).newbyteorder('<')
+        return _widened(np.frombuffer(raw, dtype=dtype).reshape(self.shape))
+
+
+def safetensors_tensors(path: str | Path) -> dict[str, SafetensorsTensor]:
+    """The tensors of a safetensors file by name, from its header alone (each `numpy()` reads that one);
+    InputError naming the file when the header is not a safetensors header or a tensor's byte range does
+    not fit its shape or the file."""
+    path = Path(path)
+    try:
+        with path.open('rb') as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise InputError(f'{path}: not a safetensors file (shorter than its header)')
+            length = int.from_bytes(head, 'little')
+            if length > _MAX_HEADER:
+                raise InputError(f'{path}: not a safetensors file (a header of {length} bytes)')
+            header = json.loads(f.read(length))
+        size = path.stat().st_size
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f'{path}: not a safetensors file ({e})') from None
+    except OSError as e:
+        raise InputError(f'{path}: not readable ({e})') from None
+    if not isinstance(header, dict):
+        raise InputError(f'{path}: not a safetensors file (its header is not a JSON object)')
+    start = 8 + length
+    tensors = {}
+    for name, entry in header.items():
+        if name == '__metadata__':
+            continue
+        try:
+            dtype, shape, (begin, end) = str(entry['dtype']), tuple(int(n) for n in entry['shape']), entry['data_offsets']
+            begin, end = int(begin), int(end)
+        except (TypeError, KeyError, ValueError) as e:
+            raise InputError(f'{path}: tensor {name}: not a safetensors entry ({e!r})') from None
+        itemsize = np.dtype(_numpy_dtype(_SAFETENSORS_DTYPES[dtype])).itemsize if dtype in _SAFETENSORS_DTYPES else None
+        if (min(shape, default=0) < 0 or not 0 <= begin <= end or start + end > size
+                or (itemsize is not None and end - begin != math.prod(shape) * itemsize)):
+            raise InputError(f'{path}: tensor {name} ({dtype} {shape}) has bytes {begin}-{end}, which do not fit '
+                             f'its shape or the file ({size - start} bytes of data)')
+        tensors[name] = SafetensorsTensor(path, name, dtype, shape, start + begin, start + end)
+    return tensors
