@@ -27,8 +27,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# Salts keep the streams of random numbers for different purposes apart.
-SALT_AUGMENT, SALT_MIXUP, SALT_SHIFT = 0, 1, 2
+# Salts keep the streams of random numbers for different purposes apart (3 is the pipeline's shuffle).
+# RandAugment has its own, so that turning it on leaves the crops and flips of every example as they were.
+SALT_AUGMENT, SALT_MIXUP, SALT_SHIFT, SALT_RANDAUGMENT = 0, 1, 2, 4
 
 
 def example_key(seed, salt: int, index) -> tf.Tensor:
@@ -54,6 +55,11 @@ def resize(image: tf.Tensor, size, method: str = "bilinear") -> tf.Tensor:
     shape = size if isinstance(size, (tf.Tensor, list, tuple)) else [size, size]
     image = tf.image.resize(image, shape, method=method, antialias=True)
     return _cast_like(image, dtype)
+
+
+def to_uint8(image: tf.Tensor) -> tf.Tensor:
+    """An image on the uint8 scale (float or uint8) as uint8: rounded and clipped; uint8 unchanged."""
+    return image if image.dtype == tf.uint8 else _cast_like(image, tf.uint8)
 
 
 def _cast_like(image: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
