@@ -14,13 +14,23 @@ two lines that write them to the files given here (imagenet2012's own TFDS label
 
 Each ingredient draws its hyperparameters as the paper's random search does (App. J of arXiv
 2203.05482): AdamW, batch 512, cosine schedule with 500 warm-up steps, and per ingredient a learning
-rate, weight decay, epochs, label smoothing and mixup, with the ranges of the 71 released runs
-(``hparam_info.json`` of mlfoundations/model-soups: lr 1.0e-6..1.0e-4, weight decay 8.2e-5..0.53,
-epochs 4..16, label smoothing 0..0.23 in about half of them, mixup 0..0.88 in about half). One
-difference, stated: the paper's third augmentation choice, RandAugment, is not in soupjax's
-pipeline; its place in the draw is soupjax's crop strength (``data.aug_strength``). 2% of ImageNet's
-training set is held out, as in the paper. The distribution shifts are ImageNet-V2, -R, -A and
--Sketch where prepared in TFDS; ObjectNet, the paper's fifth, is not in TFDS.
+rate, weight decay, epochs, label smoothing, RandAugment and mixup, with the ranges of the 71 released
+runs (``hparam_info.json`` of mlfoundations/model-soups: lr 1.0e-6..1.0e-4, weight decay 8.2e-5..0.53,
+epochs 4..16, label smoothing 0..0.23 in about half of them, mixup 0..0.88 in about half).
+
+Augmentation, from those records (the appendix's own wording was not at hand): each run's ``aug`` is
+null (27 of 71) or a timm RandAugment string ``rand-mM-nN`` (44), with N = 0, 1, 2 (21, 18, 5 runs)
+and M from 1 to 20, drawn independently of mixup (runs with both exist). So the draw here is
+``data.randaugment_ops`` N with the records' frequencies (none and N = 0, both the identity, 48 of 71;
+N = 1, 18; N = 2, 5) and M uniform in 1..20 as ``data.randaugment_magnitude`` = bin 3 min(M, 10) of
+torchvision's 31 (timm reads M out of 10 and clips above; its geometric ops and Solarize then match,
+its enhancement ops and Posterize scale differently, and it applies each op with probability 1/2:
+soupjax's RandAugment is torchvision's, see soupjax/data/randaugment.py). Every run keeps the standard
+Inception crop (``data.aug_strength`` 1: area 8-100%, aspect 3/4-4/3) and a flip; whether the paper's
+``aug: null`` runs had one (the public finetune.py trains on CLIP's evaluation transform without
+``--timm-aug``, and timm's training transform adds colour jitter when RandAugment is off) is not recorded.
+2% of ImageNet's training set is held out, as in the paper. The distribution shifts are ImageNet-V2, -R,
+-A and -Sketch where prepared in TFDS; ObjectNet, the paper's fifth, is not in TFDS.
 
 Preprocessing is CLIP's: bicubic resize of the shorter side to 224, centre crop, CLIP's mean and
 standard deviation (random resized crops of the same interpolation for training).
@@ -45,6 +55,7 @@ def get_config(arg: str | None = None):
     c.data.normalize = "clip"
     c.data.resize_method = "bicubic"
     c.data.train_crop = "random_resized"
+    c.data.aug_strength = 1.0  # the standard Inception crop in every run (RandAugment and mixup are drawn)
     c.data.eval_resize = "shorter_side"
     c.data.eval_crop_pct = 1.0
     c.data.heldout = 0.02
@@ -78,7 +89,10 @@ def get_config(arg: str | None = None):
         "num_epochs": ["choice", [float(e) for e in range(4, 17)]],
         # About half of the released runs have no label smoothing and half no mixup.
         "label_smoothing": ["choice", [0.0, 0.0, 0.0, 0.05, 0.1, 0.15, 0.2]],
-        "data": {"aug_strength": ["choice", [0.0, 0.5, 1.0]],
+        # RandAugment's N with the released runs' frequencies (no RandAugment or N = 0: 48 of 71), and
+        # their M (1..20 on timm's scale, clipped at 10) as a bin of torchvision's 31.
+        "data": {"randaugment_ops": ["choice", [0] * 48 + [1] * 18 + [2] * 5],
+                 "randaugment_magnitude": ["choice", [3 * min(m, 10) for m in range(1, 21)]],
                  "mixup_alpha": ["choice", [0.0, 0.0, 0.0, 0.2, 0.4, 0.6, 0.8]]},
     }
 

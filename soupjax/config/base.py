@@ -84,6 +84,10 @@ def default_data_config() -> ml_collections.ConfigDict:
         flip=True,
         aug_strength=1.0,       # 0 = resize (+ flip) only; scales crop area/aspect ranges and pad
         mixup_alpha=0.0,        # 0 = off
+        # RandAugment (soupjax.data.randaugment, torchvision's ops) after the crop and flip, training only:
+        # N ops per image (0 = off) at magnitude bin M of 31 (30 = each op's strongest; torchvision's 9).
+        randaugment_ops=0,
+        randaugment_magnitude=9,
         shuffle_buffer=50_000,
         eval_crop_pct=1.0,      # 1.0 = plain resize; 0.875 = resize shorter side to size/0.875, centre crop
         # 'square': eval_crop_pct 1 squashes to [size, size], below 1 as above; 'shorter_side': shorter side
@@ -173,7 +177,8 @@ MAY_DIFFER = ("data.data_dir", "sweep.count")
 
 # Data fields added after work was first stored, at their defaults: a stored config without one was made
 # with what the default does (soupjax.data reads a missing one as its default), so it is the same work.
-ADDED_AT_DEFAULT = {"data.resize_method": "bilinear", "data.eval_resize": "square"}
+ADDED_AT_DEFAULT = {"data.resize_method": "bilinear", "data.eval_resize": "square", "data.randaugment_ops": 0,
+                    "data.randaugment_magnitude": 9}
 
 
 def changed_fields(stored: Any, config: Any, *, ignore: tuple[str, ...] = ()) -> list[str]:
@@ -280,7 +285,11 @@ _AT_LEAST = {"batch_size": 1, "eval_batch_size": 1, "total_steps": 0, "warmup_st
              "log_every_steps": 1, "checkpoint_every_steps": 1, "weight_decay": 0, "label_smoothing": 0,
              "grad_clip_norm": 0, "sweep.count": 0, "sweep.seed": 0, "seed": 0, "init_seed": 0,
              "data.image_size": 1, "data.heldout": 0, "data.pad": 0, "data.aug_strength": 0, "data.mixup_alpha": 0,
+             "data.randaugment_ops": 0, "data.randaugment_magnitude": 0,
              "linear_probe.num_examples": 1, "linear_probe.steps": 1}
+
+
+RANDAUGMENT_BINS = 31  # soupjax.data.randaugment.NUM_BINS (that module imports TensorFlow)
 
 
 def check_choice(path: str, value: Any) -> Any:
@@ -318,6 +327,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         v = value(path)
         if v is not None:
             check_choice(path, v)
+    for path in ("data.randaugment_ops", "data.randaugment_magnitude"):  # numbers >= 0 (checked above)
+        v = value(path)
+        if v is not None and not isinstance(v, int):
+            raise InputError(f"config.{path}={v!r} must be a whole number")
+    bins = value("data.randaugment_magnitude")
+    if bins is not None and bins > RANDAUGMENT_BINS - 1:
+        raise InputError(f"config.data.randaugment_magnitude={bins!r} must be at most {RANDAUGMENT_BINS - 1}: "
+                         f"a bin of RandAugment's {RANDAUGMENT_BINS} magnitudes (torchvision's scale)")
     lr = value("learning_rate")
     if lr is not None and not lr > 0:
         raise InputError(f"config.learning_rate={lr!r} must be above 0")

@@ -35,6 +35,7 @@ from soupjax.data import decoded_cache
 from soupjax.data import fashion_mnist_local
 from soupjax.data import natural_shifts
 from soupjax.data import preprocessing as pp
+from soupjax.data import randaugment
 from soupjax.data import shifts
 
 try:  # TF must leave the accelerators to JAX (a no-op for tensorflow-cpu).
@@ -50,7 +51,7 @@ _SALT_SHUFFLE = 3
 # Fields that change only how training images are drawn, or where the files live: two configs that
 # differ in these alone give the same evaluation examples, so logits computed under one serve the other.
 TRAINING_ONLY_FIELDS = ("data_dir", "download", "train_crop", "pad", "flip", "aug_strength", "mixup_alpha",
-                        "shuffle_buffer", "shifts", "cache")
+                        "randaugment_ops", "randaugment_magnitude", "shuffle_buffer", "shifts", "cache")
 
 
 def eval_fingerprint(cfg) -> str:
@@ -314,10 +315,6 @@ def _source_channels(src: Source) -> int:
     return src.builder.info.features[src.keys[0]].shape[-1] or 3
 
 
-def _process() -> tuple[int, int]:
-    return jax.process_index(), jax.process_count()
-
-
 def _local_batch(global_batch_size: int, process_count: int) -> int:
     if global_batch_size <= 0 or global_batch_size % process_count:
         raise InputError(f"global_batch_size={global_batch_size} must be a positive multiple of the "
@@ -350,6 +347,7 @@ def _check_config(cfg) -> None:
         raise InputError(f"eval_crop_pct must be in (0, 1], got {cfg.eval_crop_pct}")
     if cfg.aug_strength < 0 or cfg.mixup_alpha < 0:
         raise InputError("aug_strength and mixup_alpha must be >= 0")
+    randaugment.settings(cfg)  # N >= 0, M one of its bins
 
 
 def _finish(images: tf.Tensor, cfg) -> tf.Tensor:
@@ -381,7 +379,7 @@ def train_batches(cfg, global_batch_size: int, *, seed: int,
     _check_config(cfg)
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
-    pi, pc = _process()
+    pi, pc = jax.process_index(), jax.process_count()
     local = _local_batch(global_batch_size, pc)
     src = resolve(cfg, "train")
     shard = _shard(src.tfds_split, pi, pc)
@@ -394,6 +392,7 @@ def train_batches(cfg, global_batch_size: int, *, seed: int,
     area_range, ratio_range = pp.crop_range(strength)
     pad, method = int(round(cfg.pad * strength)), cfg.get("resize_method", "bilinear")
     in_memory = _in_memory(cfg, src, n)
+    ra_ops, ra_bin = randaugment.settings(cfg)  # after the crop and flip; its keys: SALT_RANDAUGMENT
 
     def augment_batch(key, images):  # uint8 [b, h, w, c] -> [b, size, size, c] on the uint8 scale
         k_crop, k_flip = tf.unstack(tf.random.experimental.stateless_split(key, 2))
@@ -416,14 +415,16 @@ def train_batches(cfg, global_batch_size: int, *, seed: int,
             image = pp.pad_crop(pp.decode(image_bytes, channels), k_crop, size, pad, method)
         else:
             image = pp.resize(pp.decode(image_bytes, channels), size, method)
-        if cfg.flip:
-            image = pp.random_flip(image, k_flip)
-        return {"image": tf.ensure_shape(image, [size, size, channels]), "label": label}
+        image = tf.ensure_shape(pp.random_flip(image, k_flip) if cfg.flip else image, [size, size, channels])
+        image = randaugment.randaugment(image, pp.example_key(seed, pp.SALT_RANDAUGMENT, g * pc + pi), ra_ops, ra_bin)
+        return {"image": image, "label": label}
 
     def finish_batch(step, batch):
         images = batch["image"]
         if in_memory:
             images = augment_batch(pp.example_key(seed, pp.SALT_AUGMENT, step * pc + pi), images)
+            images = randaugment.batch_randaugment(  # off (N = 0): the images as they are
+                images, pp.example_key(seed, pp.SALT_RANDAUGMENT, step * pc + pi), ra_ops, ra_bin)
         batch = {"image": _finish(pp.to_unit(images), cfg), "label": batch["label"],
                  "targets": tf.one_hot(batch["label"], ncls, dtype=tf.float32)}
         if cfg.mixup_alpha > 0:
@@ -469,7 +470,7 @@ def eval_batches(cfg, split: str, global_batch_size: int) -> Iterator[dict[str, 
     mask 0 (real examples have mask 1). Every process yields the same number of batches.
     """
     _check_config(cfg)
-    pi, pc = _process()
+    pi, pc = jax.process_index(), jax.process_count()
     local = _local_batch(global_batch_size, pc)
     src = resolve(cfg, split)
     shards = [_shard(src.tfds_split, i, pc) for i in range(pc)]
