@@ -33,7 +33,7 @@ OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Br
 SIGNED = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
                     "Contrast", "Sharpness"})
 NUM_BINS = 31  # torchvision's num_magnitude_bins
-DEFAULT_NUM_OPS, DEFAULT_MAGNITUDE = 2, 9  # torchvision's defaults (N, M)
+DEFAULT_MAGNITUDE = 9  # torchvision's default M (its default N, 2, is not soupjax's: off unless asked)
 # The strongest magnitude of each op with a linear scale (bin num_bins - 1); Translate's is a fraction of
 # the image side (150/331, from the original ImageNet policy's 150 px at 331 px).
 _STRONGEST = {"ShearX": 0.3, "ShearY": 0.3, "TranslateX": 150.0 / 331.0, "TranslateY": 150.0 / 331.0,
@@ -41,8 +41,8 @@ _STRONGEST = {"ShearX": 0.3, "ShearY": 0.3, "TranslateX": 150.0 / 331.0, "Transl
 
 
 def _linspace32(start: float, end: float, steps: int) -> np.ndarray:
-    """``steps`` evenly spaced float32 values from ``start`` to ``end`` (computed in float64, then rounded:
-    torch.linspace's float32 values may differ from these in the last bit)."""
+    """``steps`` evenly spaced float32 values from ``start`` to ``end``, computed in float64 and rounded once
+    (exact for the half-integer pixel centres it is used for, as torch.linspace's are)."""
     return np.linspace(start, end, steps, dtype=np.float64).astype(np.float32)
 
 
@@ -292,7 +292,8 @@ def randaugment(image: tf.Tensor, key: tf.Tensor, num_ops: int, bin_index: int,
 def batch_randaugment(images: tf.Tensor, key: tf.Tensor, num_ops: int, bin_index: int,
                       num_bins: int = NUM_BINS) -> tf.Tensor:
     """``randaugment`` of each image of a batch [b, h, w, c] (uint8, or float on the uint8 scale: rounded to
-    uint8 first), image i with ``key`` folded with i (as int64); uint8 out. ``num_ops=0`` returns ``images`` itself."""
+    uint8 first), image i with ``key`` folded with i (as int64); uint8 out. ``num_ops=0`` returns ``images``
+    itself."""
     check(num_ops, bin_index, num_bins)
     if num_ops == 0:
         return images
