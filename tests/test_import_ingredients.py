@@ -336,6 +336,28 @@ def test_an_import_holds_one_source_tensor_at_a_time(released, tmp_path, monkeyp
         np.testing.assert_array_equal(read[0][key], read[1][key], err_msg=key)
 
 
+def test_read_clip_without_the_image_tower_reads_the_text_tower_alone(released, monkeypatch):
+    """read_clip(image=False), for a zero-shot head: the text tower as a full read gives it, the image tower's
+    size known, and none of its tensors read."""
+    from soupjax.importers import clip_torch_archive
+    from soupjax.importers.clip_checkpoint import read_clip
+    from soupjax.io.trees import flatten
+    full = read_clip(released["base"])
+    read = []
+    numpy = clip_torch_archive.ArchiveTensor.numpy
+    monkeypatch.setattr(clip_torch_archive.ArchiveTensor, "numpy",
+                        lambda self: read.append(self.storage.key) or numpy(self))
+    text_only = read_clip(released["base"], image=False)
+    assert text_only.image_params is None and text_only.vision == full.vision
+    visual = {t.storage.key for k, t in clip_torch_archive.state_dict_tensors(released["base"]).items()
+              if k.startswith("visual.")}
+    assert read and not visual & set(read), "an image-tower tensor was read"
+    want, got = flatten(full.text_params), flatten(text_only.text_params)
+    assert set(got) == set(want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
 def _command(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "soupjax.import_ingredients", *map(str, args)],
                           check=False, capture_output=True, text=True, timeout=600, cwd=ROOT)

@@ -80,7 +80,8 @@ class ClipCheckpoint:
     """A CLIP checkpoint read into soupjax's trees.
 
     image_params / text_params are the params of models.clip.CLIPImageEncoder / CLIPTextEncoder
-    (text None when the file has no text blocks, as model-soups' fine-tuned files); head is a
+    (text None when the file has no text blocks, as model-soups' fine-tuned files, or when read with
+    text=False; image_params None when read with image=False); head is a
     model-soups ModelWrapper's classification head as CLIPClassifier's {'kernel', 'bias'}, else None.
     """
 
@@ -89,7 +90,7 @@ class ClipCheckpoint:
     activation: str  # one of models.clip.CLIP_ACTIVATIONS
     activation_source: str  # how it is known, for messages and provenance
     vision: VisionSize
-    image_params: Tree
+    image_params: Tree | None
     text: TextSize | None
     text_params: Tree | None
     logit_scale: float | None  # log of the contrastive scale (CLIP's exp(logit_scale) = 100)
@@ -124,7 +125,7 @@ class ClipCheckpoint:
 
 def read_clip(path: str | Path, *, activation: str | None = None, allow_activation_mismatch: bool = False,
               vision_heads: int | None = None, text_heads: int | None = None,
-              text: bool = True) -> ClipCheckpoint:
+              text: bool = True, image: bool = True) -> ClipCheckpoint:
     """Reads a CLIP checkpoint (any layout of the module docstring) into soupjax's trees.
 
     Args:
@@ -135,6 +136,8 @@ def read_clip(path: str | Path, *, activation: str | None = None, allow_activati
       vision_heads, text_heads: the towers' attention heads, where the file does not state them (a
         file that states others is refused).
       text: False leaves the text tower unread (text None), e.g. to load an image tower alone.
+      image: False leaves the image tower's tensors unread (image_params None; its size and every
+        check as when read), e.g. to build a zero-shot head from the text tower alone.
 
     Raises:
       FileNotFoundError: nothing at path.
@@ -162,7 +165,7 @@ def read_clip(path: str | Path, *, activation: str | None = None, allow_activati
         text_size = (layouts.infer_text(layout, shapes, _heads(path, 'text', stated, text_heads))
                      if has_text else None)
         used = {k for k in tensors if layouts.is_ignored(k)}
-        image_params = _convert(tensors, layouts.vision_entries(layout, vision), used)
+        image_params = _convert(tensors, layouts.vision_entries(layout, vision), used, read=image)
         text_params = (_convert(tensors, layouts.text_entries(layout, text_size), used)
                        if text_size else None)
     except InputError as e:
@@ -179,18 +182,19 @@ def read_clip(path: str | Path, *, activation: str | None = None, allow_activati
     return ClipCheckpoint(
         path=path, format=fmt if head is None else f'model-soups ModelWrapper ({fmt})',
         activation=act.name, activation_source=act.source, vision=vision,
-        image_params=unflatten(image_params), text=text_size,
+        image_params=unflatten(image_params) if image else None, text=text_size,
         text_params=unflatten(text_params) if text_params is not None else None,
         logit_scale=None if scale is None else float(_numpy(scale).reshape(-1)[0]),
         head=head, eos_token_id=stated.get('eos_token_id'),
         vision_heads_stated='vision_heads' in stated)
 
 
-def _convert(tensors: Mapping[str, Any], entries: list[layouts.Entry],
-             used: set[str]) -> dict[str, np.ndarray]:
+def _convert(tensors: Mapping[str, Any], entries: list[layouts.Entry], used: set[str],
+             read: bool = True) -> dict[str, np.ndarray]:
     """The entries' tensors read one at a time (a lazy tensor's bytes are dropped once converted; the
     last one is kept for the next entry, as query, key and value come from one fused tensor) and
-    converted to float32 numpy arrays of their own, in soupjax's layout."""
+    converted to float32 numpy arrays of their own, in soupjax's layout. ``read=False`` checks their
+    names and shapes alone (nothing read, an empty dict)."""
     flat = {}
     last_key, last = None, None
     for entry in entries:
@@ -199,11 +203,13 @@ def _convert(tensors: Mapping[str, Any], entries: list[layouts.Entry],
         shape = tuple(np.shape(tensors[entry.key]))
         if shape != entry.shape:
             raise InputError(f'tensor {entry.key} has shape {shape}, but its siblings imply {entry.shape}')
+        used.add(entry.key)
+        if not read:
+            continue
         if entry.key != last_key:
             last_key, last = None, None  # the previous source tensor goes before the next is read
             last_key, last = entry.key, _numpy(tensors[entry.key])
         flat[entry.path] = np.array(entry.convert(last), dtype=np.float32, order='C')
-        used.add(entry.key)
     return flat
 
 
