@@ -126,3 +126,33 @@ def finetuned_workdir(tmp_path_factory, fashion_mnist_data_dir, compilation_cach
     workdir = shared / "work"
     env = dict(os.environ, SOUPJAX_WORKDIR=str(workdir), JAX_PLATFORMS="cpu")
     return {"workdir": workdir, "cmd": cmd, "env": env, "stdout": (shared / "stdout.txt").read_text()}
+
+
+# The one-point grids and options of the shared `--recipe all` cook below: each merge's hyperparameter is
+# a value a default grid would not pick by itself (1.5, 0.25, seed 3), so that the API test's comparison
+# with `api.merge` at those values is not a comparison of defaults.
+COOK_ALL_OPTIONS = ("--learned_epochs=1", "--shifts=", "--task_arithmetic_scales=1.5", "--ties_densities=0.5",
+                    "--ties_lambdas=1.5", "--dare_drop_rates=0.5", "--dare_scales=1.5", "--slerp_ts=0.25",
+                    "--wise_ft_alphas=0,1", "--seed=3")
+
+
+def cook_all_command(finetuned: dict, data_dir: str, out: Path) -> list[str]:
+    """``python -m soupjax.soup --recipe all`` of the fine-tuned sweep with COOK_ALL_OPTIONS, into ``out``."""
+    return [sys.executable, "-m", "soupjax.soup", "--recipe", "all", *COOK_ALL_OPTIONS,
+            f"--ingredients={finetuned['workdir'] / 'ingredients'}", f"--data_dir={data_dir}", f"--out={out}"]
+
+
+@pytest.fixture(scope="session")
+def cooked_all(tmp_path_factory, finetuned_workdir, fashion_mnist_data_dir) -> Path:
+    """The fine-tuned sweep cooked once per test run with every recipe (``cook_all_command``): the
+    reference of the killed-cook test and the soups the API's merges are compared with, bit for bit.
+    Read only: a test that cooks more works on a copy."""
+    root = Path(__file__).resolve().parents[1]
+
+    def cook(directory: Path) -> None:
+        out = subprocess.run(cook_all_command(finetuned_workdir, fashion_mnist_data_dir, directory / "soups"),
+                             env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, cwd=root,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    return _shared_directory(tmp_path_factory, "cooked_all", cook) / "soups"

@@ -1,6 +1,7 @@
 """The Python API: README's example, run as written (on tiny mock ingredients), and what it returns."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import tensorflow_datasets as tfds
 from soupjax import api
 from soupjax.arithmetic import merging
 from soupjax.cli.errors import InputError
+
+from conftest import COOK_ALL_OPTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,38 +69,32 @@ def test_merge_and_evaluate_are_the_arithmetic_and_the_accuracy(workdir):
 
 
 # One point per grid: cooking then makes exactly the model api.merge makes for that point.
-_ONE_POINT = {"task_arithmetic_scales": "1.5", "ties_densities": "0.5", "ties_lambdas": "1.5",
-              "dare_drop_rates": "0.5", "dare_scales": "1.5", "slerp_ts": "0.25", "seed": 3}
-
-
 @pytest.mark.slow
-def test_merge_and_cooking_give_bit_identical_models(finetuned_workdir, tmp_path):
+def test_merge_and_cooking_give_bit_identical_models(finetuned_workdir, cooked_all):
     """For every merge method of the registry, ``api.merge`` with the hyperparameters a one-point grid
-    chose is, bit for bit, the model cooking saved (SLERP: the same two best ingredients)."""
-    import shutil
+    chose is, bit for bit, the model cooking saved (SLERP: the same two best ingredients). The cook is
+    conftest's ``cooked_all``: ``--recipe all`` with one-point grids of values no default picks."""
     from soupjax import methods
-    ingredients_dir = shutil.copytree(finetuned_workdir["workdir"] / "ingredients", tmp_path / "ingredients")
-    out = tmp_path / "soups"
     merges = [m for m in methods.methods() if m.merge is not None]
     assert {d for m in merges for d in m.merge.hyperparameters} >= {
         "uniform", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "spherical_mean", "model_stock"}
-    ingredients = api.load_ingredients(ingredients_dir)
+    ingredients = api.load_ingredients(finetuned_workdir["workdir"] / "ingredients")
     init = api.shared_init(ingredients)
-    # Every merge in one cook (a --recipe list): one plan, one report, the rows of each method.
-    results = api.cook(",".join(m.name for m in merges), ingredients_dir, out, shifts=[], **_ONE_POINT)
-    rows = {row["name"]: row for row in results["soups"]}
+    report = json.loads((cooked_all / "report.json").read_text())
+    rows = {row["name"]: row for row in report["soups"]}
+    seed = int(next(o for o in COOK_ALL_OPTIONS if o.startswith("--seed=")).split("=")[1])
     for method in merges:
         for dish, names in method.merge.hyperparameters.items():
             chosen = rows[dish]["chosen"] or {}
-            given = {n: _ONE_POINT["seed"] if n == "seed" else chosen["lambda" if n == "lam" else n] for n in names}
+            given = {n: seed if n == "seed" else chosen["lambda" if n == "lam" else n] for n in names}
             got = api.merge(dish, ingredients, init=init, **given)
-            saved = checkpoints_variables(out / dish)
+            saved = checkpoints_variables(cooked_all / dish)
             leaves = jax.tree_util.tree_leaves_with_path(saved)
             assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(saved), dish
             for (path, want), have in zip(leaves, jax.tree_util.tree_leaves(got)):
                 assert np.asarray(have).dtype == np.asarray(want).dtype, (dish, path)
                 assert np.array_equal(np.asarray(have), np.asarray(want)), (dish, jax.tree_util.keystr(path))
-    pair = api.load_model(out / "slerp")[1]["pair"]
+    pair = api.load_model(cooked_all / "slerp")[1]["pair"]
     heldout = {ing.name: ing.heldout_accuracy for ing in ingredients}
     assert pair == sorted(heldout, key=lambda n: -heldout[n])[:2]
 

@@ -22,7 +22,7 @@ import pytest
 from soupjax.io import checkpoints
 from soupjax.training import train
 from test_determinism import assert_bit_identical, report_numbers
-from test_soup import ONE_POINT_GRIDS
+from conftest import cook_all_command
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 600
@@ -201,15 +201,12 @@ def test_sweep_killed_between_ingredients_skips_the_finished_one(tmp_path, fashi
 
 @pytest.mark.slow
 @pytest.mark.runs_first
-def test_soup_killed_while_writing_leaves_no_partial_soup_and_resumes(tmp_path, fashion_mnist_data_dir,
-                                                                      finetuned_workdir):
+def test_soup_killed_while_writing_leaves_no_partial_soup_and_resumes(tmp_path, finetuned_workdir, cooked_all,
+                                                                      fashion_mnist_data_dir):
+    # The reference: the same command, uninterrupted (conftest's cooked_all, shared with tests/test_api.py).
     def cook(out: str) -> list[str]:
-        return [sys.executable, "-m", "soupjax.soup", "--recipe", "all", "--learned_epochs=1", "--shifts=",
-                *[f"--{name}={value}" for name, value in ONE_POINT_GRIDS.items()],
-                f"--ingredients={finetuned_workdir['workdir'] / 'ingredients'}",
-                f"--data_dir={fashion_mnist_data_dir}", f"--out={tmp_path / out}"]
+        return cook_all_command(finetuned_workdir, fashion_mnist_data_dir, tmp_path / out)
 
-    reference = Run(cook("reference"), tmp_path / "reference")
     out = tmp_path / "killed"
     run = Run(cook("killed"), tmp_path / "killed")
 
@@ -231,14 +228,13 @@ def test_soup_killed_while_writing_leaves_no_partial_soup_and_resumes(tmp_path, 
     for name in finished:
         assert f"{name}: cooked earlier, reused" in again
         assert _mtimes(out / name) == written[name], f"{name} was cooked again"
-    reference.finish()
     # Two processes cooked the same ingredients with the same options: the same report and every soup and
     # merge bit for bit (DARE's random masks included: they are drawn from the seed).
-    assert report_numbers(out / "report.json") == report_numbers(tmp_path / "reference" / "report.json")
-    rows = json.loads((tmp_path / "reference" / "report.json").read_text())["soups"]
+    assert report_numbers(out / "report.json") == report_numbers(cooked_all / "report.json")
+    rows = json.loads((cooked_all / "report.json").read_text())["soups"]
     assert {r["name"] for r in rows} >= {"uniform", "greedy", "pruned", "learned_global", "learned_layer", "ensemble",
                                          "ties", "dare_linear", "dare_ties", "model_stock", "wise_ft_uniform"}
-    saved = [soup for soup in _visible(tmp_path / "reference") if checkpoints.is_ingredient(soup)]
+    saved = [soup for soup in _visible(cooked_all) if checkpoints.is_ingredient(soup)]
     assert {soup.name for soup in saved} == {r["name"] for r in rows if r["kind"] in ("soup", "merge")}
     for soup in saved:
         assert_bit_identical(checkpoints.load_variables(out / soup.name), checkpoints.load_variables(soup), soup.name)

@@ -146,7 +146,8 @@ def zeroshot_start_head(config: "ml_collections.ConfigDict", cache_dir: str | os
         with np.load(cached) as stored:
             return {"kernel": stored["kernel"], "bias": stored["bias"]}
     from soupjax.importers.clip_checkpoint import read_clip
-    checkpoint = read_clip(config.init_from.path, activation=config.model.get("activation"),
+    # The head needs the text tower alone: the image tower (read by base_init already) stays unread.
+    checkpoint = read_clip(config.init_from.path, image=False, activation=config.model.get("activation"),
                            allow_activation_mismatch=bool(config.init_from.get("allow_activation_mismatch", False)))
     if checkpoint.text_params is None:
         raise InputError(f"head_init='zeroshot': {config.init_from.path} has no text tower to build the head with "
