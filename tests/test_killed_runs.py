@@ -46,7 +46,8 @@ class Run:
         return self.log.with_suffix(".err").read_text()[-3000:]
 
     def wait_until(self, ready: Callable[[], bool]) -> bool:
-        """Polls ``ready`` every 2 ms until it holds (True) or the process has ended (False)."""
+        """Polls ``ready`` every 10 ms until it holds (True) or the process has ended (False). (Every 2 ms
+        the poll itself took 12% of a core, on a 2-core machine, from the run it watches.)"""
         deadline = time.time() + TIMEOUT
         while not ready():
             if self.proc.poll() is not None:
@@ -54,7 +55,7 @@ class Run:
             if time.time() > deadline:
                 self.kill()
                 pytest.fail(f"{self.log.name}: still waiting after {TIMEOUT}s")
-            time.sleep(0.002)
+            time.sleep(0.01)
         return True
 
     def kill(self) -> bool:
