@@ -57,6 +57,10 @@ OVERWRITE_HINT = ("Pass --overwrite to replace it (the old one stays in place un
                   "or use another work directory.")
 
 
+POLL_SECONDS = 5.0  # how often a process waiting for ingredients that others train looks at their leases
+LEASE_SUFFIX = ".lease"
+
+
 def finetune_all(runs: list[tuple[str, ml_collections.ConfigDict, dict[str, Any]]], workdir, ingredients_dir=None,
                  label: str = "", *, overwrite: bool = False, train_root=None) -> list[dict[str, Any]]:
     """Fine-tune every ``(name, config, hparams)`` of ``runs`` that is not finished yet; return their metas.
@@ -78,45 +82,143 @@ def finetune_all(runs: list[tuple[str, ml_collections.ConfigDict, dict[str, Any]
     return run_plan(plan_runs(runs, ingredients_dir, train_root, overwrite=overwrite), label)
 
 
-def run_plan(plan: list[PlannedRun], label: str = "") -> list[dict[str, Any]]:
-    """Carry out a ``plan_runs`` plan: skip the finished, fine-tune the rest; return every meta."""
+def run_plan(plan: list[PlannedRun], label: str = "", *, poll_seconds: float = POLL_SECONDS) -> list[dict[str, Any]]:
+    """Carry out a ``plan_runs`` plan: skip the finished, fine-tune the rest; return every meta.
+
+    Each ingredient is trained under a lease (``io.leases``, at ``lease_path``): an ingredient another
+    live process is training (the same command started twice, machines sharing a sweep without
+    ``--only``) is skipped with one line naming its holder, and the rest are trained. Then this
+    process waits for the ones it skipped, looking at their leases every ``poll_seconds`` (sooner at
+    first): each is finished by its holder (skipped), or its lease was released or abandoned
+    unfinished (the holder failed or died) and this process trains it. So it returns only when every
+    ingredient of the plan is finished: a command's exit status 0 means its whole sweep is there.
+    """
+    import itertools
+    import time
+
+    prefix = f"{label} " if label else ""
+    start, metas, held = time.time(), {}, {}
+    tags = {i: f"[{prefix}{i + 1}/{len(plan)}] {run.name}" for i, run in enumerate(plan)}
+    for i, run in enumerate(plan):
+        if run.meta is not None and run.restore_from is None:
+            print(f"{tags[i]}: finished earlier, skipped", flush=True)
+            metas[i] = run.meta
+            continue
+        outcome = _run_leased(run, tags[i], start, finished="earlier" if run.meta is not None else None)
+        if isinstance(outcome, dict):
+            metas[i] = outcome
+        else:
+            _primary_print(f"{tags[i]}: being trained by {outcome}; skipped for now", flush=True)
+            held[i] = outcome
+    if held:
+        _primary_print(f"{prefix}waiting for {len(held)} ingredient(s) that other processes are training: "
+                       + ", ".join(f"{plan[i].name} ({who})" for i, who in held.items()), flush=True)
+    for look in itertools.count():
+        if not held:
+            break
+        time.sleep(min(poll_seconds, 0.25 * 2 ** look))  # soon at first: the holder may be about to finish
+        for i in list(held):
+            outcome = _run_leased(plan[i], tags[i], start, finished=f"by {held[i]}")
+            if isinstance(outcome, dict):
+                metas[i] = outcome
+                del held[i]
+    return [metas[i] for i in range(len(plan))]
+
+
+def lease_path(target: Path) -> Path:
+    """Where the lease of the ingredient ``target`` is: ``.NAME.lease`` beside it (hidden from listings)."""
+    return target.parent / f".{target.name}{LEASE_SUFFIX}"
+
+
+def _run_leased(run: PlannedRun, tag: str, start: float, *, finished: str | None = None) -> dict | str:
+    """Train ``run`` holding its lease: its meta, or who holds the lease (a line's worth) when another live
+    process does. Planned again once the lease is taken: another process may have finished it, or put
+    back an ingredient a killed swap left aside, since the plan was made. ``finished`` says when or by
+    whom, in the line printed if it turns out finished."""
+    lease, holder = _take_lease(run)
+    if lease is None:
+        return holder
+    try:
+        again = plan_run(run.name, run.config, run.hparams, run.target, run.train_dir, overwrite=run.replace)
+        if again.restore_from is not None:
+            # The ingredient a killed swap left aside is put back (it may be this config's own).
+            _on_primary(lambda: os.replace(again.restore_from, again.target), f"soupjax-restore-{again.target}")
+            again = plan_run(run.name, run.config, run.hparams, run.target, run.train_dir, overwrite=run.replace)
+        if again.meta is not None:
+            print(f"{tag}: finished {finished or 'by another process meanwhile'}, skipped", flush=True)
+            return again.meta
+        return _train(again, tag, start)
+    finally:
+        lease.release()
+
+
+class _NoLease:
+    """What processes other than 0 hold while process 0 holds an ingredient's lease."""
+
+    def release(self) -> None:
+        pass
+
+
+def _take_lease(run: PlannedRun):
+    """``(lease, None)`` when this process (process 0 for all of them) took ``run``'s lease, else
+    ``(None, holder)``: with several processes the decision is process 0's, broadcast, so that all of
+    them train the same ingredients (their collectives must match)."""
+    import jax
+    from soupjax.io import leases
+    lease, holder = _NoLease(), "another process"
+    if jax.process_index() == 0:
+        lease = leases.Lease(lease_path(run.target))
+        live = lease.acquire()
+        if live is not None:
+            lease, holder = None, live.describe()
+        else:
+            lease.keep_alive()
+            if lease.took_over is not None:
+                print(f"{run.name}: its earlier holder, {lease.took_over.describe()}, is gone; taken over", flush=True)
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+        taken = bool(multihost_utils.broadcast_one_to_all(np.int32(lease is not None)))
+        if not taken and lease is not None:
+            lease.release()
+        lease = lease if taken else None
+    return lease, holder
+
+
+def _primary_print(*args, **kwargs) -> None:
+    import jax
+    if jax.process_index() == 0:
+        print(*args, **kwargs)
+
+
+def _train(run: PlannedRun, tag: str, start: float) -> dict[str, Any]:
+    """Fine-tune ``run`` (its lease held), printing what it does."""
     import time
 
     from soupjax.training import train
 
-    prefix = f"{label} " if label else ""
-    start, metas = time.time(), []
-    for i, run in enumerate(plan, 1):
-        tag = f"[{prefix}{i}/{len(plan)}] {run.name}"
-        if run.restore_from is not None:
-            _on_primary(lambda: os.replace(run.restore_from, run.target), f"soupjax-restore-{run.target}")
-        if run.meta is not None:
-            print(f"{tag}: finished earlier, skipped", flush=True)
-            metas.append(run.meta)
-            continue
-        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in run.hparams.items())
-        print(f"{tag}: {shown or 'config as given'}" + (" (replacing the one made with another config)"
-                                                         if run.replace else ""), flush=True)
-        if run.replace:
-            meta = _staged_meta(run)
-            if meta is None:
-                _on_primary(lambda: _discard_other_staging(run), f"soupjax-discard-{run.target}")
-                meta = train.train_and_evaluate(run.config, run.staged_train_dir, run.staged_target,
-                                                extra_meta=_extra_meta(run), start_dir=run.start_dir)
+    shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in run.hparams.items())
+    print(f"{tag}: {shown or 'config as given'}" + (" (replacing the one made with another config)"
+                                                     if run.replace else ""), flush=True)
+    if run.replace:
+        meta = _staged_meta(run)
+        if meta is None:
+            _on_primary(lambda: _discard_other_staging(run), f"soupjax-discard-{run.target}")
+            meta = train.train_and_evaluate(run.config, run.staged_train_dir, run.staged_target,
+                                            extra_meta=_extra_meta(run), start_dir=run.start_dir)
 
-            def swap_in(run: PlannedRun = run) -> None:
-                files.replace_directory(run.staged_train_dir, run.train_dir)
-                files.replace_directory(run.staged_target, run.target)
-            _on_primary(swap_in, f"soupjax-swap-{run.target}")
-        else:
-            meta = train.train_and_evaluate(run.config, run.train_dir, run.target, extra_meta=_extra_meta(run),
-                                            start_dir=run.start_dir)
-        m = meta["metrics"]
-        print(f"{tag}: held-out {m['heldout']['accuracy']:.4f}  test {m['test']['accuracy']:.4f}  "
-              f"({meta['train_seconds']:.0f}s, {meta['train_images_per_second']:.0f} img/s; "
-              f"{time.time() - start:.0f}s elapsed) -> {run.target}", flush=True)
-        metas.append(meta)
-    return metas
+        def swap_in(run: PlannedRun = run) -> None:
+            files.replace_directory(run.staged_train_dir, run.train_dir)
+            files.replace_directory(run.staged_target, run.target)
+        _on_primary(swap_in, f"soupjax-swap-{run.target}")
+    else:
+        meta = train.train_and_evaluate(run.config, run.train_dir, run.target, extra_meta=_extra_meta(run),
+                                        start_dir=run.start_dir)
+    m = meta["metrics"]
+    print(f"{tag}: held-out {m['heldout']['accuracy']:.4f}  test {m['test']['accuracy']:.4f}  "
+          f"({meta['train_seconds']:.0f}s, {meta['train_images_per_second']:.0f} img/s; "
+          f"{time.time() - start:.0f}s elapsed) -> {run.target}", flush=True)
+    return meta
 
 
 def plan_runs(runs: list[tuple[str, ml_collections.ConfigDict, dict[str, Any]]], ingredients_dir, train_root,
