@@ -5,6 +5,13 @@ an interrupted run resumes without evaluating again.
 ``Evaluations`` holds the model, the evaluator and the batches (kept in memory when they fit);
 ``ModelEval`` is one model's results; ``ensemble_of`` averages logits; ``known_logits`` recognises a
 soup that is exactly one ingredient, whose evaluation exists already.
+
+On several processes (a pod slice, ``jax.distributed``) each evaluates its shard of every split and
+every process ends with the whole split's logits and labels, in the split's order
+(``sharding.gather_rows``), so that every recipe, the ensembles and the report's paired tests compute
+the same on each; process 0 alone writes the cache. What needs whole batches rather than per-example
+results (a learned soup's steps, BatchNorm recalibration) reads ``global_batches``: the batches one
+process would read, on every process. With one process nothing is gathered.
 """
 from __future__ import annotations
 
@@ -43,12 +50,6 @@ class Evaluations:
         from soupjax import data, models
         from soupjax.evaluation import evaluate
         from soupjax.devices import sharding
-        import jax
-        if jax.process_count() > 1:
-            # Cooking reads and writes shared files and compares accuracies computed per process;
-            # it is meant for one host (which holds every device of a single TPU VM or GPU machine).
-            raise RuntimeError("soupjax.soup runs on one host; start it without jax.distributed "
-                               f"(this is process {jax.process_index()} of {jax.process_count()})")
         self.config = config
         self.out = out
         self.cache = out / "cache"
@@ -61,7 +62,9 @@ class Evaluations:
         self.report_splits = ["test", *self.shifts]
         self.recalibrate_batches = recalibrate_batches
         self._data = data
+        self._sharding = sharding
         self._kept: dict[str, list] = {}
+        self._kept_global: dict[str, list] = {}
         self._kept_bytes = 0
 
     # Splits whose preprocessed images fit in this many bytes are kept in memory after their first
@@ -81,11 +84,27 @@ class Evaluations:
         self._kept_bytes += size
         return iter(self._kept[split])
 
+    def global_batches(self, split: str):
+        """The batches of ``split`` one process reading all of it would see, the same on every process
+        (``sharding.global_batches``; kept in memory when the split's batches are); with one process,
+        ``batches(split)``."""
+        import jax
+        if jax.process_count() == 1:
+            return self.batches(split)
+        if split in self._kept_global:
+            return iter(self._kept_global[split])
+        batches = self._sharding.global_batches(self.batches(split), self.batch_size)
+        if split not in self._kept:
+            return batches
+        self._kept_global[split] = list(batches)
+        return iter(self._kept_global[split])
+
     def prepare(self, variables: dict[str, Any]) -> dict[str, Any]:
-        """What a candidate soup goes through before it is evaluated (BatchNorm recalibration)."""
+        """What a candidate soup goes through before it is evaluated (BatchNorm recalibration, on the
+        training batches one process would read, so that every process gets the same statistics)."""
         if self.recalibrate_batches and "batch_stats" in variables:
             from soupjax.evaluation.batchnorm import recalibrate
-            return recalibrate(self.model, variables, self.batches("train"), self.recalibrate_batches)
+            return recalibrate(self.model, variables, self.global_batches("train"), self.recalibrate_batches)
         return variables
 
     def heldout_accuracy(self, variables: dict[str, Any]) -> float:
@@ -104,6 +123,7 @@ class Evaluations:
         from soupjax.config.base import fingerprint
         from soupjax.evaluation.evaluate import metrics_from_logits
         from soupjax.cli.progress import Progress
+        import jax
         splits = list(splits or ["heldout", *self.report_splits])
         tag = fingerprint({"key": key, "data": self._data.eval_fingerprint(self.config.data), "recalibrate": self.recalibrate_batches,
                            "batch": self.batch_size})
@@ -112,7 +132,10 @@ class Evaluations:
         if path.exists():
             with np.load(path) as f:
                 stored.update({k: f[k] for k in f.files})
-        missing = [s for s in splits if f"{s}/logits" not in stored]
+        # Every process evaluates what any of them lacks (the evaluation is collective): a cache one
+        # process sees and another does not (not yet written, or not shared) must not split them.
+        wanted = self._sharding.any_process([f"{s}/logits" not in stored for s in splits])
+        missing = [s for s, want in zip(splits, wanted) if want]
         if missing:
             if variables is None and loader is None:
                 raise FileNotFoundError(f"{path} lacks {missing} and no model was given to evaluate")
@@ -120,13 +143,15 @@ class Evaluations:
             variables = variables if prepared else self.prepare(variables)
             for split in missing:
                 total = self._data.num_examples(self.config.data, split)
-                progress = Progress(total, f"eval {name} {split}", every=15.0)
-                result = self.evaluator(variables, self.batches(split), keep_logits=True,
+                # On several processes, process 0 tells of its share (about 1/count of the split).
+                progress = Progress(-(-total // jax.process_count()), f"eval {name} {split}", every=15.0) \
+                    if self._sharding.is_primary() else None
+                result = self.evaluator(variables, self.batches(split), keep_logits=True, all_rows=True,
                                         projection=self._data.logit_projection(self.config.data, split),
                                         progress=progress)
                 stored[f"{split}/logits"] = result.logits
                 stored[f"{split}/labels"] = result.labels
-        if missing or not path.exists():
+        if (missing or not path.exists()) and self._sharding.is_primary():
             save_npz_atomic(path, stored)
         logits = {s: stored[f"{s}/logits"] for s in splits}
         labels = {s: stored[f"{s}/labels"] for s in splits}

@@ -187,8 +187,10 @@ class Cooking:
         return self._evaluations.apply_fn
 
     def heldout_batches(self) -> Iterator[Any]:
-        """The held-out split's evaluation batches."""
-        return self._evaluations.batches("heldout")
+        """The held-out split's evaluation batches, whole: on several processes every process gets the
+        batches one process would read (``Evaluations.global_batches``), so that a learned soup takes the
+        same steps on each."""
+        return self._evaluations.global_batches("heldout")
 
     @property
     def recalibrate(self) -> Callable[[Mapping[str, Any]], Any] | None:

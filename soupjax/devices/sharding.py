@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -91,6 +91,102 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
                 f"{jax.device_count()} (the total device count)")
         out[key] = jax.make_array_from_process_local_data(sharding, value)
     return out
+
+
+def is_primary() -> bool:
+    """True on process 0, the one process that writes what all of them computed alike (soups, reports,
+    caches); every process when there is one."""
+    return jax.process_index() == 0
+
+
+def any_process(flags: Sequence[bool]) -> list[bool]:
+    """``flags[i]`` true on any process, on every process: what they agree on before a collective step
+    that some of them might otherwise skip (an evaluation one found cached and another did not)."""
+    if jax.process_count() == 1:
+        return [bool(f) for f in flags]
+    from jax.experimental import multihost_utils
+    gathered = np.asarray(multihost_utils.process_allgather(np.asarray(flags, np.int32).reshape(-1)))
+    return [bool(f) for f in gathered.reshape(jax.process_count(), -1).any(axis=0)]
+
+
+def gather_rows(array: np.ndarray) -> np.ndarray:
+    """Every process's rows of ``array`` (its leading axis; each process may hold a different number),
+    concatenated in process order, on every process. The identity with one process.
+
+    Each process reads a contiguous shard of a split, the shards in process order
+    (``data.eval_batches``), so this is the split's per-example array in its own order, as one process
+    reading the whole split would hold it. Travels as JAX arrays: 64-bit dtypes are refused rather than
+    silently rounded (JAX is 32-bit unless x64 is enabled).
+    """
+    array = np.asarray(array)
+    if jax.process_count() == 1:
+        return array
+    if array.dtype.itemsize > 4:
+        raise ValueError(f"gather_rows: {array.dtype} would be rounded to 32 bits on the way; cast it first")
+    from jax.experimental import multihost_utils
+    counts = np.asarray(multihost_utils.process_allgather(np.int32(len(array)))).reshape(-1)
+    padded = np.zeros((max(int(counts.max()), 1), *array.shape[1:]), array.dtype)
+    padded[:len(array)] = array
+    gathered = np.asarray(multihost_utils.process_allgather(padded))  # (processes, most, ...)
+    return np.concatenate([gathered[p, :c] for p, c in enumerate(counts)]).astype(array.dtype, copy=False)
+
+
+def global_batches(local_batches: Iterable[Mapping[str, np.ndarray]], batch_size: int
+                   ) -> Iterator[dict[str, np.ndarray]]:
+    """The batches of ``batch_size`` one process reading the whole split would see, on every process,
+    from each process's own ``local_batches`` (``{'image', 'label', 'mask'}``, this process's shard of
+    the split in order, padded where ``mask`` is 0).
+
+    Batch ``b`` holds the split's examples ``b * batch_size`` onwards, in order, and the last one is
+    padded (zero images, label 0, mask 0) as ``data.eval_batches`` pads it. For what must be computed
+    alike on every process from whole batches (a learned soup's steps, BatchNorm statistics), equal to
+    one process's. Each process reads ahead until it holds ``batch_size`` real examples or its shard
+    ends; the processes then say how many they hold, and each batch takes them in process order (a
+    process not at its end holds enough to finish it). With one process, ``local_batches`` as they are.
+    """
+    if jax.process_count() == 1:
+        yield from local_batches
+        return
+    from jax.experimental import multihost_utils
+    source = iter(local_batches)
+    images: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    held, ended, process = 0, False, jax.process_index()
+    while True:
+        while not ended and held < batch_size:
+            batch = next(source, None)
+            if batch is None:
+                ended = True
+                break
+            real = np.asarray(batch.get("mask", np.ones(len(batch["label"])))) > 0
+            images.append(np.asarray(batch["image"])[real])
+            labels.append(np.asarray(batch["label"], np.int32)[real])
+            held += int(real.sum())
+        states = np.asarray(multihost_utils.process_allgather(np.asarray([held, ended], np.int32)))
+        takes, need = [], batch_size
+        for count, at_end in states:
+            takes.append(min(int(count), need))
+            need -= takes[-1]
+            if not at_end:
+                need = 0  # its later examples come before any later process's
+        if sum(takes) == 0:
+            return
+        if not images:  # data.eval_batches gives every process as many batches: never without one
+            raise ValueError("global_batches: this process read no batch while another holds examples")
+        image, label = np.concatenate(images), np.concatenate(labels)
+        mine = takes[process]
+        images, labels, held = [image[mine:]], [label[mine:]], held - mine
+        most = max(takes)
+        send = {"image": np.zeros((most, *image.shape[1:]), image.dtype), "label": np.zeros(most, np.int32)}
+        send["image"][:mine], send["label"][:mine] = image[:mine], label[:mine]
+        got = {k: np.asarray(v) for k, v in multihost_utils.process_allgather(send).items()}
+        n = sum(takes)
+        out = {"image": np.zeros((batch_size, *image.shape[1:]), image.dtype),
+               "label": np.zeros(batch_size, np.int32), "mask": np.zeros(batch_size, np.float32)}
+        out["image"][:n] = np.concatenate([got["image"][p, :t] for p, t in enumerate(takes)])
+        out["label"][:n] = np.concatenate([got["label"][p, :t] for p, t in enumerate(takes)])
+        out["mask"][:n] = 1.0
+        yield out
 
 
 def check_global_batch_size(batch_size: int) -> None:

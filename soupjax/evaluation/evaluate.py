@@ -89,9 +89,14 @@ class Evaluator:
         return {"loss": loss, "correct": correct, "logits": logits}
 
     def __call__(self, variables: Any, batches: Iterable[Mapping[str, np.ndarray]], *,
-                 projection: np.ndarray | None = None, keep_logits: bool = False,
+                 projection: np.ndarray | None = None, keep_logits: bool = False, all_rows: bool = False,
                  progress: Callable[[int], None] | None = None) -> EvalResult:
-        """Evaluate ``variables`` on every real example of ``batches`` (padded with ``mask``)."""
+        """Evaluate ``variables`` on every real example of ``batches`` (padded with ``mask``).
+
+        The counts are summed over the processes. The per-example arrays (``logits``, ``labels``,
+        ``correct``) are this process's rows, or, with ``all_rows``, every process's in the split's order
+        (``sharding.gather_rows``: the same on every process, what one process would hold).
+        """
         variables = sharding.replicate(variables, self.mesh)
         proj = None if projection is None else tuple(int(i) for i in projection)
         losses, corrects, logits_all, labels_all = [], [], [], []
@@ -127,11 +132,14 @@ class Evaluator:
         labels = np.concatenate(labels_all)
         n_local = np.array([correct.sum(), loss.sum(), correct.size], np.float64)
         n_total = _sum_over_processes(n_local)
+        logits = np.concatenate(logits_all) if keep_logits else None
+        correct = correct.astype(np.int8)
+        if all_rows and jax.process_count() > 1:
+            labels, correct = sharding.gather_rows(labels), sharding.gather_rows(correct)
+            logits = None if logits is None else sharding.gather_rows(logits)
         return EvalResult(
             accuracy=float(n_total[0] / n_total[2]), loss=float(n_total[1] / n_total[2]),
-            num_examples=int(n_total[2]),
-            logits=np.concatenate(logits_all) if keep_logits else None,
-            labels=labels, correct=correct.astype(np.int8))
+            num_examples=int(n_total[2]), logits=logits, labels=labels, correct=correct)
 
 
 def local_rows(array: jax.Array) -> np.ndarray:
