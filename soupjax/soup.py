@@ -22,6 +22,11 @@ single ingredient every recipe gives that ingredient (a note says so). The work 
 Bad input (an unknown flag or recipe, an option out of range, unusable ingredients, an unwritable
 ``OUT``) ends the command with one line, ``soupjax.soup: error: ...``, and exit status 2, before
 anything is written; option values are checked before JAX is even imported.
+
+SIGTERM (a preempted VM) or Ctrl-C stops cooking after the evaluation or dish under way, which is kept
+whole: one line ``soupjax.soup: preempted by SIGTERM after dish N ...; rerun the same command to resume``
+and exit status 143 (SIGTERM) or 130 (Ctrl-C); the rerun reuses every finished soup
+(``soupjax.cli.preemption``).
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from absl import app, flags
 
 from soupjax import methods
 from soupjax.cli import flags as command_line
+from soupjax.cli import preemption
 from soupjax.cli.errors import exit_on_input_error
 from soupjax.cli.startup import compilation_cache_in, quiet_logs
 from soupjax.io.workdirs import default_workdir
@@ -64,6 +70,8 @@ def main(argv) -> int:
     from soupjax.cooking import check_recipe_options
     options = {name: FLAGS[name].value for name in methods.all_options()}
     check_recipe_options(recipe=None if FLAGS.recipe == "inspect" else FLAGS.recipe, **options)
+    from soupjax.devices import sharding
+    sharding.initialize_multihost()  # a pod slice's processes cook together, as finetune's train
     workdir = Path(FLAGS.workdir or default_workdir()).absolute()
     ingredients_dir = Path(FLAGS.ingredients).absolute() if FLAGS.ingredients else workdir / "ingredients"
     out = Path(FLAGS.out).absolute() if FLAGS.out else workdir / "soups"
@@ -97,7 +105,9 @@ def run() -> None:
     quiet_logs()
     warnings.formatwarning = _one_line_warning
     # An unknown flag or bad value: one line and exit 2 (absl's own parser says 'FATAL' and exits 1).
-    app.run(exit_on_input_error(PROGRAM, main), flags_parser=command_line.flags_parser(PROGRAM))
+    # SIGTERM or Ctrl-C: stop at the next step boundary with the work saved, one line, exit 143 or 130.
+    main_ = preemption.exit_on_preemption(PROGRAM, exit_on_input_error(PROGRAM, main))
+    app.run(main_, flags_parser=command_line.flags_parser(PROGRAM))
 
 
 if __name__ == "__main__":

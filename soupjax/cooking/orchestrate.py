@@ -28,10 +28,11 @@ import dataclasses
 import datetime
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ml_collections import ConfigDict
 
+from soupjax.cli import preemption
 from soupjax.cli.errors import InputError
 from soupjax.cooking import provenance as prov
 from soupjax.cooking.interface import Cooking, Dish
@@ -112,6 +113,10 @@ class Plan:
     @property
     def names(self) -> list[str]:
         return [ing.name for ing in self.ingredients]
+
+    @property
+    def dish_count(self) -> int:
+        return sum(len(m.dishes(self.options)) for m in self.wanted)
 
 
 def plan(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | None, allow_mixed_init: bool,
@@ -227,7 +232,8 @@ class Kitchen:
                     "peak_memory_mb": peak_mb, "chosen": dish.chosen, "grid": dish.grid,
                     "forward_passes": dish.forward_passes, "n_used": n_used, **dish.meta}
             path = p.out / name
-            checkpoints.save_ingredient(path, variables, plain(meta))
+            with preemption.saving():  # a signal now waits for the soup to be whole
+                checkpoints.save_ingredient(path, variables, plain(meta))
         else:
             ev = dish.evaluation
         self.soup_evals[name] = ev
@@ -252,20 +258,23 @@ class Kitchen:
                                                                    meta.get("peak_memory_mb"), meta.get("chosen"))))
         print(f"{name}: cooked earlier, reused ({soup_dir})", flush=True)
 
-    def cook_method(self, cooking: Cooking, method: Any) -> None:
+    def cook_method(self, cooking: Cooking, method: Any, vote: preemption.StopVote) -> None:
         """Every dish of ``method`` not cooked earlier, one call of ``method.cook(cooking, dish)`` each,
-        timed, its held-out evaluations counted and its peak memory measured."""
+        timed, its held-out evaluations counted and its peak memory measured; after each, a stop on
+        SIGTERM or Ctrl-C when ``vote`` says so."""
         from soupjax.devices.memory import PeakMemory
         for name in method.dishes(self.plan.options):
             meta = prov.cooked_earlier(self.plan.out, name, self.plan.keys.key(name)) if method.saves_model else None
             if meta is not None:
                 self.reuse(method, name, meta)
-                continue
-            before, started = cooking.heldout_evals, time.time()
-            with PeakMemory() as peak:
-                dish = method.cook(cooking, name)
-            self.finish(cooking, method, dish, time.time() - started, cooking.heldout_evals - before,
-                        peak.mebibytes)
+            else:
+                before, started = cooking.heldout_evals, time.time()
+                with PeakMemory() as peak:
+                    dish = method.cook(cooking, name)
+                self.finish(cooking, method, dish, time.time() - started, cooking.heldout_evals - before,
+                            peak.mebibytes)
+            stop_if_agreed(vote, lambda: f"after dish {len(self.rows)} of {self.plan.dish_count} ({name}): every "
+                                         f"soup cooked is kept in {self.plan.out}")
 
 
 def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | None = None,
@@ -290,16 +299,31 @@ def cook(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
     kitchen = Kitchen(p)
     print(f"soupjax.soup: {len(p.ingredients)} ingredients from {ingredients_dir}; model {p.config.model.name}, "
           f"data {p.config.data.name}; report splits: {', '.join(kitchen.evaluations.report_splits)}", flush=True)
-    # 1. Every ingredient on every split, one at a time (cached). Recalibration applies to soups only.
-    evals = [kitchen.evaluations.evaluate_ingredient(ing) for ing in p.ingredients]
-    # 2. The shared init, when a method needs it: without it those methods cannot be cooked.
-    init_dir, active = kitchen.start_dir(list(p.wanted))
-    cooking = Cooking(kitchen.evaluations, p.ingredients, evals, p.options, init_dir=init_dir, out=p.out,
-                      point_key=p.keys.point_fingerprint)
-    # 3. Every method, in the registry's order.
-    for method in active:
-        kitchen.cook_method(cooking, method)
+    # SIGTERM or Ctrl-C (cli/preemption): the evaluation or dish under way is finished and kept, and the
+    # cook stops there, every process at the same one; the rerun reuses what is kept.
+    vote = preemption.StopVote(lagged=False)
+    with preemption.boundaries(after=f"after the last dish, before the report: every soup is kept in {p.out}"):
+        # 1. Every ingredient on every split, one at a time (cached). Recalibration applies to soups only.
+        evals = []
+        for ing in p.ingredients:
+            evals.append(kitchen.evaluations.evaluate_ingredient(ing))
+            stop_if_agreed(vote, lambda: f"after evaluating {len(evals)} of {len(p.ingredients)} ingredients "
+                                         f"(kept in {p.out / 'cache'})")
+        # 2. The shared init, when a method needs it: without it those methods cannot be cooked.
+        init_dir, active = kitchen.start_dir(list(p.wanted))
+        cooking = Cooking(kitchen.evaluations, p.ingredients, evals, p.options, init_dir=init_dir, out=p.out,
+                          point_key=p.keys.point_fingerprint)
+        # 3. Every method, in the registry's order.
+        for method in active:
+            kitchen.cook_method(cooking, method, vote)
     return _write_report(p, kitchen, evals, cooking.best, active)
+
+
+def stop_if_agreed(vote: preemption.StopVote, where: Callable[[], str]) -> None:
+    """At a boundary of cooking: ``Preempted`` (saying ``where()``) when every process agrees to stop."""
+    signum = vote()
+    if signum:
+        raise preemption.stop(signum, where())
 
 
 def _write_report(p: Plan, kitchen: Kitchen, evals: Sequence[Any], best: int, active: Sequence[Any]
@@ -325,7 +349,9 @@ def _write_report(p: Plan, kitchen: Kitchen, evals: Sequence[Any], best: int, ac
         "ingredients": ingredient_rows, "soups": [row.to_dict() for row in rows], **kitchen.extras,
         "methods": {m.name: m.summary for m in active},
     }
-    paths = report.write_report(results, p.out)
-    print(report.markdown_table(results), flush=True)
-    print(f"report: {paths.get('markdown', p.out / 'report.md')}", flush=True)
+    from soupjax.devices.sharding import is_primary
+    if is_primary():  # every process of a pod slice computed the same results: process 0 writes them
+        paths = report.write_report(results, p.out)
+        print(report.markdown_table(results), flush=True)
+        print(f"report: {paths.get('markdown', p.out / 'report.md')}", flush=True)
     return results
