@@ -127,10 +127,12 @@ def uninstall() -> None:
 
 
 def _reclaim() -> None:
-    """Put the handlers back if something replaced them since ``install``: ``jax.distributed.initialize``
-    installs JAX's own SIGTERM handler for its preemption service."""
-    if _installed and any(signal.getsignal(s) is not _handle for s in SIGNALS):
-        install()
+    """Put the handlers back, in case something replaced them since ``install``: ``jax.distributed.
+    initialize`` installs JAX's own SIGTERM handler (its preemption service) in C++, which
+    ``signal.getsignal`` cannot see (it returns what Python last installed), so it is done every time."""
+    if _installed:
+        for signum in SIGNALS:
+            signal.signal(signum, _handle)
 
 
 def installed() -> bool:
