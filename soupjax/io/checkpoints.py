@@ -9,7 +9,9 @@ An ingredient directory looks like::
       variables/       orbax StandardCheckpointer: {'params': ..., 'batch_stats': ...}
 
 It is written under a temporary name and renamed into place, so a crash never leaves a half-written
-ingredient that a later sweep would skip as finished or a soup would cook with. ``meta.json`` carries a
+ingredient that a later sweep would skip as finished or a soup would cook with. On an object store
+(``gs://``), which cannot rename a directory, it also holds ``COMMITTED`` (``files.MARKER``), written
+last: without it the ingredient is unfinished, and ``is_ingredient``/``list_ingredients`` ignore it. ``meta.json`` carries a
 ``format_version``; a reader refuses a newer one than it knows (ingredients written before the field
 existed are version 1). An ingredient that cannot be read (a missing or malformed meta.json, a
 truncated or deleted checkpoint file) raises ``IngredientError``, an ``InputError`` that names it.
@@ -27,7 +29,6 @@ import ctypes
 import functools
 import json
 import os
-import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -64,16 +65,21 @@ def _to_host(tree: Any) -> Any:
 
 
 def save_ingredient(directory: str | os.PathLike, variables: Mapping[str, Any], meta: Mapping[str, Any],
-                    arrays: Mapping[str, np.ndarray] | None = None) -> Path:
+                    arrays: Mapping[str, np.ndarray] | None = None) -> files.AnyPath:
     """Write ``variables`` and ``meta`` as an ingredient at ``directory`` (atomically, replacing it).
 
     ``arrays`` (optional) are saved beside them as ``eval_logits.npz``. ``meta`` gets this layout's
     ``format_version``. On any failure (a full disk included) the staging directory is removed and an
     ingredient already at ``directory`` is left as it was; a kill while the new one is swapped in leaves
-    a complete one at ``directory`` or at ``files.replaced_name(directory)``.
+    a complete one at ``directory`` or at ``files.replaced_name(directory)``. On an object store
+    (``gs://``) the ingredient is finished when its commit marker, written last, exists: a first save
+    writes in place, a replacing one in a staging prefix swapped in by ``files.replace_directory``.
+    The directory gets the permissions the umask gives any other (not ``mkdtemp``'s 0700).
     """
-    directory = Path(directory).absolute()
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    directory = files.absolute(directory)
+    url = files.is_url(directory)
+    if not url:
+        directory.parent.mkdir(parents=True, exist_ok=True)
     multihost = jax.process_count() > 1
     primary = jax.process_index() == 0
     if multihost:
@@ -81,25 +87,34 @@ def save_ingredient(directory: str | os.PathLike, variables: Mapping[str, Any], 
         # same path; only the primary process writes the metadata and renames.
         from jax.experimental import multihost_utils
         staging = directory.parent / f".{directory.name}.tmp"
-        if primary and staging.exists():
-            shutil.rmtree(staging)
+        if primary:
+            files.remove_tree(staging)
         multihost_utils.sync_global_devices(f"soupjax-save-start-{directory}")
+    elif url:
+        # No rename on an object store: a first save writes where it belongs (what is there is no finished
+        # ingredient, only the leftovers of a killed save); a replacing one keeps the old until the new is whole.
+        staging = (directory.parent / f".{directory.name}.tmp-{os.urandom(4).hex()}"
+                   if is_ingredient(directory) else directory)
+        files.remove_tree(staging)
     else:
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        files.chmod_as_umask(staging)
     try:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(staging / VARIABLES_DIR, _to_host(dict(variables)))
         checkpointer.wait_until_finished()
         if primary:
             if arrays:
-                np.savez(staging / EVAL_FILE, **arrays)
+                files.write_atomic(staging / EVAL_FILE, lambda tmp: np.savez(tmp, **arrays))
             files.write_json_atomic(staging / META_FILE, {**meta, "format_version": FORMAT_VERSION})
+            files.commit(staging)  # last: on an object store, what makes the ingredient finished
             # The old ingredient is moved aside, not deleted, before the new one is renamed in: a kill
             # between the two renames leaves both whole (see training.planning.plan_run's recovery).
-            files.replace_directory(staging, directory)
+            if staging != directory:
+                files.replace_directory(staging, directory)
     except BaseException:
         if primary:
-            shutil.rmtree(staging, ignore_errors=True)
+            files.remove_tree(staging)
         raise
     if multihost:
         multihost_utils.sync_global_devices(f"soupjax-save-done-{directory}")
@@ -107,16 +122,18 @@ def save_ingredient(directory: str | os.PathLike, variables: Mapping[str, Any], 
 
 
 def is_ingredient(directory: str | os.PathLike) -> bool:
-    """True when ``directory`` holds a finished ingredient (both its metadata and its variables)."""
-    directory = Path(directory)
-    return (directory / META_FILE).is_file() and (directory / VARIABLES_DIR).is_dir()
+    """True when ``directory`` holds a finished ingredient (its metadata and its variables, and on an
+    object store its commit marker: ``files.is_committed``)."""
+    directory = files.as_path(directory)
+    return ((directory / META_FILE).is_file() and (directory / VARIABLES_DIR).is_dir()
+            and files.is_committed(directory))
 
 
 def is_start(directory: str | os.PathLike) -> bool:
     """True when ``directory`` holds a shared start (meta.json's ``kind`` is ``START_KIND``), not an
     ingredient. An unreadable meta.json is not a start: ``load_meta`` names its damage where it is read."""
     try:
-        meta = json.loads((Path(directory) / META_FILE).read_text())
+        meta = json.loads((files.as_path(directory) / META_FILE).read_text())
     except (OSError, ValueError):
         return False
     return isinstance(meta, dict) and meta.get("kind") == START_KIND
@@ -125,7 +142,7 @@ def is_start(directory: str | os.PathLike) -> bool:
 def load_meta(directory: str | os.PathLike) -> dict[str, Any]:
     """The ``meta.json`` of an ingredient; ``IngredientError`` naming the file when it is missing,
     not a JSON object, or of a newer ``format_version`` than this soupjax reads."""
-    path = Path(directory) / META_FILE
+    path = files.as_path(directory) / META_FILE
     if not path.is_file():
         raise IngredientError(f"{directory} is not a soupjax ingredient: {path} is missing")
     try:
@@ -162,7 +179,7 @@ _READ_ERRORS = (OSError, ValueError, EOFError)
 
 def variables_structure(directory: str | os.PathLike) -> Any:
     """Tree of ``jax.ShapeDtypeStruct`` describing an ingredient's variables, read without loading them."""
-    path = Path(directory).absolute() / VARIABLES_DIR
+    path = files.absolute(directory) / VARIABLES_DIR
     if not path.is_dir():
         raise FileNotFoundError(f"{directory} has no {VARIABLES_DIR}/ checkpoint")
     try:
@@ -197,7 +214,7 @@ def load_variables(directory: str | os.PathLike, structure: Any = None) -> dict[
     """
     structure = structure if structure is not None else variables_structure(directory)
     target = jax.tree_util.tree_map(lambda s: np.empty(s.shape, s.dtype), structure)
-    path = Path(directory).absolute() / VARIABLES_DIR
+    path = files.absolute(directory) / VARIABLES_DIR
     try:
         variables = _restorer().restore(path, target)
     except PermissionError:
@@ -214,7 +231,7 @@ def ingredient_loader(directory: str | os.PathLike) -> Callable[[], dict[str, An
     The checkpoint's structure is read on the first call and remembered: greedy, pruned and learned
     soups load an ingredient many times.
     """
-    directory = Path(directory)
+    directory = files.as_path(directory)
     structure: list[Any] = []
 
     def load() -> dict[str, Any]:
@@ -322,7 +339,7 @@ class IngredientTensors:
     """
 
     def __init__(self, directory: str | os.PathLike):
-        self.directory = Path(directory).absolute()
+        self.directory = files.absolute(directory)
         self.name = str(self.directory)
         ckpt = self.directory / VARIABLES_DIR
         if not ckpt.is_dir():
@@ -412,9 +429,11 @@ def tensor_source(directory: str | os.PathLike) -> IngredientTensors:
     return IngredientTensors(directory)
 
 
-def list_ingredients(root: str | os.PathLike) -> list[Path]:
-    """Finished ingredient directories under ``root`` (``root`` itself, or its sub-directories), sorted."""
-    root = Path(root)
+def list_ingredients(root: str | os.PathLike) -> list[files.AnyPath]:
+    """Finished ingredient directories under ``root`` (``root`` itself, or its sub-directories), sorted.
+    On an object store an ingredient without its commit marker (a save still running, or killed) is
+    not finished and not listed."""
+    root = files.as_path(root)
     if is_ingredient(root):
         return [root]
     if not root.is_dir():
@@ -433,7 +452,7 @@ class TrainingCheckpoints:
     def __init__(self, directory: str | os.PathLike, *, save_every: int, max_to_keep: int = 2):
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(1, int(save_every)), max_to_keep=max_to_keep, create=True)
-        self.directory = Path(directory).absolute()
+        self.directory = files.absolute(directory)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:

@@ -4,7 +4,16 @@ The helpers every module that writes results shares (checkpoints, reports, train
 curves): atomic writes of one file or of a set of files (``write_files_atomic``), the one conversion of
 configs, arrays and paths to plain JSON values (``plain``), the JSON text soupjax writes (``json_text``),
 swapping a complete directory in for an old one (``replace_directory``) and checking that a directory
-can be written before any work starts (``writable_problem``).
+can be written before any work starts (``writable_problem``), and the paths that may be object-store URLs
+(``is_url``, ``path``, ``absolute``).
+
+Every path may be local or an object-store URL (``gs://bucket/...``). URLs go through ``etils.epath``
+with its fsspec backend (``gcsfs`` for ``gs://``), which honours ``STORAGE_EMULATOR_HOST``; epath would
+otherwise pick TensorFlow's GCS file system whenever TensorFlow is installed, and that one always talks
+to www.googleapis.com (no emulator can stand in for it): ``EPATH_USE_TF=true`` in the environment keeps
+TensorFlow's. An object store has no rename of a directory, and an upload is all-or-nothing per object:
+``write_files_atomic`` uploads each finished file whole, and a result directory on a URL is finished when
+its commit marker (``MARKER``, written last) exists (``replace_directory``, ``is_committed``).
 
 What is *not* written through here: append-only logs (``metrics.jsonl``, whose last line a kill may cut
 and ``train.read_metrics`` drops) and TensorBoard's event files, and orbax's checkpoints (orbax renames
@@ -19,7 +28,57 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
+
+if TYPE_CHECKING:
+    from etils import epath
+
+# What a result directory on an object store holds once complete, written last (``commit``).
+MARKER = "COMMITTED"
+
+AnyPath = Union[Path, "epath.Path"]
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """True for an object-store URL (``gs://bucket/x``, ``s3://...``, ``memory://...``), not a local path."""
+    return "://" in os.fspath(path)
+
+
+def as_path(p: str | os.PathLike) -> AnyPath:
+    """``p`` as a path object: ``pathlib.Path`` for a local path, ``etils.epath.Path`` for a URL
+    (``pathlib.Path("gs://b/x")`` would be the local folder ``gs:/b/x``)."""
+    if not is_url(p):
+        return Path(p)
+    # epath reads this at every call: from the first URL on, gs:// goes through gcsfs (module docstring).
+    os.environ.setdefault("EPATH_USE_TF", "false")
+    from etils import epath
+    return epath.Path(os.fspath(p))
+
+
+def absolute(p: str | os.PathLike) -> AnyPath:
+    """``p`` made absolute against the current directory when local (``Path.absolute``, no symlinks
+    resolved); a URL is already absolute and is returned as an ``epath.Path``, never as a local folder."""
+    return as_path(p) if is_url(p) else Path(p).absolute()
+
+
+def is_committed(directory: str | os.PathLike) -> bool:
+    """True when the result at ``directory`` is finished: always for a local directory (complete ones are
+    renamed into place), and on an object store when its ``MARKER`` object exists."""
+    return not is_url(directory) or (as_path(directory) / MARKER).exists()
+
+
+def commit(directory: str | os.PathLike) -> None:
+    """Writes ``directory``'s commit marker (a URL's only; a local result is committed by its rename)."""
+    if is_url(directory):
+        (as_path(directory) / MARKER).write_text("")
+
+
+def uncommit(directory: str | os.PathLike) -> None:
+    """Removes ``directory``'s commit marker, so readers ignore it from here on (URLs only)."""
+    if is_url(directory):
+        marker = as_path(directory) / MARKER
+        if marker.exists():
+            marker.unlink()
 
 
 def write_files_atomic(writers: Mapping[str | os.PathLike, Callable[[Path], None]]) -> list[Path]:
@@ -32,6 +91,8 @@ def write_files_atomic(writers: Mapping[str | os.PathLike, Callable[[Path], None
     The temporary name keeps the target's suffix, so writers that add or guess one (``np.savez``,
     ``savefig``) write where told.
     """
+    if any(is_url(p) for p in writers):
+        return _upload_files(writers)
     targets = [Path(p) for p in writers]
     written: list[tuple[Path, Path]] = []
     try:
@@ -52,8 +113,27 @@ def write_files_atomic(writers: Mapping[str | os.PathLike, Callable[[Path], None
     return targets
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """``write(tmp)`` on a temporary file beside ``path``, renamed into place when it succeeded."""
+def _upload_files(writers: Mapping[str | os.PathLike, Callable[[Path], None]]) -> list[AnyPath]:
+    """``write_files_atomic`` for targets that may be URLs: each ``write(tmp)`` on a local temporary
+    file, then, once all were written, each uploaded whole (an object store shows an object whole or not
+    at all; as with local renames, the set is not atomic) and local ones renamed into place."""
+    targets = [as_path(p) for p in writers]
+    with tempfile.TemporaryDirectory(prefix=".soupjax-upload-") as scratch:
+        locals_ = [Path(scratch) / f"{i}{Path(t.name).suffix}" for i, t in enumerate(targets)]
+        for local, write in zip(locals_, writers.values()):
+            write(local)
+        for local, target in zip(locals_, targets):
+            if is_url(target):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(local.read_bytes())
+            else:
+                write_atomic(target, lambda tmp, local=local: shutil.copyfile(local, tmp))
+    return targets
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> AnyPath:
+    """``write(tmp)`` on a temporary file beside ``path``, renamed into place when it succeeded (on an
+    object store: written locally, then uploaded whole)."""
     return write_files_atomic({path: write})[0]
 
 
@@ -111,6 +191,9 @@ def replace_directory(new: str | os.PathLike, old: str | os.PathLike) -> None:
     under one of the names. Nothing happens when ``new`` does not exist. ``new``'s parent is removed
     when this leaves it empty (a staging folder).
     """
+    if is_url(new) or is_url(old):
+        _replace_url_directory(new, old)
+        return
     new, old = Path(new), Path(old)
     if not new.exists():
         return
@@ -127,6 +210,71 @@ def replace_directory(new: str | os.PathLike, old: str | os.PathLike) -> None:
         pass
 
 
+def remove_tree(directory: str | os.PathLike) -> None:
+    """Deletes ``directory`` and everything under it, local or on an object store; nothing if absent."""
+    if is_url(directory):
+        fs, key = _fs(directory)
+        if fs.exists(key):
+            fs.rm(key, recursive=True)
+    else:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def umask() -> int:
+    """The process's umask (read by setting it, so set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def chmod_as_umask(directory: str | os.PathLike) -> None:
+    """Gives a directory made private by ``tempfile.mkdtemp`` (0700) the mode ``mkdir`` would have given
+    it (0777 less the umask), so that a result renamed from staging is readable like any other."""
+    os.chmod(directory, 0o777 & ~umask())
+
+
+def _fs(url: str | os.PathLike) -> tuple[Any, str]:
+    """The fsspec file system of ``url`` and the path in it (``as_path`` sets up which backend)."""
+    as_path(url)
+    import fsspec
+    return fsspec.core.url_to_fs(os.fspath(url))
+
+
+def _replace_url_directory(new: str | os.PathLike, old: str | os.PathLike) -> None:
+    """``replace_directory`` on an object store, which has no rename of a directory: ``new`` (complete,
+    committed) stays where it is while ``old`` is uncommitted (readers ignore it from then on), emptied,
+    filled with a copy of ``new`` and committed; only then is ``new`` deleted. A kill on the way leaves
+    ``old`` uncommitted and ``new`` complete. Nothing happens when ``new`` is not committed."""
+    if not (as_path(new) / MARKER).exists():
+        return
+    uncommit(old)
+    fs, old_key = _fs(old)
+    _, new_key = _fs(new)
+    if fs.exists(old_key):
+        fs.rm(old_key, recursive=True)
+    files_ = [f for f in fs.find(new_key) if f.rsplit("/", 1)[-1] != MARKER]
+    for f in files_:
+        fs.copy(f, old_key + f[len(new_key):])
+    commit(old)
+    fs.rm(new_key, recursive=True)
+
+
+def url_problem(directory: str | os.PathLike) -> str | None:
+    """Why objects cannot be written under the URL ``directory`` (``None`` when they can): no such
+    bucket, or a probe object that cannot be made and removed (credentials, permissions)."""
+    try:
+        fs, key = _fs(directory)
+        bucket = key.split("/", 1)[0]
+        if not fs.exists(bucket):
+            return f"no such bucket: {os.fspath(directory).split('://')[0]}://{bucket}"
+        probe = f"{key.rstrip('/')}/.write-test-{os.getpid()}-{os.urandom(4).hex()}"
+        fs.pipe_file(probe, b"")
+        fs.rm(probe)
+    except (OSError, ValueError) as e:  # gcsfs' HttpError is an OSError
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:200]} ({os.fspath(directory)})"
+    return None
+
+
 def writable_problem(directory: str | os.PathLike, *, create: bool = False) -> str | None:
     """Why files cannot be made in ``directory`` (``None`` when they can), found by making one.
 
@@ -135,6 +283,8 @@ def writable_problem(directory: str | os.PathLike, *, create: bool = False) -> s
     directory and its parents are made first; otherwise nothing is created and the probe is made in
     ``directory`` or, when it does not exist yet, in its nearest existing parent.
     """
+    if is_url(directory):
+        return url_problem(directory)  # an object store has no directories to create
     directory = Path(os.path.abspath(directory))
     where = directory  # what the error names: the directory being made, or the one probed
     try:

@@ -1,0 +1,162 @@
+"""Paths on Cloud Storage (issue 19, section 1), against a local emulator of its JSON API.
+
+``gcp-storage-emulator`` (a test dependency only) serves on 127.0.0.1 for this module; gcsfs (what
+``etils.epath`` and soupjax's io layer use for ``gs://``) finds it through ``STORAGE_EMULATOR_HOST`` and
+TensorStore (orbax's arrays, the per-tensor reads) through ``TENSORSTORE_GCS_HTTP_URL``. TensorFlow's
+own GCS file system (``tf.io.gfile``, which TFDS's readers use for a ``data_dir`` on ``gs://``) has no
+setting for another endpoint and is not tested here.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gcp_storage_emulator")
+pytest.importorskip("gcsfs")
+
+from soupjax.cli.errors import InputError  # noqa: E402
+from soupjax.io import checkpoints, files  # noqa: E402
+
+BUCKET = "soupjax-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def bucket():
+    """``gs://soupjax-test``, an empty bucket on an emulator started for this module and stopped after it."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-c", "from gcp_storage_emulator.__main__ import main; main()", "start",
+         "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket", BUCKET],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+           # No metadata server here: google.auth must not wait for one, nor gcsfs ask the storage
+           # control API (which the emulator does not serve) what kind of bucket this is.
+           "NO_GCE_CHECK": "true", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "EPATH_USE_TF": "false"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/storage/v1/b/{BUCKET}", timeout=1).read()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the Cloud Storage emulator did not start")
+                time.sleep(0.05)
+        yield f"gs://{BUCKET}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _variables(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"params": {"dense": {"kernel": rng.normal(size=(8, 16)).astype(np.float32),
+                                 "bias": rng.normal(size=(16,)).astype(np.float32)},
+                       "head": {"kernel": rng.normal(size=(16, 4)).astype(np.float32)}}}
+
+
+def _objects(url: str) -> list[str]:
+    fs, key = files._fs(url)
+    return sorted(fs.find(key))
+
+
+def test_paths_stay_urls():
+    assert files.is_url("gs://b/x") and not files.is_url("/tmp/x") and not files.is_url("x")
+    assert os.fspath(files.absolute("gs://b/work/ingredients")) == "gs://b/work/ingredients"
+    assert os.fspath(files.absolute("gs://b/work") / "soups") == "gs://b/work/soups"
+    assert files.absolute("runs/x") == files.Path("runs/x").absolute()
+
+
+def test_ingredients_in_a_bucket(bucket, tmp_path):
+    """Saved, listed, read whole and per tensor; unfinished ones (no marker) not listed; the uniform
+    soup streamed from the bucket equals the one from local disk."""
+    from soupjax.arithmetic import soups
+    root = f"{bucket}/work/ingredients"
+    for i in range(3):
+        checkpoints.save_ingredient(f"{root}/run{i}", _variables(i), {"i": i},
+                                    arrays={"logits": np.full((2, 4), i, np.float32)})
+        checkpoints.save_ingredient(tmp_path / f"run{i}", _variables(i), {"i": i})
+    assert [os.fspath(p) for p in checkpoints.list_ingredients(root)] == [f"{root}/run{i}" for i in range(3)]
+    assert f"{root[5:]}/run0/{files.MARKER}" in _objects(root)
+    assert checkpoints.load_meta(f"{root}/run1")["i"] == 1
+    np.testing.assert_array_equal(checkpoints.load_variables(f"{root}/run2")["params"]["head"]["kernel"],
+                                  _variables(2)["params"]["head"]["kernel"])
+    from_bucket = soups.uniform_by_tensor([checkpoints.tensor_source(f"{root}/run{i}") for i in range(3)])
+    from_disk = soups.uniform_by_tensor([checkpoints.tensor_source(tmp_path / f"run{i}") for i in range(3)])
+    import jax
+    for a, b in zip(jax.tree_util.tree_leaves(from_bucket), jax.tree_util.tree_leaves(from_disk)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # A save that never wrote its marker (killed) is not an ingredient: not listed, not skipped as done.
+    files.uncommit(f"{root}/run1")
+    assert not checkpoints.is_ingredient(f"{root}/run1")
+    assert [os.fspath(p) for p in checkpoints.list_ingredients(root)] == [f"{root}/run0", f"{root}/run2"]
+
+
+def test_overwrite_keeps_the_old_until_the_new_is_whole(bucket, monkeypatch):
+    where = f"{bucket}/overwrite/a"
+    checkpoints.save_ingredient(where, _variables(0), {"v": "old"})
+
+    def fail(*_a, **_k):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(files, "write_json_atomic", fail)  # fails after the variables were written
+        with pytest.raises(OSError, match="disk full"):
+            checkpoints.save_ingredient(where, _variables(1), {"v": "new"})
+    assert checkpoints.is_ingredient(where) and checkpoints.load_meta(where)["v"] == "old"
+    assert all(".tmp-" not in o for o in _objects(f"{bucket}/overwrite"))  # the staging was removed
+    checkpoints.save_ingredient(where, _variables(1), {"v": "new"})
+    assert checkpoints.load_meta(where)["v"] == "new"
+    np.testing.assert_array_equal(checkpoints.load_variables(where)["params"]["head"]["kernel"],
+                                  _variables(1)["params"]["head"]["kernel"])
+    assert all(".tmp-" not in o for o in _objects(f"{bucket}/overwrite"))
+
+
+def test_bad_input_through_the_bucket(bucket):
+    """No such bucket, and a tensor object cut short: one line each, naming what is wrong."""
+    assert files.writable_problem("gs://no-such-bucket-here/work", create=True) == \
+        "no such bucket: gs://no-such-bucket-here"
+    assert files.writable_problem(f"{bucket}/fine", create=True) is None
+    where = f"{bucket}/cut/a"
+    checkpoints.save_ingredient(where, _variables(3), {})
+    fs, _ = files._fs(where)
+    data = [o for o in _objects(where) if "/d/" in o]
+    for obj in data:  # cut every data object short
+        fs.pipe_file(obj, fs.cat_file(obj)[:7])
+    with pytest.raises(InputError) as e:
+        source = checkpoints.tensor_source(where)
+        for p in source.paths:
+            source.read(p)
+    message = str(e.value)
+    assert "\n" not in message and where in message and "truncated or corrupt" in message
+
+
+def test_results_get_the_umask_permissions(tmp_path):
+    """Staged in mkdtemp (0700) and renamed: the finished directory has what the umask gives (0755)."""
+    old = os.umask(0o022)
+    try:
+        directory = checkpoints.save_ingredient(tmp_path / "ingredient", _variables(0), {})
+    finally:
+        os.umask(old)
+    assert oct(os.stat(directory).st_mode & 0o777) == oct(0o755)
