@@ -19,7 +19,9 @@
 
 Rerunning the command skips every finished step. Work made with another config (another ``--quick``,
 an edited config file) is refused with the differing fields named; ``--overwrite`` makes it again
-aside and swaps it in only once complete.
+aside and swaps it in only once complete. SIGTERM (a preempted VM) or Ctrl-C stops the study after the
+training step or the dish under way, saved, with one line and exit status 143 (SIGTERM) or 130
+(Ctrl-C), as ``soupjax.finetune`` and ``soupjax.soup`` do; rerunning resumes from there.
 
 The reference-scale studies (CIFAR-10 ViT-Ti/16 and resnet50d, ImageNet ViT-B/32) are a sweep and
 every recipe, nothing more; ``--sweep_config`` runs that for any config (see experiments/):
@@ -35,6 +37,7 @@ from pathlib import Path
 from absl import app, flags
 
 from soupjax.cli import flags as command_line
+from soupjax.cli import preemption
 from soupjax.config import base as config_base
 from soupjax.cli.errors import InputError, exit_on_input_error
 from soupjax.cli.startup import compilation_cache_in, quiet_logs
@@ -98,7 +101,9 @@ def main(argv) -> int:
 
 def run() -> None:
     quiet_logs()
-    app.run(exit_on_input_error(PROGRAM, main), flags_parser=command_line.flags_parser(PROGRAM))
+    # SIGTERM or Ctrl-C: stop at the next step boundary with the work saved, one line, exit 143 or 130.
+    main_ = preemption.exit_on_preemption(PROGRAM, exit_on_input_error(PROGRAM, main))
+    app.run(main_, flags_parser=command_line.flags_parser(PROGRAM))
 
 
 if __name__ == "__main__":

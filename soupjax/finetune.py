@@ -14,6 +14,11 @@ such ingredient is fine-tuned again aside and swapped in once complete). Bad inp
 option or field, data that is not there offline, a directory that cannot be written) ends in one line,
 ``soupjax.finetune: error: ...``, exit status 2, before anything is written. Without
 ``--workdir`` the default below is used, the same one ``python -m soupjax.soup`` looks in.
+
+SIGTERM (a preempted VM, Slurm, ``docker stop``) or Ctrl-C stops training after the current step with a
+checkpoint of that step (every process at the same step), one line ``soupjax.finetune: preempted by
+SIGTERM at step N ...; rerun the same command to resume`` and exit status 143 (SIGTERM) or 130 (Ctrl-C):
+the rerun resumes from step N (``soupjax.cli.preemption``).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import os
 from absl import app, flags
 
 from soupjax.cli import flags as command_line
+from soupjax.cli import preemption
 from soupjax.cli.errors import exit_on_input_error
 from soupjax.cli.startup import compilation_cache_in, quiet_logs
 from soupjax.io.workdirs import default_workdir
@@ -61,7 +67,9 @@ def main(argv) -> int:
 
 def run() -> None:
     quiet_logs()
-    app.run(exit_on_input_error(PROGRAM, main), flags_parser=command_line.flags_parser(PROGRAM, "config"))
+    # SIGTERM or Ctrl-C: stop at the next step boundary with the work saved, one line, exit 143 or 130.
+    main_ = preemption.exit_on_preemption(PROGRAM, exit_on_input_error(PROGRAM, main))
+    app.run(main_, flags_parser=command_line.flags_parser(PROGRAM, "config"))
 
 
 if __name__ == "__main__":

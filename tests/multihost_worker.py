@@ -99,5 +99,39 @@ def compute() -> dict[str, Any]:
     return out
 
 
+def stop_on_a_signal_to_one_process(path: str) -> None:
+    """``compute()``, then the stop votes of cli/preemption: process 1 alone gets SIGTERM before the vote
+    at step 2, and every process must stop at the same step: unlagged (cooking's vote) at step 2, lagged
+    (training's) at step 3. The results are saved in ``path`` before the lagged stop is raised, as a
+    command saves its work before it stops; ``exit_on_preemption`` then exits with the agreed signal's
+    status in every process."""
+    import os
+    import signal
+
+    import jax
+
+    from soupjax.cli import preemption
+    results = compute()
+    for lagged in (False, True):
+        vote = preemption.StopVote(lagged=lagged)
+        try:
+            with preemption.boundaries(after="after the last step"):
+                for step in range(1, 6):
+                    if jax.process_index() == 1 and step == 2:
+                        os.kill(os.getpid(), signal.SIGTERM)
+                    signum = vote()
+                    if signum:
+                        results[f"stop_step_lagged_{lagged}"] = step
+                        results[f"stop_signal_lagged_{lagged}"] = signum
+                        if lagged:
+                            np.savez(path, **results)
+                        raise preemption.stop(signum, f"at step {step}")
+        except preemption.Preempted:
+            if lagged:
+                raise
+    np.savez(path, **results)  # not stopped: the test finds no lagged stop
+
+
 if __name__ == "__main__":
-    np.savez(sys.argv[1], **compute())
+    from soupjax.cli import preemption
+    preemption.exit_on_preemption("multihost_worker", stop_on_a_signal_to_one_process)(sys.argv[1])

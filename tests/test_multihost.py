@@ -3,7 +3,9 @@
 This is how a Cloud TPU pod slice runs soupjax: one process per host, each feeding its share of every
 batch. Here the two processes are on this machine, each with one CPU device; their collectives go over
 gloo (TCP), JAX's CPU default, and the coordinator listens on a free local port. The worker,
-tests/multihost_worker.py, runs the trainer's step and the evaluator through soupjax's own sharding.
+tests/multihost_worker.py, runs the trainer's step and the evaluator through soupjax's own sharding;
+then one process alone gets SIGTERM, and both must agree on the step at which they stop
+(soupjax.cli.preemption.StopVote) and exit with the preempted status, 143.
 
 Tolerances: the processes sum their gradients across the network where the single process sums one
 batch, and XLA compiles per-device programs for 4 rows instead of 8, so results agree to float32
@@ -63,8 +65,14 @@ def test_two_processes_train_and_evaluate_like_one(tmp_path):
                 p.kill()
                 p.wait()
     for i, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"process {i} failed:\n{log[-4000:]}"
+        assert p.returncode == 143, f"process {i} failed:\n{log[-4000:]}"
+        assert "multihost_worker: preempted by SIGTERM at step 3; rerun the same command to resume" in log, log[-4000:]
     two = [dict(np.load(out)) for out in outs]
+    # Only process 1 got the signal; both stopped at the same step with it: cooking's vote at the step of
+    # the signal, training's one step later (it reads the vote cast at the step before).
+    for view in two:
+        assert int(view["stop_step_lagged_False"]) == 2 and int(view["stop_step_lagged_True"]) == 3
+        assert int(view["stop_signal_lagged_False"]) == int(view["stop_signal_lagged_True"]) == 15
 
     assert one["process_count"] == 1 and one["devices"] == 1
     for i, view in enumerate(two):

@@ -12,7 +12,7 @@ installs the handlers here. Then:
 - Anywhere else (start-up, evaluation after training, the report), and for a second signal, the
   command stops at once with ``Preempted``: every result is written under a temporary name and renamed
   into place (orbax commits checkpoints the same way), so what was not finished is never visible.
-  A signal while the stop's own checkpoint is being written (``saving()``) is deferred until it is.
+  A signal while the stop's own checkpoint or a soup is being written (``saving()``) waits for it.
 - ``exit_on_preemption`` prints one line, ``PROGRAM: preempted by SIGTERM at step N ...; rerun the same
   command to resume``, and exits with status 128 + the signal's number, as shells report a process
   ended by a signal: ``EXIT_SIGTERM`` (143) and ``EXIT_SIGINT`` (130).
@@ -23,7 +23,10 @@ flag with an all-reduce at each boundary, so all of them see the same answer at 
 own preemption sync point (``multihost_utils.reached_preemption_sync_point``, which orbax's
 ``CheckpointManager.reached_preemption`` calls) hears only SIGTERM, through a handler of its own in C++
 that replaces Python's; the all-reduce serves both signals and works wherever the training step's
-collectives do (gloo on CPU included).
+collectives do (gloo on CPU included). ``boundaries()`` takes SIGTERM back from JAX's handler each time
+it is entered. A stop at once (outside the boundaries, or a second signal) is one process's own: the
+others then fail at their next collective, as they would if it had been killed. On a preempted pod
+slice every host gets the notice.
 """
 from __future__ import annotations
 

@@ -27,6 +27,7 @@ from soupjax.io import checkpoints
 from soupjax.io import files
 from soupjax.importers.fingerprint import weights_fingerprint
 from soupjax.devices import sharding
+from soupjax.cli import preemption
 from soupjax.cli.errors import InputError
 from soupjax.evaluation import evaluate
 from soupjax.importers.activation import resolve_activation
@@ -162,7 +163,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     restored = ckpts.restore(abstract)
     if restored is not None:
         state = restored
-        logging.info("resumed from step %d in %s", int(state["step"]), ckpts.directory)
+        print(f"{workdir.name}: resumed from step {int(state['step'])} ({ckpts.directory})", flush=True)
     start_step = int(state["step"])
     if start_step > steps:
         raise ValueError(f"{ckpts.directory} holds step {start_step}, beyond this config's {steps} steps")
@@ -180,44 +181,58 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     # Throughput is measured from the end of the first step on, so that compilation and the first
     # fill of the shuffle buffer do not count as training speed.
     steady_start, steady_step = None, start_step
-    try:
-        step = start_step
-        while step < steps:
-            # Dispatch is asynchronous: the next batch is read and copied while this step computes.
-            batch = sharding.shard_batch(next(batches), mesh)
-            state, metrics = train_step(state, batch, rng, hparams)
-            if steady_start is None:
-                jax.block_until_ready(metrics)
-                steady_start, steady_step = time.time(), step + 1
-            if (step + 1) % config.log_every_steps == 0 or step + 1 == steps:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not np.isfinite(metrics["loss"]):
-                    raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}; lower the learning rate")
-                if step + 1 > steady_step:
-                    rate = (step + 1 - steady_step) * config.batch_size / max(time.time() - steady_start, 1e-9)
-                    metrics["images_per_second"] = rate
-                writer.write(step + 1, metrics)
-                history.append({"step": step + 1, **metrics})
-            progress(1, **({"loss": history[-1]["loss"]} if history else {}))
-            if curve is not None and (step + 1) % config.eval_every_steps == 0 and step + 1 < steps:
-                # The evaluation opens the data set while a checkpoint may still be finalising in
-                # orbax's thread; under tfds.testing.mock_data the two race on the mocked file system.
-                ckpts.wait()
-                curve.evaluate(step + 1, state)
-                steps = plateau.update(step + 1, curve.points)
-                progress.total = steps
-            ckpts.save(step + 1, state)
-            step += 1
-    except BaseException:
-        # Interrupted (preemption signal, Ctrl-C, an error): let a checkpoint already being written
-        # finish, so that the rerun resumes from it instead of from the one before.
-        ckpts.close()
-        raise
-    jax.block_until_ready(state)
-    train_time = time.time() - t0
-    if ckpts.latest_step() != steps:
-        ckpts.save(steps, state, force=True)
-    ckpts.close()
+    # SIGTERM or Ctrl-C (cli/preemption): the step under way is finished, its checkpoint saved, and the
+    # run stops there, every process at the same step; the rerun resumes from it.
+    vote, stopped = preemption.StopVote(lagged=True), 0
+    step = start_step
+    with preemption.boundaries(after=f"after the last step of {workdir.name} (its checkpoint is saved)"):
+        try:
+            while step < steps:
+                # Dispatch is asynchronous: the next batch is read and copied while this step computes.
+                batch = sharding.shard_batch(next(batches), mesh)
+                state, metrics = train_step(state, batch, rng, hparams)
+                if steady_start is None:
+                    jax.block_until_ready(metrics)
+                    steady_start, steady_step = time.time(), step + 1
+                if (step + 1) % config.log_every_steps == 0 or step + 1 == steps:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    if not np.isfinite(metrics["loss"]):
+                        raise FloatingPointError(f"loss is {metrics['loss']} at step {step + 1}; "
+                                                 "lower the learning rate")
+                    if step + 1 > steady_step:
+                        rate = (step + 1 - steady_step) * config.batch_size / max(time.time() - steady_start, 1e-9)
+                        metrics["images_per_second"] = rate
+                    writer.write(step + 1, metrics)
+                    history.append({"step": step + 1, **metrics})
+                progress(1, **({"loss": history[-1]["loss"]} if history else {}))
+                if curve is not None and (step + 1) % config.eval_every_steps == 0 and step + 1 < steps:
+                    # The evaluation opens the data set while a checkpoint may still be finalising in
+                    # orbax's thread; under tfds.testing.mock_data the two race on the mocked file system.
+                    ckpts.wait()
+                    curve.evaluate(step + 1, state)
+                    steps = plateau.update(step + 1, curve.points)
+                    progress.total = steps
+                ckpts.save(step + 1, state)
+                step += 1
+                stopped = vote()
+                if stopped:
+                    break
+            else:
+                stopped = vote.settle()
+        except BaseException:
+            # Interrupted (a second signal, an error): let a checkpoint already being written finish, so
+            # that the rerun resumes from it instead of from the one before.
+            ckpts.close()
+            raise
+        with preemption.saving():
+            jax.block_until_ready(state)
+            train_time = time.time() - t0
+            if ckpts.latest_step() != step:
+                ckpts.save(step, state, force=True)
+            ckpts.close()
+        if stopped:
+            raise preemption.stop(stopped, f"at step {step} of {steps} of {workdir.name} (its checkpoint is saved "
+                                           f"in {ckpts.directory})")
 
     variables = {"params": state["params"]}
     if "batch_stats" in state:
