@@ -61,6 +61,11 @@ def absolute(p: str | os.PathLike) -> AnyPath:
     return as_path(p) if is_url(p) else Path(p).absolute()
 
 
+def resolve(p: str | os.PathLike) -> AnyPath:
+    """``Path.resolve`` (absolute, symlinks followed) for a local path; a URL as it is (``as_path``)."""
+    return as_path(p) if is_url(p) else Path(p).resolve()
+
+
 def is_committed(directory: str | os.PathLike) -> bool:
     """True when the result at ``directory`` is finished: always for a local directory (complete ones are
     renamed into place), and on an object store when its ``MARKER`` object exists."""
