@@ -41,6 +41,7 @@ from soupjax.cli import flags as command_line
 from soupjax.cli import preemption
 from soupjax.cli.errors import exit_on_input_error
 from soupjax.cli.startup import compilation_cache_in, quiet_logs
+from soupjax.io import files
 from soupjax.io.workdirs import default_workdir
 
 PROGRAM = "soupjax.soup"
@@ -72,9 +73,9 @@ def main(argv) -> int:
     check_recipe_options(recipe=None if FLAGS.recipe == "inspect" else FLAGS.recipe, **options)
     from soupjax.devices import sharding
     sharding.initialize_multihost()  # a pod slice's processes cook together, as finetune's train
-    workdir = Path(FLAGS.workdir or default_workdir()).absolute()
-    ingredients_dir = Path(FLAGS.ingredients).absolute() if FLAGS.ingredients else workdir / "ingredients"
-    out = Path(FLAGS.out).absolute() if FLAGS.out else workdir / "soups"
+    workdir = files.absolute(FLAGS.workdir or default_workdir())  # a gs:// URL stays one
+    ingredients_dir = files.absolute(FLAGS.ingredients) if FLAGS.ingredients else workdir / "ingredients"
+    out = files.absolute(FLAGS.out) if FLAGS.out else workdir / "soups"
     print(f"{PROGRAM}: work directory {workdir}", flush=True)
     compilation_cache_in(workdir)
     if FLAGS.recipe == "inspect":

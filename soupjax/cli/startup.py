@@ -5,7 +5,8 @@ One home for both, so ``finetune``, ``soup`` and ``experiment`` start the same w
 from __future__ import annotations
 
 import os
-from pathlib import Path
+
+from soupjax.io import files
 
 CACHE_ENV_VAR = "JAX_COMPILATION_CACHE_DIR"
 
@@ -23,7 +24,8 @@ def enable_compilation_cache(directory: str | os.PathLike) -> None:
     """Keep compiled XLA programs on disk: a sweep builds the same train step for every ingredient,
     and a resumed or repeated command starts without recompiling."""
     import jax
-    os.makedirs(directory, exist_ok=True)
+    if not files.is_url(directory):  # JAX writes a gs:// cache through etils.epath itself
+        os.makedirs(directory, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -32,4 +34,4 @@ def enable_compilation_cache(directory: str | os.PathLike) -> None:
 def compilation_cache_in(workdir: str | os.PathLike) -> None:
     """The command lines' cache: ``$JAX_COMPILATION_CACHE_DIR`` when set (tests share one), else
     ``WORKDIR/.jax_cache``, so that each work directory keeps what its runs compiled."""
-    enable_compilation_cache(os.environ.get(CACHE_ENV_VAR) or Path(workdir) / ".jax_cache")
+    enable_compilation_cache(os.environ.get(CACHE_ENV_VAR) or files.as_path(workdir) / ".jax_cache")

@@ -37,6 +37,7 @@ from soupjax.cli.errors import InputError
 from soupjax.cooking import provenance as prov
 from soupjax.cooking.interface import Cooking, Dish
 from soupjax.cooking.rows import Cost, Row, ingredient_row, vs_best
+from soupjax.io import files
 from soupjax.io.files import plain
 
 
@@ -77,7 +78,7 @@ def check_writable(out: Path) -> None:
 def check_apart(ingredients_dir: Path, out: Path) -> None:
     """``InputError`` when ``out`` is the ingredients' directory, lies inside it, or holds it: a soup
     saved among the ingredients would be taken for one by every later cook."""
-    ingredients, soups = Path(ingredients_dir).resolve(), Path(out).resolve()
+    ingredients, soups = files.resolve(ingredients_dir), files.resolve(out)
     if soups == ingredients or ingredients in soups.parents or soups in ingredients.parents:
         raise InputError(f"--out={out} and --ingredients={ingredients_dir} overlap: soups written among the "
                          "ingredients would become ingredients; choose an --out outside the ingredients' directory")
@@ -127,7 +128,7 @@ def plan(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
     from soupjax import methods
     o = check_recipe_options(recipe=recipe, **options)
     wanted = methods.wanted(recipe)
-    out = Path(out)
+    out = files.as_path(out)
     from soupjax.cooking import preflight
     # First, as it imports only JAX and orbax: unusable ingredients are refused before TensorFlow loads.
     ingredients = preflight.gather(ingredients_dir, allow_mixed_init=allow_mixed_init)
@@ -160,7 +161,7 @@ def plan(recipe: str, ingredients_dir: Path, out: Path, *, config: ConfigDict | 
     if not overwrite:
         prov.refuse_changed_outputs(out, provenance, {d: keys.key(d) for d in soup_names})
     check_writable(out)
-    return Plan(recipe, Path(ingredients_dir), out, ingredients, config, o, wanted, shift_names, keys, provenance,
+    return Plan(recipe, files.as_path(ingredients_dir), out, ingredients, config, o, wanted, shift_names, keys, provenance,
                 command)
 
 

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from soupjax.io import checkpoints
+from soupjax.io import checkpoints, files
 from soupjax.io.trees import Layout
 from soupjax.cli.errors import InputError
 
@@ -147,14 +147,15 @@ def find(root: str | os.PathLike) -> list[Path]:
 
     Hidden entries (``.NAME.tmp-*``, a save that was interrupted) are not ingredients and are skipped.
     """
-    root = Path(root)
+    root = files.as_path(root)
     if not root.exists():
         raise PreflightError(f"the ingredients directory {root} does not exist (python -m soupjax.finetune "
                              "writes WORKDIR/ingredients; pass --ingredients DIR)")
     if not root.is_dir():
         raise PreflightError(f"the ingredients directory {root} is not a directory")
     candidates = [root] if _partial(root) is not None or checkpoints.is_ingredient(root) else sorted(
-        p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and not checkpoints.is_start(p))
+        p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and not checkpoints.is_start(p)
+        and files.is_committed(p))  # on gs://, no marker: a save still running or killed, not listed
     for path in candidates:
         missing = _partial(path)
         if missing is not None:

@@ -49,7 +49,7 @@ def write_report(results: Mapping[str, Any], out_dir: str | os.PathLike[str]) ->
     Returns:
       ``{'markdown', 'json', 'csv', 'scatter'[, 'greedy'][, 'wise_ft']: path}`` for the files written.
     """
-    out = Path(out_dir)
+    out = soupjax_files.as_path(out_dir)  # a gs:// URL stays one
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, tuple[Path, Writer]] = {
         "markdown": (out / "report.md", text_writer(markdown_table(results))),
