@@ -166,7 +166,7 @@ class Evaluations:
         seed = {}
         stored = ingredient.path / EVAL_FILE
         if stored.exists() and ingredient.meta.get("data_fingerprint") == self._data.eval_fingerprint(self.config.data):
-            with np.load(stored) as f:
+            with stored.open("rb") as file, np.load(file) as f:  # stored may be a gs:// epath.Path
                 seed = {k: f[k] for k in f.files}
         return self.evaluate(f"ingredient-{ingredient.name}", None, ingredient.load,
                              # The meta.json's fingerprint: an ingredient retrained in place is another model.
