@@ -156,7 +156,13 @@ def test_the_same_sweep_started_twice_on_one_work_directory(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     logs = [(open(tmp_path / f"{i}.out", "w+"), open(tmp_path / f"{i}.err", "w+")) for i in range(2)]
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err) for out, err in logs]
-    codes = [p.wait(300) for p in procs]
+    try:
+        codes = [p.wait(300) for p in procs]
+    finally:  # a process still running (one waiting forever would be a bug): not left behind
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     outs = [(tmp_path / f"{i}.out").read_text() for i in range(2)]
     errs = [(tmp_path / f"{i}.err").read_text() for i in range(2)]
     for out, err in logs:

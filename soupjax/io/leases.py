@@ -135,8 +135,15 @@ class Lease:
         for _ in range(5):  # each round: create, or find a live holder, or clear a dead one and retry
             mine = this_process(self.expires_after)
             if self._store.create(self.path, mine.record()):
-                self._mine, self._version = mine, self._store.read(self.path)[1]
-                return None
+                seen = self._store.read(self.path)
+                if seen is not None and parse(seen[0], seen[2]).token == mine.token:
+                    self._mine, self._version = mine, seen[1]
+                    return None
+                # Overwritten at once: a store that does not honour the exclusive create (the
+                # gcp-storage-emulator ignores ifGenerationMatch). The last writer has it.
+                if seen is not None:
+                    return parse(seen[0], seen[2])
+                continue
             seen = self._store.read(self.path)
             if seen is None:
                 continue  # released in between
