@@ -210,7 +210,8 @@ print(json.dumps({"devices": jax.device_count(), "losses": losses}))
 def test_four_devices_give_the_same_losses_as_one():
     # One process with 4 host devices trains on a mesh of its first device, then on the mesh of all four
     # (one start-up instead of one per device count: the suite's time on 2 cores).
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", _LOSS_SCRIPT, str(ROOT / "configs" / "fashion_mnist_vit.py")],
                          env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
