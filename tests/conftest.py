@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # workers and their subprocesses on 2 cores, where each process's own pool of compute threads only
 # oversubscribes the cores (its idle threads spin). Measured on tests/test_plateau.py and a train test on
 # the loaded 2-core machine: 12% less CPU time. Production runs keep XLA's defaults.
-_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false"
 if "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_ONE_THREAD}".strip()
 
