@@ -160,3 +160,39 @@ def test_results_get_the_umask_permissions(tmp_path):
     finally:
         os.umask(old)
     assert oct(os.stat(directory).st_mode & 0o777) == oct(0o755)
+
+
+@pytest.mark.slow
+def test_cook_from_the_bucket_into_the_bucket(bucket, finetuned_workdir, fashion_mnist_data_dir):
+    """The shared testing sweep's ingredients uploaded (plus one copy without its marker, which must not
+    be cooked), ``soup --recipe uniform,greedy --workdir gs://...``, the report read back from the bucket;
+    then an --out in a bucket that does not exist: one line, nothing written."""
+    import subprocess as sp
+    from pathlib import Path
+    work = f"{bucket}/cook/work"
+    fs, key = files._fs(work)
+    local = Path(finetuned_workdir["workdir"]) / "ingredients"
+    for d in sorted(local.iterdir()):
+        fs.put(str(d), f"{key}/ingredients/{d.name}", recursive=True)
+        files.commit(f"{work}/ingredients/{d.name}")
+    first = next(d for d in sorted(local.iterdir()) if checkpoints.is_ingredient(d) and not checkpoints.is_start(d))
+    fs.put(str(first), f"{key}/ingredients/unfinished", recursive=True)  # no marker: a killed upload
+    env = dict(finetuned_workdir["env"], **{k: os.environ[k] for k in (
+        "STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "NO_GCE_CHECK", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
+        "EPATH_USE_TF")})
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "soupjax.soup", "--recipe", "uniform,greedy", "--workdir", work, "--shifts=",
+           f"--data_dir={fashion_mnist_data_dir}"]
+    out = sp.run(cmd, env=env, capture_output=True, text=True, cwd=root, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = (files.as_path(f"{work}/soups") / "report.json").read_text()
+    assert "unfinished" not in report and "sweep0_000" in report and "sweep0_001" in report
+    for name in ("uniform", "greedy"):
+        assert checkpoints.is_ingredient(f"{work}/soups/{name}")
+    assert not (root / "gs:").exists() and not Path("/gs").exists()  # nothing became a local folder
+    bad = sp.run([*cmd[:5], "--workdir", work, "--out", "gs://no-such-bucket-here/soups", "--shifts=",
+                  f"--data_dir={fashion_mnist_data_dir}"], env=env, capture_output=True, text=True, cwd=root,
+                 timeout=300)
+    assert bad.returncode != 0
+    errors = [line for line in bad.stderr.splitlines() if "no such bucket" in line]
+    assert errors and "Traceback" not in bad.stderr, bad.stderr[-3000:]

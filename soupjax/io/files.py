@@ -33,6 +33,10 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
 if TYPE_CHECKING:
     from etils import epath
 
+# gs:// through gcsfs (module docstring), set on import: etils caches whether to use TensorFlow's file
+# system at its first path operation, local ones included, so setting it at the first URL is too late.
+os.environ.setdefault("EPATH_USE_TF", "false")
+
 # What a result directory on an object store holds once complete, written last (``commit``).
 MARKER = "COMMITTED"
 
@@ -49,8 +53,6 @@ def as_path(p: str | os.PathLike) -> AnyPath:
     (``pathlib.Path("gs://b/x")`` would be the local folder ``gs:/b/x``)."""
     if not is_url(p):
         return Path(p)
-    # epath reads this at every call: from the first URL on, gs:// goes through gcsfs (module docstring).
-    os.environ.setdefault("EPATH_USE_TF", "false")
     from etils import epath
     return epath.Path(os.fspath(p))
 
