@@ -1,15 +1,20 @@
-"""Runs killed with SIGKILL, at random moments and in the middle of writes, resume from their last
-complete state and end as an uninterrupted run does: fine-tuning (bit for bit), a sweep (finished
-ingredients skipped), cooking (no partial soup, the same report) and the whole study.
+"""Runs killed with SIGKILL, at random moments and in the middle of writes, or stopped by SIGTERM and
+Ctrl-C, resume from their last complete state and end as an uninterrupted run does: fine-tuning (bit for
+bit), a sweep (finished ingredients skipped), cooking (no partial soup, the same report) and the whole
+study.
 
-SIGKILL is what the OOM killer and a preempted VM send: no handler runs, nothing is flushed or cleaned,
-so what survives is only what was already on disk. Every command runs as a user would run it.
+SIGKILL is what the OOM killer sends, and a preempted VM at the end of its grace period: no handler runs,
+nothing is flushed or cleaned, so what survives is only what was already on disk. SIGTERM (the
+preemption notice) and SIGINT (Ctrl-C) stop a command at its next step boundary with its work saved
+(soupjax.cli.preemption): exit status 143 or 130, one line naming the step, and the rerun resumes there.
+Every command runs as a user would run it.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -42,6 +47,12 @@ class Run:
     def stdout(self) -> str:
         return self.log.with_suffix(".out").read_text()
 
+    def preempted_line(self) -> str:
+        """The one line a command stopped by SIGTERM or SIGINT ends with (stderr)."""
+        lines = [line for line in self.log.with_suffix(".err").read_text().splitlines() if ": preempted by " in line]
+        assert len(lines) == 1, f"{self.log.name}: {lines}\n{self.stderr_tail()}"
+        return lines[0]
+
     def stderr_tail(self) -> str:
         return self.log.with_suffix(".err").read_text()[-3000:]
 
@@ -64,6 +75,12 @@ class Run:
             self.proc.send_signal(signal.SIGKILL)
         self._close()
         return self.proc.returncode == -signal.SIGKILL
+
+    def stop(self, signum: int) -> int:
+        """SIGTERM or SIGINT now (asserted still running), then the exit status once it has stopped."""
+        assert self.proc.poll() is None, f"{self.log.name}: ended before its {signal.Signals(signum).name}"
+        self.proc.send_signal(signum)
+        return self.ended()
 
     def ended(self) -> int:
         self.proc.wait(TIMEOUT)
@@ -125,21 +142,46 @@ def test_finetune_killed_at_random_moments_ends_as_an_uninterrupted_run(tmp_path
     def writing_ingredient() -> bool:
         return ingredient.parent.is_dir() and any(p.name.startswith(".ingredient.tmp") for p in ingredient.parent.iterdir())
 
-    def kill(name: str, *, after: Callable[[], bool], delay: float, cap: Callable[[], bool]) -> None:
+    def kill(name: str, *, after: Callable[[], bool], delay: float, cap: Callable[[], bool],
+             signum: int = signal.SIGKILL, resumes_from: int | None = None) -> int | None:
         """Starts the command, waits for ``after``, then SIGKILLs it ``delay`` seconds later or as soon as
-        ``cap`` holds (so that the kill comes before the end, however fast or slow the machine)."""
+        ``cap`` holds (so that the kill comes before the end, however fast or slow the machine).
+
+        With ``signum`` SIGTERM or SIGINT, the run must stop by itself after the step under way: exit
+        status 128 + signum, one line naming the step N, a committed checkpoint of N, and no step trained
+        past it. Returns N. ``resumes_from``: the run must say it resumed from that step."""
         run = Run(cmd, tmp_path / name)
         assert run.wait_until(after), f"{name}: ended before its kill; kills so far {kills}"
+        if resumes_from is not None:
+            assert f"ingredient: resumed from step {resumes_from} (" in run.stdout(), (kills, run.stdout())
         at = time.time() + delay
         run.wait_until(lambda: time.time() >= at or cap())
-        assert run.kill(), f"{name}: ended before its kill; kills so far {kills}"
-        kills.append(f"{name}: at step {_last_logged(metrics)}, checkpoints {committed()}")
+        stopped_at = None
+        if signum == signal.SIGKILL:
+            assert run.kill(), f"{name}: ended before its kill; kills so far {kills}"
+        else:
+            sent_at = _last_logged(metrics)
+            status = run.stop(signum)
+            assert status == 128 + signum, f"{name}: exit {status}, kills so far {kills}\n{run.stderr_tail()}"
+            line = run.preempted_line()
+            found = re.fullmatch(rf"soupjax\.finetune: preempted by {signal.Signals(signum).name} at step (\d+) of "
+                                 rf"{STEPS} of ingredient \(its checkpoint is saved in {re.escape(str(ckpt_dir))}\); "
+                                 "rerun the same command to resume", line)
+            assert found, line
+            stopped_at = int(found.group(1))
+            # It stopped after the step under way when the signal came (the last logged then, or the one
+            # after it), with that step's checkpoint: nothing trained is lost, so the rerun repeats none.
+            assert sent_at <= stopped_at <= sent_at + 1, (sent_at, line)
+            assert _last_logged(metrics) == stopped_at and stopped_at in committed(), (committed(), line)
+        how = signal.Signals(signum).name
+        kills.append(f"{name}: {how} at step {_last_logged(metrics)}, checkpoints {committed()}")
         # Never a half-written ingredient where a sweep or a soup would take it for a finished one.
         # Beside it, the start the run was fine-tuned from (written whole before training, or not at all).
         assert [p.name for p in _visible(ingredient.parent) if p.name != "start"] in ([], ["ingredient"]), kills
         start = ingredient.parent / "start"
         assert not start.exists() or checkpoints.is_start(start) and checkpoints.is_ingredient(start), kills
         assert not ingredient.exists() or checkpoints.is_ingredient(ingredient), kills
+        return stopped_at
 
     # 1. While step 10's checkpoint is being written: the run kills itself once orbax has started writing
     #    it under its temporary name, before the rename that commits it (tests/kill_in_checkpoint.py).
@@ -150,11 +192,16 @@ def test_finetune_killed_at_random_moments_ends_as_an_uninterrupted_run(tmp_path
     assert "10.orbax-checkpoint-tmp" in left and "10" not in left and "5" in left, left
     kills.append(f"kill1: writing checkpoint 10, at step {_last_logged(metrics)}")
     # 2-4. In training, at a random moment after the run has gone past where the last one was killed
-    #      (the lines up to there may be the last run's, which the new one drops when it resumes).
-    for name, last in (("kill2", 18), ("kill3", 27), ("kill4", 36)):
+    #      (the lines up to there may be the last run's, which the new one drops when it resumes): Ctrl-C,
+    #      a preemption notice (SIGTERM), then SIGKILL. The runs after the first two resume from the step
+    #      at which these stopped.
+    stopped_at = None
+    for name, last, signum in (("kill2", 18, signal.SIGINT), ("kill3", 27, signal.SIGTERM),
+                               ("kill4", 36, signal.SIGKILL)):
         progress = _last_logged(metrics)
-        kill(name, after=lambda: _last_logged(metrics) > progress, delay=rng.uniform(0.0, 0.5),
-             cap=lambda: _last_logged(metrics) >= max(last, progress + 1))
+        stopped_at = kill(name, after=lambda: _last_logged(metrics) > progress, delay=rng.uniform(0.0, 0.5),
+                          cap=lambda: _last_logged(metrics) >= max(last, progress + 1), signum=signum,
+                          resumes_from=stopped_at)
     # 5. After the last step: in the final checkpoint, the evaluation, or at the latest while the
     #    ingredient is being written.
     kill("kill5", after=lambda: _last_logged(metrics) >= STEPS, delay=rng.uniform(0.0, 2.0), cap=writing_ingredient)
@@ -225,8 +272,32 @@ def test_soup_killed_while_writing_leaves_no_partial_soup_and_resumes(tmp_path, 
     assert "uniform" in finished and not (out / "report.json").exists()
     written = {name: _mtimes(out / name) for name in finished}
 
-    again = Run(cook("killed"), tmp_path / "resumed").finish()
+    # The rerun is stopped by a preemption notice (SIGTERM) while it writes its first new soup: that soup
+    # is finished and kept, the cook stops before the next dish, and nothing half-written is visible.
+    # (The killed run's staging directory is still there: only one the rerun started counts.)
+    left = {p.name for p in out.iterdir()}
+
+    def writing_a_new_soup() -> bool:
+        return any(p.name.startswith(".") and ".tmp-" in p.name and p.name not in left
+                   and p.name[1:].split(".tmp-")[0] not in finished for p in out.iterdir())
+
+    resumed = Run(cook("killed"), tmp_path / "resumed")
+    assert resumed.wait_until(writing_a_new_soup), f"the rerun wrote no new soup: {resumed.stderr_tail()}"
+    assert resumed.stop(signal.SIGTERM) == 143, resumed.stderr_tail()
+    line = resumed.preempted_line()
+    stopped = re.fullmatch(rf"soupjax\.soup: preempted by SIGTERM after dish \d+ of \d+ \((\w+)\): every soup "
+                           rf"cooked is kept in {re.escape(str(out))}; rerun the same command to resume", line)
+    assert stopped, line
     for name in finished:
+        assert f"{name}: cooked earlier, reused" in resumed.stdout()
+    kept = [p.name for p in _visible(out) if p.name != "cache"]
+    for name in kept:
+        assert checkpoints.is_ingredient(out / name), f"a partial soup is visible: {out / name}"
+    assert set(kept) > set(finished) and not (out / "report.json").exists(), (finished, kept, line)
+    written = {name: _mtimes(out / name) for name in kept}
+
+    again = Run(cook("killed"), tmp_path / "again").finish()
+    for name in kept:
         assert f"{name}: cooked earlier, reused" in again
         assert _mtimes(out / name) == written[name], f"{name} was cooked again"
     # Two processes cooked the same ingredients with the same options: the same report and every soup and
