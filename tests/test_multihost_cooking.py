@@ -31,7 +31,6 @@ import pytest
 from soupjax import cooking
 from soupjax.config.base import load_config
 from soupjax.io import checkpoints
-from test_train import init_fingerprint, init_variables
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("multihost_cook_worker.py")
@@ -39,7 +38,7 @@ WORKER = Path(__file__).with_name("multihost_cook_worker.py")
 # epoch in both modes, the test split and one synthetic shift.
 OPTIONS = {"task_arithmetic_scales": "0.5,1", "ties_densities": "0.2,1", "ties_lambdas": "1", "dare_drop_rates": "0,0.5",
            "dare_scales": "1", "slerp_ts": "0,0.5", "wise_ft_alphas": "0,0.5,1", "learned_epochs": 1,
-           "learned_mode": "both", "seed": 3}
+           "learned_mode": "both", "seed": 3, "eval_batch_size": 32}
 SHIFTS = ["shift/gaussian_noise-3"]
 # What may differ between two cooks of the same soups: when and how long, memory, where.
 VOLATILE = {"seconds", "peak_memory_mb", "created", "command", "path"}
@@ -57,19 +56,23 @@ WORKER_MODULE = _worker_module()
 
 @pytest.fixture(scope="module")
 def ingredients(tmp_path_factory) -> Path:
-    """Three ingredients of the tiny ``testing`` ViT: its init plus seeded noise (as test_methods makes)."""
+    """Three ingredients of the tiny ``testing`` ViT, its init plus seeded noise (as test_methods makes
+    them), and their shared start beside them as training writes it (so that no process rebuilds it)."""
+    from soupjax.importers.fingerprint import weights_fingerprint
+    from soupjax.training import shared_init
     root = tmp_path_factory.mktemp("multihost_cooking") / "ingredients"
     config = load_config("configs/fashion_mnist_vit.py:testing")
-    with WORKER_MODULE.sliced_mock_data():
-        init = init_variables(config)
-        fingerprint = init_fingerprint(config)
+    assert config.head_init == "default"  # the start is the base init itself
+    base = shared_init.base_init(config)
+    fingerprints = {"init_fingerprint": weights_fingerprint(base["params"]),
+                    "start_fingerprint": weights_fingerprint(base)}
+    shared_init.save_start(shared_init.start_directory(root), base, config=config, **fingerprints)
     for i in range(3):
         rng = np.random.default_rng(i)
         tree = jax.tree_util.tree_map(
-            lambda x: np.asarray(x) + 0.05 * rng.normal(size=np.shape(x)).astype(np.asarray(x).dtype), init)
+            lambda x: np.asarray(x) + 0.05 * rng.normal(size=np.shape(x)).astype(np.asarray(x).dtype), base)
         checkpoints.save_ingredient(root / f"ing{i}", tree, {
-            "config": config.to_dict(), "init_fingerprint": fingerprint,
-            "metrics": {"heldout": {"accuracy": 0.1 * (i + 1)}}})
+            "config": config.to_dict(), **fingerprints, "metrics": {"heldout": {"accuracy": 0.1 * (i + 1)}}})
     return root
 
 
@@ -82,7 +85,8 @@ def _free_port() -> int:
 def _start(process_id: int, port: int, flags: list[str]) -> subprocess.Popen:
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id))
-    env.pop("XLA_FLAGS", None)  # one CPU device per process, whatever the caller forced
+    # XLA_FLAGS as this process has them (it is the reference: one device, and e.g. conftest's one-thread
+    # Eigen, whose matrix products round differently from the multi-threaded ones).
     return subprocess.Popen([sys.executable, str(WORKER), *flags], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

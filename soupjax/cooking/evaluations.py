@@ -66,18 +66,26 @@ class Evaluations:
         self._kept: dict[str, list] = {}
         self._kept_global: dict[str, list] = {}
         self._kept_bytes = 0
+        self._counts: dict[str, int] = {}
 
     # Splits whose preprocessed images fit in this many bytes are kept in memory after their first
     # pass: cooking evaluates K ingredients and every soup on the same splits, and on a small model
     # the input pipeline would otherwise cost as much as the forward pass.
     MEMORY_FOR_SPLITS = 2 * 2**30
 
+    def num_examples(self, split: str) -> int:
+        """The examples of ``split`` over all processes (asked of the data once per split: TFDS builds a
+        dataset to count them, and every evaluation's progress line wants the number)."""
+        if split not in self._counts:
+            self._counts[split] = self._data.num_examples(self.config.data, split)
+        return self._counts[split]
+
     def batches(self, split: str):
         """The evaluation batches of ``split`` (from memory after the first pass when they fit)."""
         if split in self._kept:
             return iter(self._kept[split])
         c = self.config.data
-        size = self._data.num_examples(c, split) * c.image_size ** 2 * c.channels * 4
+        size = self.num_examples(split) * c.image_size ** 2 * c.channels * 4
         if split == "train" or self._kept_bytes + size > self.MEMORY_FOR_SPLITS:
             return self._data.eval_batches(c, split, self.batch_size)
         self._kept[split] = list(self._data.eval_batches(c, split, self.batch_size))
@@ -142,7 +150,7 @@ class Evaluations:
             variables = variables if variables is not None else loader()
             variables = variables if prepared else self.prepare(variables)
             for split in missing:
-                total = self._data.num_examples(self.config.data, split)
+                total = self.num_examples(split)
                 # On several processes, process 0 tells of its share (about 1/count of the split).
                 progress = Progress(-(-total // jax.process_count()), f"eval {name} {split}", every=15.0) \
                     if self._sharding.is_primary() else None
