@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from soupjax.cli.errors import InputError
+from soupjax.importers.state_dict import unwrap as unwrap_state_dict
 
 # torch's typed storages, as the pickle names them.
 _STORAGE_DTYPES = {
@@ -267,7 +268,6 @@ def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
 
 
 # What torch.save's training checkpoints wrap a state dict in (as importers.sources.timm unwraps them).
-_WRAPPERS = ('state_dict_ema', 'state_dict', 'model')
 
 
 def state_dict_tensors(path: str | Path) -> dict[str, ArchiveTensor]:
@@ -276,14 +276,7 @@ def state_dict_tensors(path: str | Path) -> dict[str, ArchiveTensor]:
     'module.' dropped, values that are not tensors left out, as torch.load-based readers do. InputError when
     the file is not such a zip, or its pickle needs more than tensors and containers."""
     archive = TorchArchive(path)
-    root = archive.root
-    for wrapper in _WRAPPERS:
-        if isinstance(root, dict) and isinstance(root.get(wrapper), dict):
-            root = root[wrapper]
-            break
-    if not isinstance(root, dict):
-        raise InputError(f'{archive.path}: holds a {type(root).__name__}, not a state dict (a mapping of '
-                         'parameter names to tensors)')
+    root = unwrap_state_dict(archive.root, archive.path)
     return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in root.items()
             if isinstance(k, str) and isinstance(v, ArchiveTensor)}
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from soupjax.cli.errors import InputError
+from soupjax.importers.state_dict import unwrap as unwrap_state_dict
 from soupjax.importers.posemb import POSEMB_PATH
 from soupjax.importers.sources import Source, first_line
 from soupjax.io.trees import Tree, flatten, unflatten
@@ -57,13 +58,7 @@ def load_timm_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             'save its state_dict() with torch.save or safetensors and load that') from None
     except (RuntimeError, EOFError, OSError) as e:  # truncated or not a torch file at all
         raise InputError(f'{path}: not a readable PyTorch checkpoint ({first_line(e)})') from None
-    for wrapper in ('state_dict_ema', 'state_dict', 'model'):
-        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
-            obj = obj[wrapper]
-            break
-    if not isinstance(obj, Mapping):
-        raise InputError(f'{path}: holds a {type(obj).__name__}, not a state dict (a mapping of '
-                         'parameter names to tensors)')
+    obj = unwrap_state_dict(obj, path)
     out = {}
     for key, tensor in obj.items():
         if not isinstance(tensor, torch.Tensor):
