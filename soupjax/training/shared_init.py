@@ -21,7 +21,7 @@ import ml_collections
 from soupjax.cli.errors import InputError
 from soupjax.config.base import check_choice
 from soupjax.io import trees
-from soupjax.io import checkpoints
+from soupjax.io import checkpoints, files
 from soupjax.importers.dispatch import load_pretrained
 from soupjax.importers.fingerprint import weights_fingerprint
 from soupjax.importers.merge import PretrainedMismatchError, merge_params
@@ -172,7 +172,7 @@ START_DIR = "start"
 def start_directory(ingredients_dir: str | Path) -> Path:
     """Where the shared start of the ingredients under ``ingredients_dir`` is written and read
     (``<ingredients_dir>/start``; beside it when ``ingredients_dir`` is one ingredient)."""
-    directory = Path(ingredients_dir)
+    directory = files.as_path(ingredients_dir)  # a gs:// URL stays one
     if checkpoints.is_ingredient(directory) and not checkpoints.is_start(directory):
         directory = directory.parent
     return directory / START_DIR
@@ -185,7 +185,7 @@ def save_start(directory: str | Path, variables: Variables, *, config: ml_collec
 
     A start of another fingerprint is replaced: the ingredients now being made start from this one.
     Every process calls it (the save is collective); they all read the same meta.json to decide."""
-    directory = Path(directory)
+    directory = files.as_path(directory)  # a gs:// URL stays one
     if _has_start(directory, start_fingerprint):
         return False
     try:
@@ -259,7 +259,7 @@ def locate_start(ingredients_dir: str | Path, metas: Sequence[Mapping[str, Any]]
     stored, _, problem = _stored_start(ingredients_dir, metas)
     if problem or stored:
         return stored, problem
-    where = Path(cache_dir) / f"init-{start_key(metas, config)}"
+    where = files.as_path(cache_dir) / f"init-{start_key(metas, config)}"
     if not checkpoints.is_ingredient(where):
         try:
             variables = rebuild_start(config, metas, model)
