@@ -31,8 +31,6 @@ every recipe, nothing more; ``--sweep_config`` runs that for any config (see exp
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 
 from absl import app, flags
 
@@ -64,8 +62,9 @@ flags.DEFINE_bool("overwrite", False, "Replace work made with another config (th
 
 def main(argv) -> int:
     del argv  # the flags parser refused positional arguments
+    from soupjax.io import files
     from soupjax.io.workdirs import default_workdir
-    workdir = Path(FLAGS.workdir or os.path.join(default_workdir(), "study")).absolute()
+    workdir = files.absolute(FLAGS.workdir or os.path.join(default_workdir(), "study"))  # gs://... stays a URL
     if FLAGS.sweep_config:
         ignored = [f"--{name}" for name in ("quick", "seed", "ingredients", "config") if FLAGS[name].present]
         if ignored:
@@ -94,7 +93,7 @@ def main(argv) -> int:
         # Refused before any work (the study checks everything first): a work directory this command
         # created holds only the compilation cache, and bad input must leave nothing behind.
         if fresh and workdir.is_dir() and {p.name for p in workdir.iterdir()} <= {".jax_cache"}:
-            shutil.rmtree(workdir, ignore_errors=True)
+            files.remove_tree(workdir)
         raise
     return 0
 

@@ -50,7 +50,8 @@ def main(argv) -> int:
     from soupjax.training import planning, sweep
     sharding.initialize_multihost()
 
-    workdir = os.path.abspath(FLAGS.workdir or default_workdir())
+    from soupjax.io import files
+    workdir = os.fspath(files.absolute(FLAGS.workdir or default_workdir()))  # gs://... stays a URL
     print(f"{PROGRAM}: work directory {workdir}", flush=True)
     runs = sweep.ingredient_configs(FLAGS.config)
     if FLAGS.only:

@@ -458,6 +458,10 @@ class TrainingCheckpoints:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def should_save(self, step: int) -> bool:
+        """Whether ``save(step, ...)`` (not forced) will write a checkpoint."""
+        return self._manager.should_save(step)
+
     def save(self, step: int, state: Any, *, force: bool = False) -> bool:
         return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
-
 from soupjax.config import base as config_base
+from soupjax.io.files import AnyPath  # a local path, or a gs:// URL as an etils.epath.Path
 
 
 # --quick is a smoke test of the whole job: the merge methods try two or three points of each grid
@@ -17,7 +16,7 @@ from soupjax.config import base as config_base
 QUICK_GRIDS = {"task_arithmetic_scales": "0.5,1,2", "ties_densities": "0.2,1", "ties_lambdas": "1",
                "dare_drop_rates": "0.5", "dare_scales": "1", "slerp_ts": "0,0.5,1", "wise_ft_alphas": "0,0.5,1"}
 
-def run_sweep_study(config, workdir: Path, *, recipe: str = "all", recalibrate_bn: int = 0,
+def run_sweep_study(config, workdir: AnyPath, *, recipe: str = "all", recalibrate_bn: int = 0,
                     learned_epochs: int = 5, overwrite: bool = False) -> dict:
     """A reference-scale study: the config's sweep, then ``recipe`` (and, for BatchNorm models, the
     same again with recalibrated statistics, so the two can be compared)."""
@@ -32,7 +31,7 @@ def run_sweep_study(config, workdir: Path, *, recipe: str = "all", recalibrate_b
     return results
 
 
-def study_configs(config_path: str, workdir: Path, *, quick: bool, seed: int, count: int,
+def study_configs(config_path: str, workdir: AnyPath, *, quick: bool, seed: int, count: int,
                   data_dir: str | None = None):
     """The (upstream, downstream) configs of the default study, checked: bad options fail here, before
     anything is imported or written."""
@@ -49,7 +48,7 @@ def study_configs(config_path: str, workdir: Path, *, quick: bool, seed: int, co
     return tuple(configs)
 
 
-def run_study(configs, workdir: Path, *, seed: int, quick: bool, ingredients_only: bool = False,
+def run_study(configs, workdir: AnyPath, *, seed: int, quick: bool, ingredients_only: bool = False,
               overwrite: bool = False) -> dict:
     """Upstream run, sweep, every recipe, from the ``(upstream, downstream)`` configs of
     ``study_configs``; returns the soup results (also written as a report), or ``{}`` with
@@ -95,7 +94,7 @@ def run_study(configs, workdir: Path, *, seed: int, quick: bool, ingredients_onl
     return results
 
 
-def cook_into(recipe: str, ingredients_dir: Path, out: Path, overwrite: bool, **kwargs) -> dict:
+def cook_into(recipe: str, ingredients_dir: AnyPath, out: AnyPath, overwrite: bool, **kwargs) -> dict:
     """Cook ``recipe`` into ``out``: soups there cooked from other ingredients (some were replaced with
     --overwrite) are refused by the kitchen, or with ``overwrite`` cooked again."""
     from soupjax import cooking

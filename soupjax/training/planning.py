@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-from pathlib import Path
 from typing import Any, Mapping
 
 import ml_collections
@@ -28,27 +26,27 @@ class PlannedRun:
     name: str
     config: ml_collections.ConfigDict
     hparams: dict[str, Any]
-    target: Path                 # the ingredient directory
-    train_dir: Path              # its training state
+    target: files.AnyPath        # the ingredient directory (local, or a gs:// URL as an etils.epath.Path)
+    train_dir: files.AnyPath     # its training state
     meta: dict | None = None     # set when it is finished with this config: skipped
     replace: bool = False        # made with another config, and --overwrite: trained aside, then swapped in
     # A finished ingredient a killed swap left aside (files.replaced_name): renamed back before the run.
-    restore_from: Path | None = None
+    restore_from: files.AnyPath | None = None
 
     @property
-    def staged_target(self) -> Path:
+    def staged_target(self) -> files.AnyPath:
         # A folder of its own, so that the ingredient keeps its name (meta.json records the directory's
         # name) and is hidden from list_ingredients (names starting with '.') until it is swapped in.
         return self.target.parent / STAGING / self.name
 
     @property
-    def start_dir(self) -> Path:
+    def start_dir(self) -> files.AnyPath:
         # Beside the ingredients, also for one trained aside: cooking looks for it there.
         from soupjax.training.shared_init import START_DIR
         return self.target.parent / START_DIR
 
     @property
-    def staged_train_dir(self) -> Path:
+    def staged_train_dir(self) -> files.AnyPath:
         return self.train_dir.parent / STAGING / self.name
 
 
@@ -76,9 +74,9 @@ def finetune_all(runs: list[tuple[str, ml_collections.ConfigDict, dict[str, Any]
     conflicts, the data set is available offline with a usable held-out split, the init file exists)
     is checked for every ingredient first: bad input fails before anything is written.
     """
-    workdir = Path(workdir)
-    ingredients_dir = Path(ingredients_dir) if ingredients_dir else workdir / "ingredients"
-    train_root = Path(train_root) if train_root else workdir / "train"
+    workdir = files.as_path(workdir)
+    ingredients_dir = files.as_path(ingredients_dir) if ingredients_dir else workdir / "ingredients"
+    train_root = files.as_path(train_root) if train_root else workdir / "train"
     return run_plan(plan_runs(runs, ingredients_dir, train_root, overwrite=overwrite), label)
 
 
@@ -125,7 +123,7 @@ def run_plan(plan: list[PlannedRun], label: str = "", *, poll_seconds: float = P
     return [metas[i] for i in range(len(plan))]
 
 
-def lease_path(target: Path) -> Path:
+def lease_path(target: files.AnyPath) -> files.AnyPath:
     """Where the lease of the ingredient ``target`` is: ``.NAME.lease`` beside it (hidden from listings)."""
     return target.parent / f".{target.name}{LEASE_SUFFIX}"
 
@@ -225,7 +223,7 @@ def plan_runs(runs: list[tuple[str, ml_collections.ConfigDict, dict[str, Any]]],
               *, overwrite: bool = False) -> list[PlannedRun]:
     """What ``finetune_all`` will do with each run (``plan_run``), after every check that needs no
     training (``check_plan``): ``InputError`` before anything is written."""
-    plan = [plan_run(name, config, hparams, Path(ingredients_dir) / name, Path(train_root) / name,
+    plan = [plan_run(name, config, hparams, files.as_path(ingredients_dir) / name, files.as_path(train_root) / name,
                      overwrite=overwrite) for name, config, hparams in runs]
     check_plan(plan)
     return plan
@@ -245,8 +243,8 @@ def plan_run(name: str, config: ml_collections.ConfigDict, hparams: Mapping[str,
 
     if name == START_DIR:
         raise InputError(f"an ingredient may not be named {name!r}: the start the ingredients are fine-tuned from is "
-                         f"written as {Path(target).parent / START_DIR}; give config.name another name")
-    run = PlannedRun(name, config, dict(hparams), Path(target), Path(train_dir))
+                         f"written as {files.as_path(target).parent / START_DIR}; give config.name another name")
+    run = PlannedRun(name, config, dict(hparams), files.as_path(target), files.as_path(train_dir))
     if not checkpoints.is_ingredient(run.target):
         # A kill inside files.replace_directory (between moving the old one aside and renaming the new
         # one in) leaves no ingredient at the target. The new one, complete in staging with this
@@ -308,7 +306,7 @@ def _check_inputs(config: ml_collections.ConfigDict, *, check_init: bool = True)
     """The init file exists, and the data set is there offline with a usable held-out split."""
     from soupjax import data
     path = config.init_from.path
-    if check_init and path and not Path(path).exists():
+    if check_init and path and not files.as_path(path).exists():
         raise InputError(f"config.init_from.path {path} not found (the pretrained weights or the ingredient to "
                          "start from)")
     data.check_available(config.data)
@@ -366,7 +364,7 @@ def _discard_other_staging(run: PlannedRun) -> None:
     from soupjax.config.base import changed_fields
     state = run.staged_train_dir / "config.json"
     if state.is_file() and changed_fields(json.loads(state.read_text()), run.config):
-        shutil.rmtree(run.staged_train_dir)
+        files.remove_tree(run.staged_train_dir)
 
 
 def _on_primary(action, name: str) -> None:

@@ -38,7 +38,7 @@ from soupjax.training.train_step import make_optimizer, make_train_step
 
 
 
-def check_same_config(path: Path, config: ml_collections.ConfigDict, what: str) -> None:
+def check_same_config(path: files.AnyPath, config: ml_collections.ConfigDict, what: str) -> None:
     """Refuse to resume or reuse work made with another config, naming the fields that differ."""
     from soupjax.config.base import MAY_DIFFER, refuse_changed
     if path.is_file():
@@ -56,7 +56,7 @@ def total_steps(config: ml_collections.ConfigDict) -> int:
     return max(1, int(math.ceil(config.num_epochs * n / config.batch_size)))
 
 
-def read_metrics(path: Path) -> list[dict[str, float]]:
+def read_metrics(path: files.AnyPath) -> list[dict[str, float]]:
     """The records of a metrics.jsonl, oldest first. A last line cut short by a kill is left out: its
     step is after the checkpoint the run resumes from, so it is trained and written again. Any other
     line that is not JSON is damage a kill cannot cause: ``InputError`` naming the file and the line."""
@@ -74,36 +74,83 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
 
 
 class MetricsWriter:
-    """Metrics as JSON lines (always) and TensorBoard summaries (when TensorFlow is importable)."""
+    """Metrics as JSON lines (always) and TensorBoard summaries (when TensorFlow is importable).
 
-    def __init__(self, workdir: Path, start_step: int = 0):
+    On a local work directory each record is appended to metrics.jsonl as it comes. An object store
+    (``gs://``) cannot append: the file is kept here and uploaded whole by ``flush``, which training
+    calls at every checkpoint (and at its end), and TensorBoard's event files are written to a local
+    folder and uploaded beside it. A kill loses only the records after the last flush, whose steps come
+    after the checkpoint the rerun resumes from: they are trained and written again.
+    """
+
+    def __init__(self, workdir: files.AnyPath, start_step: int = 0):
         self.path = workdir / "metrics.jsonl"
+        self._url = files.is_url(workdir)
+        self._text: str | None = None  # on an object store: the whole file, uploaded by flush()
+        self.pending = False  # records not uploaded yet (object stores only)
         if jax.process_index() == 0 and self.path.exists():
             # After a resume, drop the lines of steps that are being trained again. Rewritten under a
             # temporary name and renamed: a kill during the rewrite must not lose the earlier lines
             # (the held-out curve, which the plateau rule decides on, is read back from them).
             kept = "".join(json.dumps(r) + "\n" for r in read_metrics(self.path) if r["step"] <= start_step)
             files.write_atomic(self.path, lambda tmp: tmp.write_text(kept))
+            self._text = kept
         self._tb = None
+        self._tb_local = self._tb_remote = None
         if jax.process_index() == 0:
             try:
                 import tensorflow as tf
-                self._tb = tf.summary.create_file_writer(str(workdir / "tensorboard"))
-                self._tf = tf
             except ImportError:  # pragma: no cover - tensorflow is a runtime dependency
-                self._tb = None
+                return
+            self._tb_remote = workdir / "tensorboard"
+            if self._url:
+                # TensorFlow would write gs:// through its own GCS file system (not gcsfs): written
+                # locally instead and uploaded by flush(), through the same layer as every other file.
+                import tempfile
+                self._tb_local = Path(tempfile.mkdtemp(prefix="soupjax-tensorboard-"))
+            self._tb = tf.summary.create_file_writer(str(self._tb_local or self._tb_remote))
+            self._tf = tf
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if jax.process_index() != 0:
             return
-        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n"
+        if self._url:
+            self._text = (self._text or "") + line
+            self.pending = True
+        else:
+            with open(self.path, "a") as f:
+                f.write(line)
         if self._tb is not None:
             with self._tb.as_default():
                 for k, v in metrics.items():
                     self._tf.summary.scalar(k, float(v), step=int(step))
             self._tb.flush()
+
+    def flush(self) -> None:
+        """On an object store: upload metrics.jsonl and the TensorBoard files written since the last
+        flush (each whole); nothing to do on local disk, where every record is already appended."""
+        if not self.pending:
+            return
+        text = self._text or ""
+        files.write_atomic(self.path, lambda tmp: tmp.write_text(text))
+        if self._tb_local is not None:
+            for event_file in sorted(self._tb_local.iterdir()):
+                target = self._tb_remote / event_file.name
+                files.write_atomic(target, lambda tmp, f=event_file: tmp.write_bytes(f.read_bytes()))
+        self.pending = False
+
+    def close(self) -> None:
+        """Upload what is left (``flush``) and remove the local TensorBoard folder of an object store."""
+        try:
+            self.flush()
+        finally:
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
+            if self._tb_local is not None:
+                shutil.rmtree(self._tb_local, ignore_errors=True)
+                self._tb_local = None
 
 
 @dataclasses.dataclass
@@ -132,8 +179,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     With ``start_dir``, the start (init and head init) is written there first, unless the start there
     already has its fingerprint (``shared_init.save_start``): cooking reads it instead of rebuilding it.
     """
-    workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = files.absolute(workdir)  # a gs:// URL stays one (an etils.epath.Path)
+    if not files.is_url(workdir):  # an object store has no folders to make
+        workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.data_mesh()
     sharding.check_global_batch_size(config.batch_size)
     # The activation is resolved here, once: the GELU the init checkpoint was trained with (a config that
@@ -143,7 +191,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
 
     base = base_init(config, model)
     fingerprint = weights_fingerprint(base["params"])
-    init = with_head_init(config, base, model, cache_dir=Path(start_dir).parent if start_dir is not None else None)
+    init = with_head_init(config, base, model, cache_dir=files.as_path(start_dir).parent if start_dir is not None else None)
     # The exact start, head included: merges take displacements from it, and the linear-probe head is
     # not promised bit-exact when rebuilt elsewhere, so cooking checks the rebuilt one against this.
     start_fingerprint = weights_fingerprint(init)
@@ -212,6 +260,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                     curve.evaluate(step + 1, state)
                     steps = plateau.update(step + 1, curve.points)
                     progress.total = steps
+                if writer.pending and ckpts.should_save(step + 1):
+                    writer.flush()  # before the checkpoint: a committed step never lacks its records
                 ckpts.save(step + 1, state)
                 step += 1
                 stopped = vote()
@@ -223,10 +273,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
             # Interrupted (a second signal, an error): let a checkpoint already being written finish, so
             # that the rerun resumes from it instead of from the one before.
             ckpts.close()
+            writer.close()
             raise
         with preemption.saving():
             jax.block_until_ready(state)
             train_time = time.time() - t0
+            writer.close()
             if ckpts.latest_step() != step:
                 ckpts.save(step, state, force=True)
             ckpts.close()
@@ -273,7 +325,7 @@ class _PlateauSchedule:
     the step where the held-out curve levels off plus ``plateau.cooldown_steps`` (never beyond
     ``max_steps``: a run that does not level off cools down over its last steps)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: Path, max_steps: int, hparams: dict):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: files.AnyPath, max_steps: int, hparams: dict):
         from soupjax.training.plateau import PlateauRule
         self.active = config.lr_schedule == "plateau"
         self.max_steps, self.hparams = max_steps, hparams
@@ -327,11 +379,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     Returns the ingredient's meta.json contents.
     """
     wall_start = time.time()
-    workdir = Path(workdir).absolute()
-    ingredient_dir = Path(ingredient_dir or workdir / "ingredient").absolute()
+    workdir = files.absolute(workdir)
+    ingredient_dir = files.absolute(ingredient_dir or workdir / "ingredient")
     sharding.check_global_batch_size(config.eval_batch_size)
     data.check_heldout(config.data)  # an ingredient's held-out accuracy is what soups rank by
-    start_dir = Path(start_dir if start_dir is not None else ingredient_dir.parent / START_DIR).absolute()
+    start_dir = files.absolute(start_dir if start_dir is not None else ingredient_dir.parent / START_DIR)
     if start_dir == ingredient_dir:
         raise InputError(f"{ingredient_dir}: an ingredient may not take the place of the start it is fine-tuned from "
                          "(written there by default): give the ingredient another name")
@@ -371,5 +423,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     checkpoints.save_ingredient(ingredient_dir, variables, meta, arrays=logits if jax.process_count() == 1 else None)
     if jax.process_index() == 0:
         if not config.keep_train_checkpoints:
-            shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
+            files.remove_tree(workdir / "checkpoints")
     return meta
