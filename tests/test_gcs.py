@@ -5,6 +5,11 @@
 TensorStore (orbax's arrays, the per-tensor reads) through ``TENSORSTORE_GCS_HTTP_URL``. TensorFlow's
 own GCS file system (``tf.io.gfile``, which TFDS's readers use for a ``data_dir`` on ``gs://``) has no
 setting for another endpoint and is not tested here.
+
+The emulator leaves one header out that real Cloud Storage sends with every download,
+``x-goog-generation``: TensorStore's OCDBT (orbax's training checkpoints) reads its manifest's
+generation from it and fails on "Malformed StorageGeneration" without it, so the fixture's emulator
+adds it (``_EMULATOR``).
 """
 from __future__ import annotations
 
@@ -25,6 +30,23 @@ from soupjax.cli.errors import InputError  # noqa: E402
 from soupjax.io import checkpoints, files  # noqa: E402
 
 BUCKET = "soupjax-test"
+# gcp-storage-emulator's server, with the x-goog-generation header real Cloud Storage sends on downloads
+# (module docstring); `python -c _EMULATOR start --host ... --port ...`.
+_EMULATOR = """
+from gcp_storage_emulator.handlers import objects
+_download = objects.download
+def download(request, response, storage, *args, **kwargs):
+    try:
+        stored = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        response["x-goog-generation"] = str(stored["generation"])
+        response["x-goog-metageneration"] = str(stored.get("metageneration", "1"))
+    except Exception:  # not found: the download handler answers 404
+        pass
+    return _download(request, response, storage, *args, **kwargs)
+objects.download = download  # objects.get (alt=media) looks it up here
+from gcp_storage_emulator.__main__ import main
+main()
+"""
 
 
 def _free_port() -> int:
@@ -39,7 +61,7 @@ def bucket():
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        [sys.executable, "-c", "from gcp_storage_emulator.__main__ import main; main()", "start",
+        [sys.executable, "-c", _EMULATOR, "start",
          "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket", BUCKET],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
@@ -163,24 +185,47 @@ def test_results_get_the_umask_permissions(tmp_path):
 
 
 @pytest.mark.slow
-def test_cook_from_the_bucket_into_the_bucket(bucket, finetuned_workdir, fashion_mnist_data_dir):
-    """The shared testing sweep's ingredients uploaded (plus one copy without its marker, which must not
-    be cooked), ``soup --recipe uniform,greedy --workdir gs://...``, the report read back from the bucket;
+def test_sweep_and_cook_in_the_bucket(bucket, finetuned_workdir, fashion_mnist_data_dir, tmp_path):
+    """``finetune --config ...:testing,sweep=2 --workdir gs://...`` killed (SIGKILL) once the first
+    ingredient is committed, rerun to the end (the first skipped as finished, both bit-identical to the
+    same sweep made on local disk); a copy of one without its marker beside them, which must not be
+    cooked; ``soup --recipe uniform,greedy --workdir gs://...``, the report read back from the bucket;
     then an --out in a bucket that does not exist: one line, nothing written."""
+    import signal
     import subprocess as sp
     from pathlib import Path
     work = f"{bucket}/cook/work"
     fs, key = files._fs(work)
-    local = Path(finetuned_workdir["workdir"]) / "ingredients"
-    for d in sorted(local.iterdir()):
-        fs.put(str(d), f"{key}/ingredients/{d.name}", recursive=True)
-        files.commit(f"{work}/ingredients/{d.name}")
-    first = next(d for d in sorted(local.iterdir()) if checkpoints.is_ingredient(d) and not checkpoints.is_start(d))
-    fs.put(str(first), f"{key}/ingredients/unfinished", recursive=True)  # no marker: a killed upload
     env = dict(finetuned_workdir["env"], **{k: os.environ[k] for k in (
         "STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "NO_GCE_CHECK", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
         "EPATH_USE_TF")})
     root = Path(__file__).resolve().parents[1]
+    finetune = [sys.executable, "-m", "soupjax.finetune", "--config", "configs/fashion_mnist_vit.py:testing,sweep=2",
+                f"--config.data.data_dir={fashion_mnist_data_dir}", "--workdir", work]
+    marker = f"{key}/ingredients/sweep0_000/{files.MARKER}"
+    with open(tmp_path / "stderr.txt", "w") as stderr:  # a file: a full pipe would stall the run
+        first = sp.Popen(finetune, env=env, stdout=sp.DEVNULL, stderr=stderr, cwd=root)
+        try:
+            while first.poll() is None and not fs.exists(marker):
+                time.sleep(0.05)
+                fs.invalidate_cache()
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=60)
+    assert first.returncode == -signal.SIGKILL, (tmp_path / "stderr.txt").read_text()[-3000:]  # not finished
+    assert not checkpoints.is_ingredient(f"{work}/ingredients/sweep0_001")
+    out = sp.run(finetune, env=env, capture_output=True, text=True, cwd=root, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "sweep0_000: finished earlier, skipped" in out.stdout, out.stdout
+    import jax
+    for name in ("sweep0_000", "sweep0_001"):
+        here = checkpoints.load_variables(finetuned_workdir["workdir"] / "ingredients" / name)
+        there = checkpoints.load_variables(f"{work}/ingredients/{name}")
+        for a, b in zip(jax.tree_util.tree_leaves(here), jax.tree_util.tree_leaves(there), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for obj in fs.find(f"{key}/ingredients/sweep0_000"):  # a copy without its marker: a killed upload
+        if not obj.endswith(files.MARKER):
+            fs.copy(obj, f"{key}/ingredients/unfinished" + obj[len(f"{key}/ingredients/sweep0_000"):])
     cmd = [sys.executable, "-m", "soupjax.soup", "--recipe", "uniform,greedy", "--workdir", work, "--shifts=",
            f"--data_dir={fashion_mnist_data_dir}"]
     out = sp.run(cmd, env=env, capture_output=True, text=True, cwd=root, timeout=300)
