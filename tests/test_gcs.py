@@ -174,6 +174,27 @@ def test_bad_input_through_the_bucket(bucket):
     assert "\n" not in message and where in message and "truncated or corrupt" in message
 
 
+def test_pretrained_init_from_the_bucket(bucket, tmp_path):
+    """``init=gs://.../ViT.npz``: the weights read from the bucket are those read from local disk; a
+    missing one is named by its URL."""
+    import jax
+    from soupjax.importers.dispatch import load_pretrained
+    from soupjax.io.trees import flatten
+    from soupjax.models import get_model
+    model = get_model("vit-testing", 10, head_zero_init=False)
+    init = jax.jit(model.init)(jax.random.key(0, impl="rbg"), np.zeros((1, 16, 16, 3), np.float32))
+    local = tmp_path / "ViT.npz"
+    np.savez(local, **{k: np.asarray(v) + 1 for k, v in flatten(init["params"]).items()})  # not the init
+    url = f"{bucket}/pretrained/ViT.npz"
+    files.as_path(url).write_bytes(local.read_bytes())
+    from_bucket, from_disk = flatten(load_pretrained(url, init)), flatten(load_pretrained(local, init))
+    assert set(from_bucket) == set(from_disk)
+    for name in from_disk:
+        np.testing.assert_array_equal(np.asarray(from_bucket[name]), np.asarray(from_disk[name]), err_msg=name)
+    with pytest.raises(FileNotFoundError, match=f"{bucket}/pretrained/missing.npz"):
+        load_pretrained(f"{bucket}/pretrained/missing.npz", init)
+
+
 def test_results_get_the_umask_permissions(tmp_path):
     """Staged in mkdtemp (0700) and renamed: the finished directory has what the umask gives (0755)."""
     old = os.umask(0o022)

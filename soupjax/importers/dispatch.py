@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from soupjax.io import files
 from soupjax.importers.merge import PretrainedMismatchError, merge_collection, unfit_paths
 from soupjax.importers.posemb import resample_to_model
 from soupjax.importers.sources import Source, all_sources
@@ -48,6 +49,7 @@ def load_pretrained(path: str | Path, init_variables: Mapping[str, Any], *,
         `.pt`, `.bin` (ViT or ResNet, told apart by their keys unless model_kind says), or a CLIP
         checkpoint for a CLIPClassifier (an OpenAI/open_clip state dict or TorchScript archive, a
         transformers CLIPModel directory); any file a module of soupjax.importers.sources claims.
+        Local, or a URL (gs://...), which is read through a local copy (files.local_copy).
       init_variables: the model's variables from `model.init` (or `jax.eval_shape(model.init,
         ...)` when nothing is kept from init); they fix every shape.
       dont_load: regexes (full match on '/'-joined paths within a collection) of parameters the
@@ -72,13 +74,22 @@ def load_pretrained(path: str | Path, init_variables: Mapping[str, Any], *,
         an .npz with a pickled object array, an unreadable safetensors header. Nothing in it ran.
       PretrainedMismatchError: the checkpoint does not fit; the message lists every problem.
     """
-    path = Path(path)
-    if not path.exists():
+    options = dict(dont_load=dont_load, model_kind=model_kind, reinit=reinit, posemb_method=posemb_method,
+                   posemb_grid=posemb_grid)
+    if not files.as_path(path).exists():
         raise FileNotFoundError(f'pretrained checkpoint not found: {path}')
-    source_name = str(path)
+    # gs://...: read through a local copy (the readers take local files, and read them whole anyway).
+    with files.local_copy(path) as local:
+        return _load(local, str(path), init_variables, **options)
+
+
+def _load(path: Path, source_name: str, init_variables: Mapping[str, Any], *, dont_load: Iterable[str],
+          model_kind: str | None, reinit: Iterable[str], posemb_method: str | None,
+          posemb_grid: tuple[int, int] | None) -> Tree:
+    """``load_pretrained`` of the local file ``path``, named ``source_name`` in errors."""
     source = source_of(path)
     if source is None:
-        raise ValueError(f'{path}: unknown checkpoint format {path.suffix!r} '
+        raise ValueError(f'{source_name}: unknown checkpoint format {path.suffix!r} '
                          f'(expected one of {known_suffixes()})')
     kind, loaded = source.read(path, init_variables, model_kind)
 

@@ -15,20 +15,23 @@ TensorFlow's. An object store has no rename of a directory, and an upload is all
 ``write_files_atomic`` uploads each finished file whole, and a result directory on a URL is finished when
 its commit marker (``MARKER``, written last) exists (``replace_directory``, ``is_committed``).
 
-What is *not* written through here: append-only logs (``metrics.jsonl``, whose last line a kill may cut
-and ``train.read_metrics`` drops) and TensorBoard's event files, and orbax's checkpoints (orbax renames
-its own temporary directories into place).
+What is *not* written through here: append-only logs on local disk (``metrics.jsonl``, whose last line a
+kill may cut and ``train.read_metrics`` drops, and TensorBoard's event files; on an object store, which
+cannot append, training uploads both whole at each checkpoint) and orbax's checkpoints (orbax renames its
+own temporary directories into place, and on ``gs://`` writes its own commit file). A pretrained init on
+a URL is read through a local copy (``local_copy``).
 
 Nothing here imports JAX, orbax or TensorFlow: reports and the command lines use it cheaply.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Union
 
 if TYPE_CHECKING:
     from etils import epath
@@ -66,6 +69,28 @@ def absolute(p: str | os.PathLike) -> AnyPath:
 def resolve(p: str | os.PathLike) -> AnyPath:
     """``Path.resolve`` (absolute, symlinks followed) for a local path; a URL as it is (``as_path``)."""
     return as_path(p) if is_url(p) else Path(p).resolve()
+
+
+@contextlib.contextmanager
+def local_copy(path: str | os.PathLike) -> Iterator[Path]:
+    """``path`` itself when local; for a URL, the object (or the folder of objects) downloaded into a
+    temporary folder under its own name, and removed when the block ends. For readers that take only
+    local files (``np.load``, torch, safetensors) of files they read whole anyway: a pretrained init."""
+    if not is_url(path):
+        yield Path(path)
+        return
+    remote = as_path(path)
+    with tempfile.TemporaryDirectory(prefix=".soupjax-download-") as scratch:
+        local = Path(scratch) / remote.name
+        fs, key = _fs(path)
+        if remote.is_dir():
+            for obj in fs.find(key):
+                target = local / obj[len(key.rstrip("/")) + 1:]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(obj, str(target))
+        else:
+            fs.get_file(key, str(local))
+        yield local
 
 
 def is_committed(directory: str | os.PathLike) -> bool:
