@@ -38,7 +38,7 @@ WORKER = Path(__file__).with_name("multihost_cook_worker.py")
 # epoch in both modes, the test split and one synthetic shift.
 OPTIONS = {"task_arithmetic_scales": "0.5,1", "ties_densities": "0.2,1", "ties_lambdas": "1", "dare_drop_rates": "0,0.5",
            "dare_scales": "1", "slerp_ts": "0,0.5", "wise_ft_alphas": "0.5,1", "learned_epochs": 1,
-           "learned_mode": "both", "seed": 3, "eval_batch_size": 32}
+           "learned_mode": "both", "seed": 3, "eval_batch_size": 64}
 SHIFTS = ["shift/gaussian_noise-3"]
 # What may differ between two cooks of the same soups: when and how long, memory, where.
 VOLATILE = {"seconds", "peak_memory_mb", "created", "command", "path"}
@@ -56,12 +56,14 @@ WORKER_MODULE = _worker_module()
 
 @pytest.fixture(scope="module")
 def ingredients(tmp_path_factory) -> Path:
-    """Two ingredients of the tiny ``testing`` ViT, its init plus seeded noise (as test_methods makes
-    them), and their shared start beside them as training writes it (so that no process rebuilds it)."""
+    """Two ingredients of the tiny ``testing`` ViT (one block), its init plus seeded noise (as
+    test_methods makes them), and their shared start beside them as training writes it (so that no
+    process rebuilds it)."""
     from soupjax.importers.fingerprint import weights_fingerprint
     from soupjax.training import shared_init
     root = tmp_path_factory.mktemp("multihost_cooking") / "ingredients"
     config = load_config("configs/fashion_mnist_vit.py:testing")
+    config.model.num_layers = 1  # one block, as tests/test_multihost.py: every process compiles less
     assert config.head_init == "default"  # the start is the base init itself
     base = shared_init.base_init(config)
     fingerprints = {"init_fingerprint": weights_fingerprint(base["params"]),

@@ -94,17 +94,21 @@ class Evaluations:
 
     def global_batches(self, split: str):
         """The batches of ``split`` one process reading all of it would see, the same on every process
-        (``sharding.global_batches``; kept in memory when the split's batches are); with one process,
-        ``batches(split)``."""
+        (``sharding.global_batches``; kept in memory when the split's own batches are and the whole
+        split fits what is left of ``MEMORY_FOR_SPLITS``: the same choice on every process); with one
+        process, ``batches(split)``."""
         import jax
         if jax.process_count() == 1:
             return self.batches(split)
         if split in self._kept_global:
             return iter(self._kept_global[split])
         batches = self._sharding.global_batches(self.batches(split), self.batch_size)
-        if split not in self._kept:
+        c = self.config.data
+        size = self.num_examples(split) * c.image_size ** 2 * c.channels * 4
+        if split not in self._kept or self._kept_bytes + size > self.MEMORY_FOR_SPLITS:
             return batches
         self._kept_global[split] = list(batches)
+        self._kept_bytes += size
         return iter(self._kept_global[split])
 
     def prepare(self, variables: dict[str, Any]) -> dict[str, Any]:

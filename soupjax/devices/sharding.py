@@ -3,6 +3,11 @@
 This is what ``jax.pmap`` used to do, written as current JAX asks: parameters are replicated with a
 ``NamedSharding`` over the mesh, batches are split along their first axis, and ``jax.jit`` partitions
 the computation. On one CPU it is a mesh of one device and costs nothing.
+
+With several processes (a pod slice), each reads its own shard of the data; what must then be the same
+on every process comes from here: every process's rows of a per-example array (``gather_rows``), the
+whole batches one process would read (``global_batches``), a choice any process makes
+(``any_process``), and the one process that writes (``is_primary``). Each is free with one process.
 """
 from __future__ import annotations
 
