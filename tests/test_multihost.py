@@ -22,18 +22,35 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import pytest
 
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("multihost_worker.py")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on localhost now, for a jax.distributed coordinator."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
+
+
+def while_they_run(procs: list[subprocess.Popen], work: Callable[[], T], timeout: float = 240) -> tuple[T, list[str]]:
+    """``work()`` done here while ``procs`` run, then their outputs; any still running at the end (a
+    failure or a timeout) is killed, so that no worker outlives the test."""
+    try:
+        result = work()
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return result, logs
 
 
 def _start(process_id: int, port: int, out: Path) -> subprocess.Popen:
@@ -53,17 +70,10 @@ def _reference() -> dict:
 
 @pytest.mark.slow
 def test_two_processes_train_and_evaluate_like_one(tmp_path):
-    port = _free_port()
+    port = free_port()
     outs = [tmp_path / f"process{i}.npz" for i in range(2)]
     procs = [_start(i, port, out) for i, out in enumerate(outs)]
-    try:
-        one = _reference()  # computed here while the two processes run
-        logs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    one, logs = while_they_run(procs, _reference)  # the reference computed here while the two run
     for i, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 143, f"process {i} failed:\n{log[-4000:]}"
         assert "multihost_worker: preempted by SIGTERM at step 3; rerun the same command to resume" in log, log[-4000:]

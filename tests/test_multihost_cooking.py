@@ -19,7 +19,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +30,8 @@ import pytest
 from soupjax import cooking
 from soupjax.config.base import load_config
 from soupjax.io import checkpoints
+
+from test_multihost import free_port, while_they_run
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("multihost_cook_worker.py")
@@ -78,12 +79,6 @@ def ingredients(tmp_path_factory) -> Path:
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def _start(process_id: int, port: int, flags: list[str]) -> subprocess.Popen:
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id))
@@ -112,17 +107,14 @@ def test_two_processes_cook_the_soups_and_report_of_one(ingredients, tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
     flags = ["--recipe=all", f"--ingredients={ingredients}", f"--out={two}", f"--workdir={tmp_path / 'work'}",
              f"--shifts={','.join(SHIFTS)}", *(f"--{k}={v}" for k, v in OPTIONS.items())]
-    port = _free_port()
+    port = free_port()
     procs = [_start(i, port, flags) for i in range(2)]
-    try:
-        with WORKER_MODULE.sliced_mock_data():  # here, while the two processes run
-            results = cooking.cook("all", ingredients, one, shifts=SHIFTS, **OPTIONS)
-        logs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+
+    def cook_as_one_process():
+        with WORKER_MODULE.sliced_mock_data():
+            return cooking.cook("all", ingredients, one, shifts=SHIFTS, **OPTIONS)
+
+    results, logs = while_they_run(procs, cook_as_one_process)  # one process cooks here while the two run
     for i, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"process {i} failed:\n{log[-4000:]}"
     # Both cooked every dish; process 0 alone wrote the report.
