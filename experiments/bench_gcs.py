@@ -22,57 +22,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_vs_mergekit import machine_line, timed  # noqa: E402
 
 BUCKET = "soupjax-bench"
-# gcp-storage-emulator with the header Cloud Storage sends on every download (tests/test_gcs.py's _EMULATOR).
-EMULATOR = """
-from gcp_storage_emulator.handlers import objects
-_download = objects.download
-def download(request, response, storage, *args, **kwargs):
-    try:
-        stored = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
-        response["x-goog-generation"] = str(stored["generation"])
-    except Exception:
-        pass
-    return _download(request, response, storage, *args, **kwargs)
-objects.download = download
-from gcp_storage_emulator.__main__ import main
-main()
-"""
-
-
-def start_emulator() -> tuple[subprocess.Popen, dict[str, str]]:
-    """The emulator on a free port of 127.0.0.1 with an empty bucket, and the environment that points
-    gcsfs and TensorStore at it (set in this process too)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-c", EMULATOR, "start", "--host", "127.0.0.1", "--port", str(port),
-                               "--in-memory", "--default-bucket", BUCKET],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "NO_GCE_CHECK": "true",
-           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "EPATH_USE_TF": "false"}
-    os.environ.update(env)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/storage/v1/b/{BUCKET}", timeout=1).read()
-            return server, env
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the Cloud Storage emulator did not start")
-            time.sleep(0.05)
 
 
 def make_ingredients(roots: list[str], model_name: str, classes: int, k: int) -> int:
@@ -123,8 +81,10 @@ def main() -> None:
         child(args.child, args.k)
         return
     print(machine_line(), flush=True)
-    server, env = start_emulator()
-    try:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import gcs_emulator  # tests/gcs_emulator.py: the emulator with Cloud Storage's download headers
+
+    with gcs_emulator.running(BUCKET) as env:
         with tempfile.TemporaryDirectory(prefix="soupjax-bench-gcs-") as scratch:
             local, bucket = f"{scratch}/ingredients", f"gs://{BUCKET}/ingredients"
             t = time.perf_counter()
@@ -152,9 +112,6 @@ def main() -> None:
                 mine = [row for row in rows if row[1] == where]
                 print(f"| {where} | {' / '.join(f'{row[2]:.2f}' for row in mine)} | "
                       f"{' / '.join(f'{row[3]:.1f}' for row in mine)} | {' / '.join(f'{row[4]:.0f}' for row in mine)} |")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -9,16 +9,13 @@ setting for another endpoint and is not tested here.
 The emulator leaves one header out that real Cloud Storage sends with every download,
 ``x-goog-generation``: TensorStore's OCDBT (orbax's training checkpoints) reads its manifest's
 generation from it and fails on "Malformed StorageGeneration" without it, so the fixture's emulator
-adds it (``_EMULATOR``).
+adds it (tests/gcs_emulator.py).
 """
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -29,66 +26,14 @@ pytest.importorskip("gcsfs")
 from soupjax.cli.errors import InputError  # noqa: E402
 from soupjax.io import checkpoints, files  # noqa: E402
 
+import gcs_emulator  # noqa: E402
+
 BUCKET = "soupjax-test"
-# gcp-storage-emulator's server, with the x-goog-generation header real Cloud Storage sends on downloads
-# (module docstring); `python -c _EMULATOR start --host ... --port ...`.
-_EMULATOR = """
-from gcp_storage_emulator.handlers import objects
-_download = objects.download
-def download(request, response, storage, *args, **kwargs):
-    try:
-        stored = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
-        response["x-goog-generation"] = str(stored["generation"])
-        response["x-goog-metageneration"] = str(stored.get("metageneration", "1"))
-    except Exception:  # not found: the download handler answers 404
-        pass
-    return _download(request, response, storage, *args, **kwargs)
-objects.download = download  # objects.get (alt=media) looks it up here
-from gcp_storage_emulator.__main__ import main
-main()
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def bucket():
     """``gs://soupjax-test``, an empty bucket on an emulator started for this module and stopped after it."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-c", _EMULATOR, "start",
-         "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket", BUCKET],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-           # No metadata server here: google.auth must not wait for one, nor gcsfs ask the storage
-           # control API (which the emulator does not serve) what kind of bucket this is.
-           "NO_GCE_CHECK": "true", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "EPATH_USE_TF": "false"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/storage/v1/b/{BUCKET}", timeout=1).read()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the Cloud Storage emulator did not start")
-                time.sleep(0.05)
+    with gcs_emulator.running(BUCKET):
         yield f"gs://{BUCKET}"
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _variables(seed: int) -> dict:
@@ -99,7 +44,7 @@ def _variables(seed: int) -> dict:
 
 
 def _objects(url: str) -> list[str]:
-    fs, key = files._fs(url)
+    fs, key = files.object_store(url)
     return sorted(fs.find(key))
 
 
@@ -162,7 +107,7 @@ def test_bad_input_through_the_bucket(bucket):
     assert files.writable_problem(f"{bucket}/fine", create=True) is None
     where = f"{bucket}/cut/a"
     checkpoints.save_ingredient(where, _variables(3), {})
-    fs, _ = files._fs(where)
+    fs, _ = files.object_store(where)
     data = [o for o in _objects(where) if "/d/" in o]
     for obj in data:  # cut every data object short
         fs.pipe_file(obj, fs.cat_file(obj)[:7])
@@ -218,7 +163,7 @@ def test_sweep_and_cook_in_the_bucket(bucket, finetuned_workdir, fashion_mnist_d
     import subprocess as sp
     from pathlib import Path
     work = f"{bucket}/cook/work"
-    fs, key = files._fs(work)
+    fs, key = files.object_store(work)
     env = dict(finetuned_workdir["env"], **{k: os.environ[k] for k in (
         "STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "NO_GCE_CHECK", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
         "EPATH_USE_TF")})

@@ -82,7 +82,7 @@ def local_copy(path: str | os.PathLike) -> Iterator[Path]:
     remote = as_path(path)
     with tempfile.TemporaryDirectory(prefix=".soupjax-download-") as scratch:
         local = Path(scratch) / remote.name
-        fs, key = _fs(path)
+        fs, key = object_store(path)
         if remote.is_dir():
             for obj in fs.find(key):
                 target = local / obj[len(key.rstrip("/")) + 1:]
@@ -245,7 +245,7 @@ def replace_directory(new: str | os.PathLike, old: str | os.PathLike) -> None:
 def remove_tree(directory: str | os.PathLike) -> None:
     """Deletes ``directory`` and everything under it, local or on an object store; nothing if absent."""
     if is_url(directory):
-        fs, key = _fs(directory)
+        fs, key = object_store(directory)
         if fs.exists(key):
             fs.rm(key, recursive=True)
     else:
@@ -265,7 +265,7 @@ def chmod_as_umask(directory: str | os.PathLike) -> None:
     os.chmod(directory, 0o777 & ~umask())
 
 
-def _fs(url: str | os.PathLike) -> tuple[Any, str]:
+def object_store(url: str | os.PathLike) -> tuple[Any, str]:
     """The fsspec file system of ``url`` and the path in it (``as_path`` sets up which backend)."""
     as_path(url)
     import fsspec
@@ -280,8 +280,8 @@ def _replace_url_directory(new: str | os.PathLike, old: str | os.PathLike) -> No
     if not (as_path(new) / MARKER).exists():
         return
     uncommit(old)
-    fs, old_key = _fs(old)
-    _, new_key = _fs(new)
+    fs, old_key = object_store(old)
+    _, new_key = object_store(new)
     if fs.exists(old_key):
         fs.rm(old_key, recursive=True)
     files_ = [f for f in fs.find(new_key) if f.rsplit("/", 1)[-1] != MARKER]
@@ -295,7 +295,7 @@ def url_problem(directory: str | os.PathLike) -> str | None:
     """Why objects cannot be written under the URL ``directory`` (``None`` when they can): no such
     bucket, or a probe object that cannot be made and removed (credentials, permissions)."""
     try:
-        fs, key = _fs(directory)
+        fs, key = object_store(directory)
         bucket = key.split("/", 1)[0]
         if not fs.exists(bucket):
             return f"no such bucket: {os.fspath(directory).split('://')[0]}://{bucket}"

@@ -280,14 +280,14 @@ class LocalStore:
 class FsspecStore:
     """Lease records as objects (``gs://`` through gcsfs; any fsspec store with exclusive create)."""
 
-    def _fs(self, path: str):
+    def object_store(self, path: str):
         import fsspec
         fs, key = fsspec.core.url_to_fs(path)
         fs.invalidate_cache(key)  # listings are cached: another host's record must be seen at once
         return fs, key
 
     def create(self, path: str, data: bytes) -> bool:
-        fs, key = self._fs(path)
+        fs, key = self.object_store(path)
         try:
             fs.pipe_file(key, data, mode="create")  # gcsfs: ifGenerationMatch=0
         except FileExistsError:
@@ -295,7 +295,7 @@ class FsspecStore:
         return True
 
     def read(self, path: str) -> tuple[bytes, Any, float | None] | None:
-        fs, key = self._fs(path)
+        fs, key = self.object_store(path)
         try:
             info = fs.info(key)
             generation = info.get("generation")
@@ -308,13 +308,13 @@ class FsspecStore:
         seen = self.read(path)
         if seen is None or seen[0] != version[1]:
             return None
-        fs, key = self._fs(path)
+        fs, key = self.object_store(path)
         fs.pipe_file(key, data)
         seen = self.read(path)
         return seen[1] if seen is not None and seen[0] == data else None
 
     def delete(self, path: str, version: Any) -> bool:
-        fs, key = self._fs(path)
+        fs, key = self.object_store(path)
         generation, data = version
         try:
             if generation and hasattr(fs, "call") and hasattr(fs, "split_path"):

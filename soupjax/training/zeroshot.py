@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from soupjax.cli.errors import InputError
+from soupjax.io.files import as_path, is_url, write_atomic
 
 if TYPE_CHECKING:
     import ml_collections
@@ -122,6 +123,10 @@ def _tokenizer_for(config: "ml_collections.ConfigDict") -> "ClipTokenizer":
 
 def _file_identity(path: str | os.PathLike) -> list[Any]:
     """What names a checkpoint file or directory for the cache key without reading its tensors."""
+    if is_url(path):
+        # An object in a bucket: named by its URL alone (its size and time are not read through every
+        # backend alike), so a file replaced under the same URL needs its cached head deleted by hand.
+        return [str(path)]
     path = Path(path).absolute()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     return [str(path)] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
@@ -132,7 +137,6 @@ def zeroshot_start_head(config: "ml_collections.ConfigDict", cache_dir: str | os
     """The head a ``head_init='zeroshot'`` run starts from (``head_variables`` of ``zeroshot_head``), for
     ``config.init_from.path``'s CLIP: read from ``cache_dir`` when it was computed there before."""
     from soupjax.config.base import fingerprint
-    from soupjax.io.files import write_atomic
     classnames = class_names_for(config)
     template_file = zeroshot_option(config, "templates")
     templates = read_templates(template_file) if template_file else list(DEFAULT_TEMPLATES)
@@ -141,9 +145,9 @@ def zeroshot_start_head(config: "ml_collections.ConfigDict", cache_dir: str | os
                 "tokenizer": _file_identity(tokenizer_path) if tokenizer_path else None,
                 "classnames": classnames, "templates": templates, "scale": ZEROSHOT_SCALE}
     key = fingerprint(identity)
-    cached = Path(cache_dir) / f"zeroshot_head-{key}.npz" if cache_dir is not None else None
+    cached = as_path(cache_dir) / f"zeroshot_head-{key}.npz" if cache_dir is not None else None
     if cached is not None and cached.is_file():
-        with np.load(cached) as stored:
+        with cached.open("rb") as f, np.load(f) as stored:
             return {"kernel": stored["kernel"], "bias": stored["bias"]}
     from soupjax.importers.clip_checkpoint import read_clip
     # The head needs the text tower alone: the image tower (read by base_init already) stays unread.
@@ -154,6 +158,7 @@ def zeroshot_start_head(config: "ml_collections.ConfigDict", cache_dir: str | os
                          "(a fine-tuned model-soups file? start from the CLIP checkpoint it was fine-tuned from)")
     head = head_variables(zeroshot_head(checkpoint, _tokenizer_for(config), classnames, templates))
     if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
+        if not is_url(cached):  # an object store has no folders to make
+            cached.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(cached, lambda tmp: np.savez(tmp, **head))
     return head
