@@ -37,14 +37,16 @@ import sys
 from typing import Any, Callable, Iterator
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
-EXIT_SIGINT = 128 + signal.SIGINT    # 130
 RESUME = "rerun the same command to resume"
 
 
 def exit_status(signum: int) -> int:
     """The exit status after a stop on signal ``signum``: 128 + its number, as shells report it."""
     return 128 + int(signum)
+
+
+EXIT_SIGTERM = exit_status(signal.SIGTERM)  # 143
+EXIT_SIGINT = exit_status(signal.SIGINT)    # 130
 
 
 def signal_name(signum: int) -> str:

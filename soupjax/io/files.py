@@ -5,7 +5,7 @@ curves): atomic writes of one file or of a set of files (``write_files_atomic``)
 configs, arrays and paths to plain JSON values (``plain``), the JSON text soupjax writes (``json_text``),
 swapping a complete directory in for an old one (``replace_directory``) and checking that a directory
 can be written before any work starts (``writable_problem``), and the paths that may be object-store URLs
-(``is_url``, ``path``, ``absolute``).
+(``is_url``, ``as_path``, ``absolute``).
 
 Every path may be local or an object-store URL (``gs://bucket/...``). URLs go through ``etils.epath``
 with its fsspec backend (``gcsfs`` for ``gs://``), which honours ``STORAGE_EMULATOR_HOST``; epath would
@@ -253,7 +253,15 @@ def remove_tree(directory: str | os.PathLike) -> None:
 
 
 def umask() -> int:
-    """The process's umask (read by setting it, so set back at once)."""
+    """The process's umask. Read from /proc where Linux shows it: the only other way is to set it and set
+    it back, and in between a file another thread creates (orbax writes from threads) gets the wrong mode."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
