@@ -2,9 +2,12 @@
 127.0.0.1, with an empty bucket, and the environment that points gcsfs (etils.epath's gs:// backend
 here) and TensorStore (orbax's checkpoints) at it.
 
-The emulator's download handler is patched to send the ``x-goog-generation`` (and metageneration)
-headers that Cloud Storage sends on every download: TensorStore reads orbax's checkpoint index (OCDBT)
-by generation, and fails with "Malformed StorageGeneration" without them."""
+Two patches make it answer as Cloud Storage does where soupjax depends on it:
+- downloads send the ``x-goog-generation`` (and metageneration) headers: TensorStore reads orbax's
+  checkpoint index (OCDBT) by generation, and fails with "Malformed StorageGeneration" without them;
+- uploads and deletes honour the ``ifGenerationMatch`` precondition (412 when the live generation is
+  another, ``0`` meaning "no object yet"), which the emulator ignores: a lease is taken by an upload with
+  ``ifGenerationMatch=0`` and released by a delete of its own generation only (soupjax/io/leases.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -29,6 +32,40 @@ def download(request, response, storage, *args, **kwargs):
         pass
     return _download(request, response, storage, *args, **kwargs)
 objects.download = download  # objects.get (alt=media) looks it up here
+
+from http import HTTPStatus
+from gcp_storage_emulator.exceptions import NotFound
+
+def _precondition_fails(request, storage, object_id):
+    wanted = request.query.get("ifGenerationMatch")
+    if not wanted or object_id is None:
+        return False
+    try:
+        live = str(storage.get_file_obj(request.params["bucket_name"], object_id)["generation"])
+    except NotFound:
+        live = "0"
+    return live != wanted[0]
+
+def _uploaded_name(request):
+    if "name" in request.query:
+        return request.query["name"][0]
+    data = request.data
+    if isinstance(data, dict):
+        return (data.get("meta") or {}).get("name") or data.get("name")
+    return None
+
+_insert, _delete = objects.insert, objects.delete
+def insert(request, response, storage, *args, **kwargs):
+    if _precondition_fails(request, storage, _uploaded_name(request)):
+        response.status = HTTPStatus.PRECONDITION_FAILED
+        return None
+    return _insert(request, response, storage, *args, **kwargs)
+def delete(request, response, storage, *args, **kwargs):
+    if _precondition_fails(request, storage, request.params.get("object_id")):
+        response.status = HTTPStatus.PRECONDITION_FAILED
+        return None
+    return _delete(request, response, storage, *args, **kwargs)
+objects.insert, objects.delete = insert, delete  # before the server's routing table is built from them
 from gcp_storage_emulator.__main__ import main
 main()
 """

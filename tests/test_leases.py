@@ -1,6 +1,7 @@
 """Leases (soupjax/io/leases.py): one process at a time fine-tunes an ingredient. Unit tests of the lease
-(exclusive, who holds it, renewal, expiry, a dead holder on this host) on a local directory and on an
-object store through fsspec (``memory://``, which creates exclusively as gcsfs does on ``gs://``), and
+(exclusive, who holds it, renewal, expiry, a dead holder on this host) on a local directory, on
+``gs://`` (gcsfs against the Cloud Storage emulator of tests/gcs_emulator.py, patched to honour
+``ifGenerationMatch`` as Cloud Storage does) and on another fsspec object store (``memory://``), and
 the same fine-tuning command started twice at once on one work directory: each ingredient trained
 once, the second process saying in one line who trains what it skipped, both ending with status 0."""
 from __future__ import annotations
@@ -21,11 +22,25 @@ from soupjax.io import leases
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(params=["local", "object store"])
+@pytest.fixture(scope="module")
+def emulated_bucket():
+    """``gs://soupjax-leases`` on a Cloud Storage emulator, for this module's gs:// cases."""
+    pytest.importorskip("gcp_storage_emulator")
+    pytest.importorskip("gcsfs")
+    import gcs_emulator
+    with gcs_emulator.running("soupjax-leases"):
+        yield "gs://soupjax-leases"
+
+
+@pytest.fixture(params=["local", "gs", "memory"])
 def lease_at(request, tmp_path):
-    """A lease path in a fresh place: a local directory, or an fsspec memory:// bucket."""
+    """A lease path in a fresh place: a local directory, a gs:// bucket, or an fsspec memory:// bucket."""
     if request.param == "local":
         yield lambda name="a": str(tmp_path / "ingredients" / f".{name}.lease")
+        return
+    if request.param == "gs":
+        root = f"{request.getfixturevalue('emulated_bucket')}/{request.node.name}-{time.time_ns()}"
+        yield lambda name="a": f"{root}/ingredients/.{name}.lease"
         return
     import fsspec
     root = f"memory://leases-{os.getpid()}-{time.time_ns()}"

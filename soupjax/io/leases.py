@@ -139,8 +139,8 @@ class Lease:
                 if seen is not None and parse(seen[0], seen[2]).token == mine.token:
                     self._mine, self._version = mine, seen[1]
                     return None
-                # Overwritten at once: a store that does not honour the exclusive create (the
-                # gcp-storage-emulator ignores ifGenerationMatch). The last writer has it.
+                # Overwritten at once: a store that does not honour the exclusive create (an
+                # unpatched gcp-storage-emulator ignores ifGenerationMatch). The last writer has it.
                 if seen is not None:
                     return parse(seen[0], seen[2])
                 continue
