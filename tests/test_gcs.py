@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,28 +153,115 @@ def test_results_get_the_umask_permissions(tmp_path):
     assert oct(os.stat(directory).st_mode & 0o777) == oct(0o755)
 
 
+# docs/multihost.md, the TPU guide: each soupjax command in it, as written, with only what a cloud supplies
+# replaced. Its bash blocks hold the commands; a `gcloud ... --command='...'` runs its quoted command on
+# every worker of a slice.
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "multihost.md"
+# What only a cloud project has, and what each becomes here. The ImageNet configs' options are checked as
+# written (test_the_guides_configs_parse); the runs use the testing sweep on the real Fashion-MNIST.
+CLOUD_ONLY = (
+    (r"configs/imagenet_\w+\.py:[^\s']+", "configs/fashion_mnist_vit.py:testing,sweep=2"),  # ImageNet, its init
+    (r"(--config\.data\.data_dir=|--data_dir )\S+", r"\1{data_dir}"),     # the TFDS bucket or share
+    (r"gs://BUCKET", "{bucket}"),                                          # the bucket: the emulator's
+    (r"/mnt/soups", "{share}"),                                            # an NFS share: a local folder
+    (r"\$I\b", "1"),                                                       # machine I of a split sweep
+)
+
+
+def guide_commands() -> list[str]:
+    """Every ``python -m soupjax.*`` command in the guide's bash blocks, continuation lines joined, the
+    ``gcloud ... --command='...'`` wrapper of a slice unwrapped and ``cd ~/soupjax &&`` dropped."""
+    import re
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", GUIDE.read_text(), flags=re.S):
+        text = block.replace("\\\n", " ")
+        wrapped = re.findall(r"--command='(.*?)'", text, flags=re.S)
+        lines = [c for w in wrapped for c in w.split(" && ")] if wrapped else text.splitlines()
+        commands += [" ".join(line.split()) for line in lines if "-m soupjax." in line]
+    return commands
+
+
+def _as_run_here(command: str, **where: str) -> tuple[list[str], dict[str, str]]:
+    """A guide command as this machine runs it: ``CLOUD_ONLY`` replaced, ``.venv/bin/python`` this
+    interpreter, and ``SOUPJAX_MULTIHOST=1`` (a pod slice, where JAX finds its peers) a one-process
+    ``jax.distributed`` on a local coordinator, which is what the flag starts."""
+    import re
+    import shlex
+    for pattern, replacement in CLOUD_ONLY:
+        command = re.sub(pattern, replacement.format(**where) if "{" in replacement else replacement, command)
+    words = shlex.split(command)
+    env = {}
+    while "=" in words[0]:
+        name, value = words.pop(0).split("=", 1)
+        env[name] = value
+    assert words[0] == ".venv/bin/python" and set(env) <= {"SOUPJAX_MULTIHOST"}, (command, env)
+    if env.pop("SOUPJAX_MULTIHOST", None) == "1":
+        from test_multihost import free_port
+        env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{free_port()}", JAX_NUM_PROCESSES="1",
+                   JAX_PROCESS_ID="0")
+    return [sys.executable, *words[1:]], env
+
+
+def test_the_guides_configs_parse():
+    """The ImageNet configs' options in the guide, as written (the runs below replace them)."""
+    import re
+    from soupjax.config.base import load_config
+    found = [m for c in guide_commands() for m in re.findall(r"configs/imagenet_\w+\.py:[^\s']+", c)]
+    assert len(found) >= 3, found
+    for spec in found:
+        config = load_config(f"{GUIDE.parents[1]}/{spec}")  # not a Path: it would make gs:// gs:/
+        assert config.sweep.count > 0 and config.init_from.path.startswith(("gs://", "/mnt/soups")), spec
+
+
 @pytest.mark.slow
-def test_sweep_and_cook_in_the_bucket(bucket, finetuned_workdir, fashion_mnist_data_dir, tmp_path):
-    """``finetune --config ...:testing,sweep=2 --workdir gs://...`` killed (SIGKILL) once the first
-    ingredient is committed, rerun to the end (the first skipped as finished, both bit-identical to the
-    same sweep made on local disk); a copy of one without its marker beside them, which must not be
-    cooked; ``soup --recipe uniform,greedy --workdir gs://...``, the report read back from the bucket;
-    then an --out in a bucket that does not exist: one line, nothing written."""
+def test_the_tpu_guide_against_the_emulator(bucket, finetuned_workdir, cooked_all, fashion_mnist_data_dir,
+                                            tmp_path):
+    """Every soupjax command of docs/multihost.md, in the guide's order of work:
+
+    1. the sweep on a slice into ``gs://BUCKET/run1``, killed (SIGKILL) once its first ingredient is
+       committed; 2. machine 1 of a split sweep (``--only 1``) into the same bucket: it takes over the
+       dead run's lease and finishes the second; 3. the slice's command again: both skipped, both
+       bit-identical to the same sweep on local disk; 4. the sweep on an NFS share holding that sweep:
+       both skipped; 5. cooking ``--recipe all`` on the slice, from the bucket into the bucket, with an
+       unfinished copy (no marker) among the ingredients, left out: the soups and report of the same cook
+       from local disk, bit for bit, read back from the bucket; 6. cooking on one machine from the bucket
+       into a local folder (the uniform soup only: the menu was cooked in 5); then an ``--out`` in a bucket that does not exist: one line, nothing written.
+    """
     import signal
+    import shutil
     import subprocess as sp
-    from pathlib import Path
-    work = f"{bucket}/cook/work"
-    fs, key = files.object_store(work)
-    env = dict(finetuned_workdir["env"], **{k: os.environ[k] for k in (
+    from conftest import COOK_ALL_OPTIONS
+    from test_determinism import assert_bit_identical, report_numbers
+    commands = guide_commands()
+    finetunes = [c for c in commands if "-m soupjax.finetune" in c]
+    on_slice, on_share, split = (next(c for c in finetunes if test(c)) for test in (
+        lambda c: "gs://BUCKET" in c and "--only" not in c, lambda c: "/mnt/soups" in c, lambda c: "--only" in c))
+    cooks = [c for c in commands if "-m soupjax.soup" in c]
+    cook_on_slice, cook_on_one = (next(c for c in cooks if ("SOUPJAX_MULTIHOST" in c) == multi) for multi in (True, False))
+    assert sorted(commands) == sorted([on_slice, on_share, split, cook_on_slice, cook_on_one]), \
+        "a soupjax command in the guide that this test does not run"
+
+    root = Path(__file__).resolve().parents[1]
+    where = {"bucket": bucket, "share": str(tmp_path / "share"), "data_dir": fashion_mnist_data_dir}
+    base_env = dict(finetuned_workdir["env"], **{k: os.environ[k] for k in (
         "STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "NO_GCE_CHECK", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
         "EPATH_USE_TF")})
-    root = Path(__file__).resolve().parents[1]
-    finetune = [sys.executable, "-m", "soupjax.finetune", "--config", "configs/fashion_mnist_vit.py:testing,sweep=2",
-                f"--config.data.data_dir={fashion_mnist_data_dir}", "--workdir", work]
-    marker = f"{key}/ingredients/sweep0_000/{files.MARKER}"
+
+    def run(command: str, *, extra: tuple[str, ...] = (), cwd: Path = root, check: bool = True):
+        cmd, env = _as_run_here(command, **where)
+        out = sp.run([*cmd, *extra], env=dict(base_env, **env), capture_output=True, text=True, cwd=cwd, timeout=600)
+        if check:
+            assert out.returncode == 0, f"{command}\n{out.stderr[-3000:]}"
+        return out
+
+    work = f"{bucket}/run1"
+    fs, key = files.object_store(work)
+    cmd, env = _as_run_here(on_slice, **where)
+    assert cmd[-2:] == ["--workdir", work], cmd
     with open(tmp_path / "stderr.txt", "w") as stderr:  # a file: a full pipe would stall the run
-        first = sp.Popen(finetune, env=env, stdout=sp.DEVNULL, stderr=stderr, cwd=root)
+        first = sp.Popen(cmd, env=dict(base_env, **env), stdout=sp.DEVNULL, stderr=stderr, cwd=root)
         try:
+            marker = f"{key}/ingredients/sweep0_000/{files.MARKER}"
             while first.poll() is None and not fs.exists(marker):
                 time.sleep(0.05)
                 fs.invalidate_cache()
@@ -182,30 +270,41 @@ def test_sweep_and_cook_in_the_bucket(bucket, finetuned_workdir, fashion_mnist_d
             first.wait(timeout=60)
     assert first.returncode == -signal.SIGKILL, (tmp_path / "stderr.txt").read_text()[-3000:]  # not finished
     assert not checkpoints.is_ingredient(f"{work}/ingredients/sweep0_001")
-    out = sp.run(finetune, env=env, capture_output=True, text=True, cwd=root, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "sweep0_000: finished earlier, skipped" in out.stdout, out.stdout
-    import jax
+    out = run(split)
+    assert "sweep0_001" in out.stdout and "sweep0_000" not in out.stdout, out.stdout
+    out = run(on_slice)
     for name in ("sweep0_000", "sweep0_001"):
-        here = checkpoints.load_variables(finetuned_workdir["workdir"] / "ingredients" / name)
-        there = checkpoints.load_variables(f"{work}/ingredients/{name}")
-        for a, b in zip(jax.tree_util.tree_leaves(here), jax.tree_util.tree_leaves(there), strict=True):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert f"{name}: finished earlier, skipped" in out.stdout, out.stdout
+        assert_bit_identical(checkpoints.load_variables(f"{work}/ingredients/{name}"),
+                             checkpoints.load_variables(finetuned_workdir["workdir"] / "ingredients" / name), name)
+
+    shutil.copytree(finetuned_workdir["workdir"], tmp_path / "share" / "run1")
+    out = run(on_share)
+    assert out.stdout.count("finished earlier, skipped") == 2, out.stdout
+
     for obj in fs.find(f"{key}/ingredients/sweep0_000"):  # a copy without its marker: a killed upload
         if not obj.endswith(files.MARKER):
             fs.copy(obj, f"{key}/ingredients/unfinished" + obj[len(f"{key}/ingredients/sweep0_000"):])
-    cmd = [sys.executable, "-m", "soupjax.soup", "--recipe", "uniform,greedy", "--workdir", work, "--shifts=",
-           f"--data_dir={fashion_mnist_data_dir}"]
-    out = sp.run(cmd, env=env, capture_output=True, text=True, cwd=root, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = (files.as_path(f"{work}/soups") / "report.json").read_text()
-    assert "unfinished" not in report and "sweep0_000" in report and "sweep0_001" in report
-    for name in ("uniform", "greedy"):
-        assert checkpoints.is_ingredient(f"{work}/soups/{name}")
+    out = run(cook_on_slice, extra=COOK_ALL_OPTIONS)
+    assert f"{work}/ingredients/unfinished: no {files.MARKER} marker" in out.stderr, out.stderr[-3000:]
+    report = files.as_path(f"{work}/soups") / "report.json"
+    local = tmp_path / "report.json"
+    local.write_text(report.read_text())
+    assert report_numbers(local) == report_numbers(cooked_all / "report.json")
+    saved = [soup for soup in cooked_all.iterdir() if checkpoints.is_ingredient(soup)]
+    assert len(saved) >= 10
+    for soup in saved:
+        assert_bit_identical(checkpoints.load_variables(f"{work}/soups/{soup.name}"),
+                             checkpoints.load_variables(soup), soup.name)
+
+    out = run(cook_on_one, extra=("--recipe", "uniform", "--shifts="), cwd=tmp_path)
+    assert checkpoints.is_ingredient(tmp_path / "run1" / "soups" / "uniform")
+    assert_bit_identical(checkpoints.load_variables(tmp_path / "run1" / "soups" / "uniform"),
+                         checkpoints.load_variables(cooked_all / "uniform"), "uniform")
     assert not (root / "gs:").exists() and not Path("/gs").exists()  # nothing became a local folder
-    bad = sp.run([*cmd[:5], "--workdir", work, "--out", "gs://no-such-bucket-here/soups", "--shifts=",
-                  f"--data_dir={fashion_mnist_data_dir}"], env=env, capture_output=True, text=True, cwd=root,
-                 timeout=300)
+
+    bad = run(cook_on_slice.replace("gs://BUCKET/run1/soups", "gs://no-such-bucket-here/soups"),
+              extra=COOK_ALL_OPTIONS, check=False)
     assert bad.returncode != 0
     errors = [line for line in bad.stderr.splitlines() if "no such bucket" in line]
     assert errors and "Traceback" not in bad.stderr, bad.stderr[-3000:]

@@ -153,9 +153,18 @@ def find(root: str | os.PathLike) -> list[Path]:
                              "writes WORKDIR/ingredients; pass --ingredients DIR)")
     if not root.is_dir():
         raise PreflightError(f"the ingredients directory {root} is not a directory")
-    candidates = [root] if _partial(root) is not None or checkpoints.is_ingredient(root) else sorted(
-        p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and not checkpoints.is_start(p)
-        and files.is_committed(p))  # on gs://, no marker: a save still running or killed, not listed
+    if _partial(root) is not None or checkpoints.is_ingredient(root):
+        candidates = [root]
+    else:
+        entries = sorted(p for p in root.iterdir()
+                         if p.is_dir() and not p.name.startswith(".") and not checkpoints.is_start(p))
+        candidates = [p for p in entries if files.is_committed(p)]
+        for path in entries:
+            if not files.is_committed(path):
+                # On gs://, no marker: a save still running or killed, or a local ingredient copied
+                # into the bucket without one (a local result is finished by its rename instead).
+                warnings.warn(f"{path}: no {files.MARKER} marker (a save still running or killed, or a copy "
+                              "made without it); left out", IngredientWarning, stacklevel=2)
     for path in candidates:
         missing = _partial(path)
         if missing is not None:
