@@ -11,6 +11,10 @@ Options (after ':', comma-separated):
                'downstream' (classes 5-9, fine-tuned from the upstream model; see experiments/).
   init=PATH    init_from: a .npz, a timm file or an ingredient directory.
   seed=N       sweep seed (different hyperparameter draws and data orders).
+  regime=NAME  the study's regime (issue 20, experiments/RESULTS.md "the regime map"): 'today' (the
+               default), 'small_data' (the ingredients see a fixed 10% of the classes 5-9 training
+               images), 'narrow_lr' (learning rates 1e-4 to 3e-4), or several joined by '+'
+               (small_data+narrow_lr).
 
 The model is a ViT of width 96, depth 4, 4 heads, 7x7 patches on 28x28 images (16 tokens and the
 class token), sized so that the upstream model and every ingredient can be trained until their
@@ -28,11 +32,15 @@ from soupjax.config.base import base_config, check_options, int_option, parse_op
 
 UPSTREAM_CLASSES = [0, 1, 2, 3, 4]
 DOWNSTREAM_CLASSES = [5, 6, 7, 8, 9]
+REGIMES = ("today", "small_data", "narrow_lr")
+# The fraction of the fine-tuning images the 'small_data' ingredients see (the first ones in file order).
+SMALL_DATA_FRACTION = 0.1
 
 
 def get_config(arg: str | None = None):
     opts = parse_options(arg)
-    check_options(opts, {"testing", "quick", "sweep", "stage", "init", "seed"}, "fashion_mnist_vit")
+    check_options(opts, {"testing", "quick", "sweep", "stage", "init", "seed", "regime"}, "fashion_mnist_vit")
+    arms = _regime(opts.get("regime", "today"))
     c = base_config()
     c.data.name = "fashion_mnist_local"
     c.data.image_size = 28
@@ -103,6 +111,14 @@ def get_config(arg: str | None = None):
             "label_smoothing": ["choice", [0.0, 0.1]],
             "data": {"aug_strength": ["choice", [0.0, 0.5, 1.0]], "mixup_alpha": ["choice", [0.0, 0.2]]},
         }
+        if "narrow_lr" in arms:
+            # The paper's ingredients stay in one basin at small learning rates; large ones may leave it.
+            c.sweep.space["learning_rate"] = ["log_uniform", 1e-4, 3e-4]
+        if "small_data" in arms:
+            # The same rule per epoch of the smaller set (about 2,700 images: 42 steps), capped at the
+            # same number of steps as today's 6 epochs.
+            c.data.train_fraction = SMALL_DATA_FRACTION
+            _plateau(c, steps_per_epoch=42, cooldown_epochs=0.5, max_epochs=60)
     elif stage != "all":
         raise InputError(f"fashion_mnist_vit: stage must be all, upstream or downstream, got {stage!r}")
 
@@ -141,6 +157,16 @@ def get_config(arg: str | None = None):
         if "num_epochs" in c.sweep.space:
             del c.sweep.space["num_epochs"]
     return c
+
+
+def _regime(value: str) -> set[str]:
+    """The arms of ``regime=A+B``, each one of REGIMES ('today' alone means none)."""
+    arms = set(value.split("+"))
+    unknown = sorted(arms - set(REGIMES))
+    if unknown or ("today" in arms and len(arms) > 1):
+        raise InputError(f"fashion_mnist_vit: regime must be one of {', '.join(REGIMES)}, or several of those "
+                         f"after 'today' joined by '+', got {value!r}")
+    return arms - {"today"}
 
 
 def _plateau(c, *, steps_per_epoch: int, cooldown_epochs: float, max_epochs: float) -> None:

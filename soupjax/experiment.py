@@ -43,7 +43,8 @@ from soupjax.study import stages
 
 PROGRAM = "soupjax.experiment"
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", "configs/fashion_mnist_vit.py", "Config file with stage=upstream/downstream options.")
+flags.DEFINE_string("config", "configs/fashion_mnist_vit.py", "Config file with stage=upstream/downstream options, "
+                    "and options of its own for both stages: configs/fashion_mnist_vit.py:regime=small_data.")
 flags.DEFINE_string("workdir", None, "Work directory (default: $SOUPJAX_WORKDIR/study or ./runs/soupjax/study).")
 flags.DEFINE_bool("quick", False, "A shrunk study (under 3 minutes on 2 cores): smaller model, short caps, no run reaches the plateau.")
 flags.DEFINE_integer("seed", 0, "Sweep seed: hyperparameter draws and data orders of the ingredients.", lower_bound=0)

@@ -4,12 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from soupjax import data
+from soupjax.cli.errors import InputError
 from soupjax.data import fashion_mnist_local, natural_shifts, shifts
 
 
@@ -80,6 +82,28 @@ def test_heldout_sizes_and_disjoint_from_train(small):
     with pytest.raises(ValueError, match="heldout"):
         small.heldout = 60_000
         data.num_examples(small, "train")
+
+
+def test_train_fraction_keeps_the_first_training_examples_and_the_same_heldout(small):
+    """A small fine-tuning set (configs/fashion_mnist_vit.py:regime=small_data): the first examples of the
+    training part, the same for every run; the held-out tail unchanged; the evaluation fingerprint too."""
+    from soupjax.config.base import check_config, eval_fingerprint
+    small.heldout = 59_800
+    everything, heldout = hashes(data.eval_batches(small, "train", 50)), hashes(data.eval_batches(small, "heldout", 1000))
+    before = eval_fingerprint(small)
+    small.train_fraction = 0.1
+    assert data.num_examples(small, "train") == 20
+    assert hashes(data.eval_batches(small, "train", 50)) == everything[:20]
+    assert hashes(data.eval_batches(small, "heldout", 1000)) == heldout
+    assert eval_fingerprint(small) == before  # the logits of every evaluated split still serve
+    small.aug_strength, small.flip = 0.0, False  # raw images: training draws only from those 20
+    batch = next(data.train_batches(small, 40, seed=0))
+    assert set(hashes([batch])) == set(everything[:20])
+    config = ml_collections.ConfigDict({"data": small})
+    for bad in (0.0, 1.5):
+        config.data.train_fraction = bad
+        with pytest.raises(InputError, match="train_fraction"):
+            check_config(config)
 
 
 def test_classes_filter_relabels(small):

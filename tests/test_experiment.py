@@ -135,3 +135,33 @@ def test_reference_scripts_refuse_to_start_without_their_weights(tmp_path):
         usage = _run_script(script, [], tmp_path)
         assert usage.returncode != 0 and "path of the" in usage.stderr, script
         assert not (tmp_path / "record.json").exists(), script
+
+
+def test_regimes_are_config_options_of_the_study(tmp_path):
+    """``--config configs/fashion_mnist_vit.py:regime=NAME`` (issue 20's arms): each arm changes what it
+    names and nothing else; options the study sets itself, and unknown arms, are refused."""
+    from soupjax.cli.errors import InputError
+    from soupjax.config.base import differences
+    from soupjax.study import stages
+
+    def configs(regime: str | None):
+        spec = "configs/fashion_mnist_vit.py" + (f":regime={regime}" if regime else "")
+        return stages.study_configs(str(ROOT / spec), tmp_path, quick=False, seed=0, count=8)
+
+    up, down = configs(None)
+    assert configs("today")[1].to_dict() == down.to_dict()
+    for regime, want in (("small_data", {"data.train_fraction", "num_epochs", "eval_every_steps",
+                                          "plateau.cooldown_steps"}),
+                         ("narrow_lr", {"sweep.space.learning_rate"}),
+                         ("small_data+narrow_lr", {"data.train_fraction", "num_epochs", "eval_every_steps",
+                                                   "plateau.cooldown_steps", "sweep.space.learning_rate"})):
+        arm_up, arm_down = configs(regime)
+        assert differences(up, arm_up) == [], regime  # the upstream model is today's
+        assert {d.split(":", 1)[0] for d in differences(down, arm_down)} == want, regime
+    assert configs("narrow_lr")[1].sweep.space.learning_rate == ["log_uniform", 1e-4, 3e-4]
+    assert configs("small_data")[1].data.train_fraction == 0.1
+    for bad, message in (("regime=larger", "regime must be one of"), ("regime=today+narrow_lr", "regime must be"),
+                         ("stage=upstream", "set by the study")):
+        with pytest.raises(InputError, match=message):
+            stages.study_configs(str(ROOT / f"configs/fashion_mnist_vit.py:{bad}"), tmp_path, quick=False, seed=0,
+                                 count=8)

@@ -74,6 +74,9 @@ def default_data_config() -> ml_collections.ConfigDict:
         data_dir=ml_collections.config_dict.placeholder(str),
         download=False,         # let TFDS download and prepare missing data sets
         heldout=0.1,            # fraction in (0, 1) or count (>= 1) of the train split held out; 0 = none
+        # Of what is left for training, the fraction that training sees: its first examples in file order,
+        # the same for every run (a small fine-tuning set); the held-out split is unchanged.
+        train_fraction=1.0,
         classes=None,           # None, or original label ids to keep, relabelled 0..n-1 in this order
         image_size=32,
         channels=3,             # 3: grayscale tiled to RGB; 1: RGB converted to grayscale
@@ -98,6 +101,24 @@ def default_data_config() -> ml_collections.ConfigDict:
         shifts=ml_collections.FieldReference("default", field_type=object),
         cache=True,             # decode splits of one image shape into memory (else cache raw records)
     ))
+
+
+# Fields that change only how training images are drawn, or where the files live: two configs that
+# differ in these alone give the same evaluation examples, so logits computed under one serve the other.
+TRAINING_ONLY_FIELDS = ("data_dir", "download", "train_crop", "pad", "flip", "aug_strength", "mixup_alpha",
+                        "randaugment_ops", "randaugment_magnitude", "shuffle_buffer", "shifts", "cache",
+                        "train_fraction")
+
+
+def eval_fingerprint(cfg) -> str:
+    """A hash of what decides the evaluation examples of every split (not the training augmentation).
+
+    An ingredient's training-time logits are reused when cooking only under the same hash; a sweep
+    over augmentation strength or mixup must not make every ingredient be evaluated again. Fields added
+    later (``ADDED_AT_DEFAULT``) are left out at their defaults: configs older than them keep their hash.
+    """
+    return fingerprint({k: v for k, v in plain(cfg).items()
+                        if k not in TRAINING_ONLY_FIELDS and (f"data.{k}", v) not in ADDED_AT_DEFAULT.items()})
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -178,7 +199,7 @@ MAY_DIFFER = ("data.data_dir", "sweep.count")
 # Data fields added after work was first stored, at their defaults: a stored config without one was made
 # with what the default does (soupjax.data reads a missing one as its default), so it is the same work.
 ADDED_AT_DEFAULT = {"data.resize_method": "bilinear", "data.eval_resize": "square", "data.randaugment_ops": 0,
-                    "data.randaugment_magnitude": 9}
+                    "data.randaugment_magnitude": 9, "data.train_fraction": 1.0}
 
 
 def changed_fields(stored: Any, config: Any, *, ignore: tuple[str, ...] = ()) -> list[str]:
@@ -348,6 +369,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise InputError("config.data.heldout=0: fine-tuning needs a held-out split, carved from the training "
                          "split (a fraction in (0, 1) or a count of examples), for the held-out accuracy that "
                          "soups rank ingredients by")
+    fraction = value("data.train_fraction")
+    if fraction is not None and not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+        raise InputError(f"config.data.train_fraction={fraction!r} must be a fraction in (0, 1]: the share of the "
+                         "training split (after the held-out tail) that training reads")
     if heldout is not None and heldout >= 1 and not float(heldout).is_integer():
         raise InputError(f"config.data.heldout={heldout!r} must be a fraction in (0, 1) or a whole count of "
                          "training examples")

@@ -1,7 +1,8 @@
 """tf.data input pipelines over TFDS: deterministic, resumable training batches and padded eval batches.
 
 Splits of a data config (see `default_data_config`):
-  'train'    the training split minus the held-out tail: what fine-tuning sees (`train[:n]` in TFDS terms);
+  'train'    the training split minus the held-out tail: what fine-tuning sees (`train[:n]` in TFDS terms;
+             its first `train_fraction` of that, for a small fine-tuning set);
   'heldout'  the last `heldout` examples of the training split (`train[n:]`), for greedy/learned soups;
   'test'     the TFDS 'test' split, or 'validation' where there is no 'test' (ImageNet);
   'shift/<corruption>-<severity>'  a deterministic corruption of 'test' (see shifts.py);
@@ -30,7 +31,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from soupjax.cli.errors import InputError
-from soupjax.config.base import default_data_config  # noqa: F401  (soupjax.data's API; TF-free home)
+from soupjax.config.base import default_data_config, eval_fingerprint  # noqa: F401  (soupjax.data's API; TF-free home)
 from soupjax.data import decoded_cache
 from soupjax.data import fashion_mnist_local
 from soupjax.data import natural_shifts
@@ -46,25 +47,6 @@ except RuntimeError:  # TF was already initialised by someone else.
 BASE_SPLITS = ("train", "heldout", "test")
 IN_MEMORY_MAX_BYTES = 4 << 30  # with cfg.cache, splits of one image shape up to this are decoded into memory
 _SALT_SHUFFLE = 3
-
-
-# Fields that change only how training images are drawn, or where the files live: two configs that
-# differ in these alone give the same evaluation examples, so logits computed under one serve the other.
-TRAINING_ONLY_FIELDS = ("data_dir", "download", "train_crop", "pad", "flip", "aug_strength", "mixup_alpha",
-                        "randaugment_ops", "randaugment_magnitude", "shuffle_buffer", "shifts", "cache")
-
-
-def eval_fingerprint(cfg) -> str:
-    """A hash of what decides the evaluation examples of every split (not the training augmentation).
-
-    An ingredient's training-time logits are reused when cooking only under the same hash; a sweep
-    over augmentation strength or mixup must not make every ingredient be evaluated again. Fields added
-    later (``ADDED_AT_DEFAULT``) are left out at their defaults: configs older than them keep their hash.
-    """
-    from soupjax.config.base import ADDED_AT_DEFAULT, fingerprint
-    from soupjax.io.files import plain
-    return fingerprint({k: v for k, v in plain(cfg).items()
-                        if k not in TRAINING_ONLY_FIELDS and (f"data.{k}", v) not in ADDED_AT_DEFAULT.items()})
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -169,7 +151,9 @@ def resolve(cfg, split: str) -> Source:
             if n_heldout == 0:
                 raise InputError("split 'heldout' requested but the data config has heldout=0")
             return Source(builder, f"train[{total - n_heldout}:]", label_map)
-        return Source(builder, f"train[:{total - n_heldout}]" if n_heldout else "train", label_map)
+        # data.train_fraction < 1: a fixed small training set, the first examples in file order.
+        kept = max(1, round(cfg.get("train_fraction", 1.0) * (total - n_heldout)))
+        return Source(builder, f"train[:{kept}]" if kept < total else "train", label_map)
     names = list(builder.info.splits.keys())
     test = "test" if "test" in names or not names else "validation"  # no split names known: 'test'
     if split == "test":

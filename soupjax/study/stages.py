@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+from soupjax.cli.errors import InputError
 from soupjax.config import base as config_base
 from soupjax.io.files import AnyPath  # a local path, or a gs:// URL as an etils.epath.Path
 
@@ -34,9 +35,15 @@ def run_sweep_study(config, workdir: AnyPath, *, recipe: str = "all", recalibrat
 def study_configs(config_path: str, workdir: AnyPath, *, quick: bool, seed: int, count: int,
                   data_dir: str | None = None):
     """The (upstream, downstream) configs of the default study, checked: bad options fail here, before
-    anything is imported or written."""
+    anything is imported or written. ``config_path`` may carry options of its own (``FILE:regime=NAME``),
+    given to both stages."""
+    config_path, _, given = config_path.partition(":")
+    owned = sorted({o.split("=", 1)[0] for o in given.split(",") if o} & {"stage", "sweep", "seed", "init", "quick"})
+    if owned:
+        raise InputError(f"--config {config_path}:{given}: {', '.join(owned)} are set by the study (use --quick, "
+                         "--seed, --ingredients), not in the config's options")
     module = config_base.load_config_module(config_path)
-    extra = ",quick" if quick else ""
+    extra = (",quick" if quick else "") + (f",{given}" if given else "")
     configs = []
     for options in (f"stage=upstream{extra}",
                     f"stage=downstream,sweep={count},seed={seed},init={workdir / 'upstream' / 'ingredient'}{extra}"):

@@ -155,7 +155,7 @@ def start_key(metas: Sequence[Mapping[str, Any]], config: ml_collections.ConfigD
     """What names θ0: the fingerprint of the whole start where the ingredients recorded it; for older
     ingredients, their init's fingerprint and what the head init is rebuilt from (config, data, probe)."""
     from soupjax.config.base import fingerprint
-    from soupjax.data.pipeline import eval_fingerprint
+    from soupjax.config.base import eval_fingerprint
     start = metas[0].get("start_fingerprint")
     if start:
         return str(start)
