@@ -38,7 +38,7 @@ from soupjax.cli import flags as command_line
 from soupjax.cli import preemption
 from soupjax.config import base as config_base
 from soupjax.cli.errors import InputError, exit_on_input_error
-from soupjax.cli.startup import compilation_cache_in, quiet_logs
+from soupjax.cli.startup import compilation_cache_in, prepare_process
 from soupjax.study import stages
 
 PROGRAM = "soupjax.experiment"
@@ -100,7 +100,7 @@ def main(argv) -> int:
 
 
 def run() -> None:
-    quiet_logs()
+    prepare_process()
     # SIGTERM or Ctrl-C: stop at the next step boundary with the work saved, one line, exit 143 or 130.
     main_ = preemption.exit_on_preemption(PROGRAM, exit_on_input_error(PROGRAM, main))
     app.run(main_, flags_parser=command_line.flags_parser(PROGRAM))

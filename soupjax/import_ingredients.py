@@ -24,7 +24,7 @@ from absl import app, flags
 
 from soupjax.cli import flags as command_line
 from soupjax.cli.errors import InputError, exit_on_input_error
-from soupjax.cli.startup import quiet_logs
+from soupjax.cli.startup import prepare_process
 
 PROGRAM = "soupjax.import_ingredients"
 FORMATS = ("model-soups",)
@@ -84,7 +84,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run() -> None:
-    quiet_logs()
+    prepare_process()
     app.run(exit_on_input_error(PROGRAM, main), flags_parser=parse_flags)
 
 

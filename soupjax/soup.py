@@ -40,7 +40,7 @@ from soupjax import methods
 from soupjax.cli import flags as command_line
 from soupjax.cli import preemption
 from soupjax.cli.errors import exit_on_input_error
-from soupjax.cli.startup import compilation_cache_in, quiet_logs
+from soupjax.cli.startup import compilation_cache_in, prepare_process
 from soupjax.io import files
 from soupjax.io.workdirs import default_workdir
 
@@ -103,7 +103,7 @@ _default_formatwarning = warnings.formatwarning
 
 
 def run() -> None:
-    quiet_logs()
+    prepare_process()
     warnings.formatwarning = _one_line_warning
     # An unknown flag or bad value: one line and exit 2 (absl's own parser says 'FATAL' and exits 1).
     # SIGTERM or Ctrl-C: stop at the next step boundary with the work saved, one line, exit 143 or 130.

@@ -13,6 +13,9 @@ from typing import Callable
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow without its eager Keras import, as the command lines start it (soupjax.cli.startup): in the
+# test processes and in the scripts they start that are not soupjax's command lines.
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 # XLA on one thread in every test process and in the processes the tests start: the suite runs 2 xdist
 # workers and their subprocesses on 2 cores, where each process's own pool of compute threads only
 # oversubscribes the cores (its idle threads spin). Measured on tests/test_plateau.py and a train test on

@@ -364,3 +364,28 @@ def test_decoded_splits_are_kept_on_disk_for_the_next_process(fashion_mnist_data
     assert_same(read(), everything)
     assert decoded == ["test"] * 5
     assert sorted((Path(version_dir) / decoded_cache.SUBDIRECTORY).glob("*.npz")) == kept
+
+
+def test_a_command_starts_tensorflow_without_keras_or_autograph(fashion_mnist_data_dir, tmp_path):
+    """The start-up a command line pays for TensorFlow: no Keras import (soupjax.cli.startup) and no
+    AutoGraph rewriting of the functions given to tf.data (it writes each rewritten function to a
+    temporary file, removed at exit; none may appear) while training and evaluation batches are built."""
+    import os
+    import subprocess
+    import sys
+    program = f"""
+import sys
+from soupjax.cli.startup import prepare_process
+prepare_process()
+from soupjax import data
+cfg = data.default_data_config()
+cfg.data_dir, cfg.heldout, cfg.randaugment_ops, cfg.mixup_alpha = {fashion_mnist_data_dir!r}, 0.5, 2, 0.2
+next(data.train_batches(cfg, 8, seed=0)); next(data.eval_batches(cfg, "shift/gaussian_noise-2", 8))
+import os, tempfile
+print("keras" in sys.modules, sum("autograph" in name for name in os.listdir(tempfile.gettempdir())))
+"""
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    env.pop("TF_USE_LEGACY_KERAS", None)
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["False", "0"], out.stdout

@@ -44,6 +44,11 @@ try:  # TF must leave the accelerators to JAX (a no-op for tensorflow-cpu).
 except RuntimeError:  # TF was already initialised by someone else.
     pass
 
+# Every function given to tf.data is traced as written, not first rewritten by AutoGraph: none uses
+# Python control flow on tensors (tracing would fail loudly if one did), and AutoGraph's parsing and
+# rewriting of each one, and of everything it calls, took 2-3 CPU-seconds of every command's start-up.
+_graph = tf.autograph.experimental.do_not_convert
+
 BASE_SPLITS = ("train", "heldout", "test")
 IN_MEMORY_MAX_BYTES = 4 << 30  # with cfg.cache, splits of one image shape up to this are decoded into memory
 _SALT_SHUFFLE = 3
@@ -134,7 +139,7 @@ def _heldout_count(cfg, total: int) -> int:
 def _cardinality(builder, split) -> int:
     ds = builder.as_dataset(split=split, decoders=_skip_image(builder))
     n = int(ds.cardinality())
-    return n if n >= 0 else int(ds.reduce(0, lambda c, _: c + 1))
+    return n if n >= 0 else int(ds.reduce(0, _graph(lambda c, _: c + 1)))
 
 
 def resolve(cfg, split: str) -> Source:
@@ -187,11 +192,11 @@ def _read(src: Source, split, first_index: int = 0) -> tf.data.Dataset:
     ds = src.builder.as_dataset(split=split, shuffle_files=False, decoders=_skip_image(src.builder),
                                 read_config=tfds.ReadConfig(try_autocache=False))
     ds = ds.enumerate(first_index).map(
-        lambda i, ex: (i, ex[image_key], tf.cast(ex[label_key], tf.int32)))
+        _graph(lambda i, ex: (i, ex[image_key], tf.cast(ex[label_key], tf.int32))))
     if src.label_map is not None:
         table = tf.constant(src.label_map)
-        ds = ds.map(lambda i, im, y: (i, im, tf.gather(table, y)))
-        ds = ds.filter(lambda index, image, label: label >= 0)
+        ds = ds.map(_graph(lambda i, im, y: (i, im, tf.gather(table, y))))
+        ds = ds.filter(_graph(lambda index, image, label: label >= 0))
     return ds
 
 
@@ -208,7 +213,7 @@ def _count(src: Source, split) -> int:
         ds = src.builder.as_dataset(split=split, decoders=_skip_image(src.builder),
                                     read_config=tfds.ReadConfig(try_autocache=False))
         label_key = src.keys[1]
-        ds = ds.map(lambda ex: tf.cast(ex[label_key], tf.int32)).batch(8192)
+        ds = ds.map(_graph(lambda ex: tf.cast(ex[label_key], tf.int32))).batch(8192)
         labels = np.concatenate(list(ds.as_numpy_iterator()) or [np.zeros([0], np.int32)])
         _LABELS[key] = labels
     return int((src.label_map[labels] >= 0).sum())
@@ -257,7 +262,7 @@ def _decode(src: Source, split, shape, n: int, first_index: int):
                            fn_output_signature=tf.TensorSpec([None, None, shape[-1]], tf.uint8))
         return tf.ensure_shape(images, [None, *shape]), labels, index
 
-    ds = _read(src, split, first_index).batch(1024).map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = _read(src, split, first_index).batch(1024).map(_graph(decode), num_parallel_calls=tf.data.AUTOTUNE)
     parts = list(ds.with_options(_options()).as_numpy_iterator())
     empty = (np.zeros((0, *shape), np.uint8), np.zeros((0,), np.int32), np.zeros((0,), np.int64))
     arrays = tuple(np.concatenate([p[k] for p in parts]) if parts else empty[k] for k in range(3))
@@ -427,9 +432,9 @@ def train_batches(cfg, global_batch_size: int, *, seed: int,
                                                 max_index=tf.constant(n - 1, tf.int64), rounds=4)
             return step, {"image": tf.gather(images, idx), "label": tf.gather(labels, idx)}
 
-        ds = tf.data.Dataset.range(start_step, 2**62).map(gather)
+        ds = tf.data.Dataset.range(start_step, 2**62).map(_graph(gather))
     else:
-        records = _read(src, shard).map(lambda i, im, y: (im, y))
+        records = _read(src, shard).map(_graph(lambda i, im, y: (im, y)))
         if cfg.cache and _split_bytes(src.builder, "train") / pc <= IN_MEMORY_MAX_BYTES:
             records = records.cache()  # the encoded records, when they fit (not ImageNet's 140 GB)
         shuffle_base = tf.constant([seed, _SALT_SHUFFLE], tf.int64)
@@ -438,13 +443,13 @@ def train_batches(cfg, global_batch_size: int, *, seed: int,
             shuffle_seed = tf.random.experimental.stateless_fold_in(
                 tf.random.experimental.stateless_fold_in(shuffle_base, pi), e)[0]
             ds = records.shuffle(max(1, min(int(cfg.shuffle_buffer), n)), seed=shuffle_seed)
-            return ds.enumerate().map(lambda i, ex: (e * n + i, ex[0], ex[1]))
+            return ds.enumerate().map(_graph(lambda i, ex: (e * n + i, ex[0], ex[1])))
 
         first_epoch, skip = divmod(start_step * local, n)
-        ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch).skip(skip)
-        ds = ds.map(augment_example, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(_graph(epoch)).skip(skip)
+        ds = ds.map(_graph(augment_example), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(local, drop_remainder=True).enumerate(start_step)
-    return _numpy(ds.map(finish_batch, num_parallel_calls=tf.data.AUTOTUNE))
+    return _numpy(ds.map(_graph(finish_batch), num_parallel_calls=tf.data.AUTOTUNE))
 
 
 def eval_batches(cfg, split: str, global_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -476,7 +481,7 @@ def eval_batches(cfg, split: str, global_batch_size: int) -> Iterator[dict[str, 
                     "label": tf.where(mask, tf.gather(labels, rows), 0), "index": tf.gather(index, rows),
                     "mask": tf.cast(mask, tf.float32)}
 
-        ds = tf.data.Dataset.range(n_batches if n else 0).map(take, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = tf.data.Dataset.range(n_batches if n else 0).map(_graph(take), num_parallel_calls=tf.data.AUTOTUNE)
     else:
         def view(index, image_bytes, label):
             image = pp.center_crop(pp.decode(image_bytes, channels), **crop_args)
@@ -486,7 +491,7 @@ def eval_batches(cfg, split: str, global_batch_size: int) -> Iterator[dict[str, 
         padding = tf.data.Dataset.from_tensors({
             "image": tf.zeros([size, size, channels], tf.uint8), "label": tf.constant(0, tf.int32),
             "index": tf.constant(0, tf.int64), "mask": tf.constant(0.0)}).repeat()
-        ds = _read(src, shards[pi], first_index).map(view, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = _read(src, shards[pi], first_index).map(_graph(view), num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.concatenate(padding).batch(local, drop_remainder=True)
     ds = ds.take(n_batches)  # every process yields the same number of batches
 
@@ -497,7 +502,7 @@ def eval_batches(cfg, split: str, global_batch_size: int) -> Iterator[dict[str, 
         images = _finish(images, cfg) * batch["mask"][:, None, None, None]
         return {"image": images, "label": batch["label"], "mask": batch["mask"]}
 
-    return _numpy(ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE))
+    return _numpy(ds.map(_graph(finish), num_parallel_calls=tf.data.AUTOTUNE))
 
 
 # ------------------------------------------------------------------------------------------ information
