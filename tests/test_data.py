@@ -330,11 +330,21 @@ def test_decoded_splits_are_kept_on_disk_for_the_next_process(fashion_mnist_data
         pipeline.forget()
         return list(data.eval_batches(c, "test", 1000))
 
+    def kept_splits() -> list[Path]:
+        return sorted(p for p in (Path(version_dir) / decoded_cache.SUBDIRECTORY).glob("*.npz")
+                      if not p.name.startswith(decoded_cache.LABELS_PREFIX))
+
     first = read()
     assert decoded == ["test"] and sum(b["mask"].sum() for b in first) == 2000
-    kept = list((Path(version_dir) / decoded_cache.SUBDIRECTORY).glob("*.npz"))
+    kept = kept_splits()
     assert len(kept) == 1
+    # The labels of the whole split, which the class filter is counted from, are kept too.
+    labels = list((Path(version_dir) / decoded_cache.SUBDIRECTORY).glob(f"{decoded_cache.LABELS_PREFIX}*.npz"))
+    assert len(labels) == 1 and np.isin(decoded_cache.load_labels(labels[0]), [1, 3]).sum() == 2000
+    monkeypatch.setattr(pipeline, "_skip_image", lambda _: pytest.fail("counted from the records again"))
     assert_same(read(), first)
+    monkeypatch.undo()
+    monkeypatch.setattr(decoded_cache, "save", lambda path, arrays: decoded.append("test") or real_save(path, arrays))
     assert decoded == ["test"], "read back from disk, not decoded again"
 
     kept[0].write_bytes(b"not an npz file")
@@ -351,7 +361,7 @@ def test_decoded_splits_are_kept_on_disk_for_the_next_process(fashion_mnist_data
     c.classes = None
     everything = read()
     assert decoded == ["test"] * 4 and sum(b["mask"].sum() for b in everything) == 10_000
-    kept = sorted((Path(version_dir) / decoded_cache.SUBDIRECTORY).glob("*.npz"))
+    kept = kept_splits()
     assert len(kept) == 3  # the first, unusable since the data set changed, and one per filter now
     what = (pipeline.fashion_mnist_local.prepare(str(data_dir)).info.full_name, "test", 0, None, [28, 28, 1])
     path = decoded_cache.path_for(version_dir, what)
@@ -360,10 +370,11 @@ def test_decoded_splits_are_kept_on_disk_for_the_next_process(fashion_mnist_data
     assert decoded_cache.load(path, 9_999, (28, 28, 1)) is None
     assert decoded_cache.load(path, 10_000, (28, 28, 3)) is None
     # Switched off: nothing read back (the split is decoded again) and nothing written.
+    written = sorted((Path(version_dir) / decoded_cache.SUBDIRECTORY).glob("*.npz"))
     monkeypatch.setenv(decoded_cache.ENABLE_VARIABLE, "0")
     assert_same(read(), everything)
     assert decoded == ["test"] * 5
-    assert sorted((Path(version_dir) / decoded_cache.SUBDIRECTORY).glob("*.npz")) == kept
+    assert sorted((Path(version_dir) / decoded_cache.SUBDIRECTORY).glob("*.npz")) == written
 
 
 def test_a_command_starts_tensorflow_without_keras_or_autograph(fashion_mnist_data_dir, tmp_path):

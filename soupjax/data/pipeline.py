@@ -210,11 +210,15 @@ def _count(src: Source, split) -> int:
     key = (str(src.builder.data_dir), src.builder.info.full_name, str(split))
     labels = _LABELS.get(key)
     if labels is None:
-        ds = src.builder.as_dataset(split=split, decoders=_skip_image(src.builder),
-                                    read_config=tfds.ReadConfig(try_autocache=False))
-        label_key = src.keys[1]
-        ds = ds.map(_graph(lambda ex: tf.cast(ex[label_key], tf.int32))).batch(8192)
-        labels = np.concatenate(list(ds.as_numpy_iterator()) or [np.zeros([0], np.int32)])
+        kept = decoded_cache.path_for(src.builder.data_dir, key[1:], prefix=decoded_cache.LABELS_PREFIX)
+        labels = decoded_cache.load_labels(kept)
+        if labels is None:
+            ds = src.builder.as_dataset(split=split, decoders=_skip_image(src.builder),
+                                        read_config=tfds.ReadConfig(try_autocache=False))
+            label_key = src.keys[1]
+            ds = ds.map(_graph(lambda ex: tf.cast(ex[label_key], tf.int32))).batch(8192)
+            labels = np.concatenate(list(ds.as_numpy_iterator()) or [np.zeros([0], np.int32)])
+            decoded_cache.save_labels(kept, labels)
         _LABELS[key] = labels
     return int((src.label_map[labels] >= 0).sum())
 
