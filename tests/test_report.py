@@ -456,3 +456,50 @@ def test_write_inspect(inspect, tmp_path):
     # No interpolation curves: no interpolation plot, and still no error.
     bare = dict(inspect, interpolation=[])
     assert set(report.write_inspect(bare, tmp_path / "bare")) == {"markdown", "json", "angles"}
+
+
+# --------------------------------------------------------------------------------------------------
+# experiments/regime_map.py
+
+
+def _regime_map_module():
+    path = Path(__file__).resolve().parents[1] / "experiments" / "regime_map.py"
+    spec = importlib.util.spec_from_file_location("regime_map", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_regime_map_reads_heldout_logits_only_and_measures_the_ensemble_gain(tmp_path):
+    """Three ingredients, each right on a different 60% of 1,000 held-out images: the best alone scores
+    0.6; the mean of their logits is right wherever two of three are (a majority), which is known here.
+    The test split's logits are poisoned: reading them would show in the figures."""
+    from soupjax.io import checkpoints
+    regime_map = _regime_map_module()
+    rng = np.random.default_rng(0)
+    n, classes = 1000, 4
+    labels = rng.integers(0, classes, n).astype(np.int32)
+    right = np.zeros((3, n), bool)
+    for k in range(3):
+        right[k, rng.permutation(n)[:600 - 50 * k]] = True
+    ingredients = tmp_path / "work" / "ingredients-seed0"
+    for k in range(3):
+        logits = np.zeros((n, classes), np.float32)
+        logits[np.arange(n), np.where(right[k], labels, (labels + 1) % classes)] = 1.0
+        directory = ingredients / f"sweep0_{k:03d}"
+        directory.mkdir(parents=True)
+        (directory / "variables").mkdir()
+        (directory / "meta.json").write_text(json.dumps({"steps": 10, "wall_seconds": 60.0,
+                                                          "metrics": {"heldout": {"accuracy": right[k].mean()}}}))
+        np.savez(directory / checkpoints.EVAL_FILE, **{"heldout/logits": logits, "heldout/labels": labels,
+                                                      "test/logits": np.full((7, classes), np.nan, np.float32),
+                                                      "test/labels": np.zeros(7, np.int32)})
+    figures = regime_map.arm_figures(tmp_path / "work", 0)
+    # Where the ingredients disagree the mean of one-hot logits ties; argmax takes the lowest class.
+    mean = np.stack([np.eye(classes)[np.where(right[k], labels, (labels + 1) % classes)] for k in range(3)]).mean(0)
+    want = (mean.argmax(-1) == labels).mean()
+    assert figures["best_name"] == "sweep0_000" and figures["best_heldout"] == pytest.approx(0.6)
+    assert figures["ensemble_heldout"] == pytest.approx(want) and figures["examples"] == n
+    assert figures["gain"] == pytest.approx(want - 0.6)
+    assert 0.005 < figures["gain_se"] < 0.05  # a difference of two accuracies on 1,000 paired examples
+    assert figures["geometry"] is None and figures["minutes"]["ingredients_wall"] == pytest.approx(3.0)
