@@ -13,6 +13,7 @@ adds it (tests/gcs_emulator.py).
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -143,6 +144,41 @@ def test_pretrained_init_from_the_bucket(bucket, tmp_path):
         load_pretrained(f"{bucket}/pretrained/missing.npz", init)
 
 
+def test_decoded_copies_and_the_compilation_cache_in_a_bucket(bucket, tmp_path):
+    """A data set in a bucket keeps its decoded splits and labels there (decoded_cache), read back as
+    written; a changed data set directory gives another name. The XLA compilation cache of a work
+    directory in a bucket (``compilation_cache_in``) is written there, by JAX itself: in a subprocess,
+    since the cache directory is a process-wide setting."""
+    import subprocess
+    from soupjax.data import decoded_cache
+    data_dir = f"{bucket}/tfds/fashion_mnist_local/1.0.0"
+    files.as_path(f"{data_dir}/dataset_info.json").write_text("{}")
+    what = ("fashion_mnist_local/1.0.0", "test", 0, None, [28, 28, 1])
+    path = decoded_cache.path_for(data_dir, what)
+    assert os.fspath(path).startswith(f"{data_dir}/{decoded_cache.SUBDIRECTORY}/")
+    arrays = (np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28, 1), np.array([3, 1], np.int32),
+              np.array([0, 1], np.int64))
+    decoded_cache.save(path, arrays)
+    for got, want in zip(decoded_cache.load(path, 2, (28, 28, 1)), arrays, strict=True):
+        np.testing.assert_array_equal(got, want)
+    labels = decoded_cache.path_for(data_dir, what[:3], prefix=decoded_cache.LABELS_PREFIX)
+    decoded_cache.save_labels(labels, arrays[1])
+    np.testing.assert_array_equal(decoded_cache.load_labels(labels), arrays[1])
+    files.as_path(f"{data_dir}/train.tfrecord-00000-of-00001").write_bytes(b"prepared again")
+    assert decoded_cache.path_for(data_dir, what) != path
+
+    work = f"{bucket}/cached/work"
+    program = ("import os, jax, jax.numpy as jnp\n"
+               "os.environ.pop('JAX_COMPILATION_CACHE_DIR', None)\n"
+               "from soupjax.cli.startup import compilation_cache_in\n"
+               f"compilation_cache_in({work!r})\n"
+               "print(float(jax.jit(lambda x: jnp.sin(x) * 3)(jnp.ones(7)).sum()))\n")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [o for o in _objects(f"{work}/.jax_cache")], "nothing compiled was kept in the bucket"
+
+
 def test_results_get_the_umask_permissions(tmp_path):
     """Staged in mkdtemp (0700) and renamed: the finished directory has what the umask gives (0755)."""
     old = os.umask(0o022)
@@ -166,6 +202,9 @@ CLOUD_ONLY = (
     (r"/mnt/soups", "{share}"),                                            # an NFS share: a local folder
     (r"\$I\b", "1"),                                                       # machine I of a split sweep
 )
+
+
+SOME_RECIPES = ("uniform", "greedy", "ties", "ensemble")
 
 
 def guide_commands() -> list[str]:
@@ -231,8 +270,11 @@ def test_the_tpu_guide_against_the_emulator(bucket, finetuned_workdir, cooked_al
     import shutil
     import subprocess as sp
     from conftest import COOK_ALL_OPTIONS
-    from test_determinism import assert_bit_identical, report_numbers
+    from test_determinism import VOLATILE_REPORT_KEYS, assert_bit_identical
     commands = guide_commands()
+
+    def numbers(row: dict) -> str:
+        return json.dumps({k: v for k, v in row.items() if k not in VOLATILE_REPORT_KEYS}, sort_keys=True)
     finetunes = [c for c in commands if "-m soupjax.finetune" in c]
     on_slice, on_share, split = (next(c for c in finetunes if test(c)) for test in (
         lambda c: "gs://BUCKET" in c and "--only" not in c, lambda c: "/mnt/soups" in c, lambda c: "--only" in c))
@@ -285,14 +327,17 @@ def test_the_tpu_guide_against_the_emulator(bucket, finetuned_workdir, cooked_al
     for obj in fs.find(f"{key}/ingredients/sweep0_000"):  # a copy without its marker: a killed upload
         if not obj.endswith(files.MARKER):
             fs.copy(obj, f"{key}/ingredients/unfinished" + obj[len(f"{key}/ingredients/sweep0_000"):])
-    out = run(cook_on_slice, extra=COOK_ALL_OPTIONS)
+    # A soup, a selection, a merge and an ensemble: every recipe on several processes is
+    # tests/test_multihost_cooking.py's; here what goes through the bucket.
+    out = run(cook_on_slice, extra=(*COOK_ALL_OPTIONS, "--recipe", ",".join(SOME_RECIPES)))
     assert f"{work}/ingredients/unfinished: no {files.MARKER} marker" in out.stderr, out.stderr[-3000:]
-    report = files.as_path(f"{work}/soups") / "report.json"
-    local = tmp_path / "report.json"
-    local.write_text(report.read_text())
-    assert report_numbers(local) == report_numbers(cooked_all / "report.json")
-    saved = [soup for soup in cooked_all.iterdir() if checkpoints.is_ingredient(soup)]
-    assert len(saved) >= 10
+    rows = {r["name"]: r for r in json.loads((files.as_path(f"{work}/soups") / "report.json").read_text())["soups"]}
+    want = {r["name"]: r for r in json.loads((cooked_all / "report.json").read_text())["soups"]}
+    assert set(SOME_RECIPES) <= set(rows) and set(rows) <= set(want)
+    for name, row in rows.items():
+        assert numbers(row) == numbers(want[name]), name
+    saved = [soup for soup in cooked_all.iterdir() if checkpoints.is_ingredient(soup) and soup.name in rows]
+    assert {soup.name for soup in saved} == {"uniform", "greedy", "ties"}
     for soup in saved:
         assert_bit_identical(checkpoints.load_variables(f"{work}/soups/{soup.name}"),
                              checkpoints.load_variables(soup), soup.name)

@@ -8,7 +8,7 @@ again by every ingredient of a sweep started separately, every resumed run and e
 A file is named by what it holds (data set, split, class filter, first index, image shape), by this
 file's ``FORMAT`` and TFDS's version, and by the name, size and modification time of every file in the
 data set's directory: a data set prepared again is decoded again. Files are written under a temporary
-name and renamed, so a reader never sees half of one; one that cannot be written (a read-only data
+name and renamed (in a bucket, uploaded whole), so a reader never sees half of one; one that cannot be written (a read-only data
 directory, a nearly full disk) or read back (damaged) is skipped and the split decoded as before.
 ``SOUPJAX_DECODED_CACHE=0`` turns it off.
 
@@ -47,15 +47,14 @@ def enabled() -> bool:
     return os.environ.get(ENABLE_VARIABLE, "1") != "0"
 
 
-def path_for(data_dir: str | os.PathLike, what: Sequence[Any], *, prefix: str = "") -> Path | None:
+def path_for(data_dir: str | os.PathLike, what: Sequence[Any], *, prefix: str = "") -> files.AnyPath | None:
     """The cache file of ``what`` for the data set in ``data_dir`` (None: switched off, or the directory
     cannot be listed); ``prefix`` starts its name (``LABELS_PREFIX`` for a split's labels)."""
     if not enabled():
         return None
-    directory = Path(data_dir)
+    directory = files.as_path(data_dir)
     try:
-        listing = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(directory)
-                         if e.is_file())
+        listing = _listing(directory)
     except OSError:
         return None
     import tensorflow_datasets as tfds  # its version decides how splits like train[:n] are read
@@ -64,12 +63,22 @@ def path_for(data_dir: str | os.PathLike, what: Sequence[Any], *, prefix: str = 
     return directory / SUBDIRECTORY / f"{prefix}{digest}.npz"
 
 
-def load(path: Path | None, n: int, shape: Sequence[int]) -> tuple[np.ndarray, ...] | None:
+def _listing(directory: files.AnyPath) -> list[tuple[str, int, Any]]:
+    """(name, size, modification time) of every file in ``directory`` (a local path or a bucket URL)."""
+    if not files.is_url(directory):
+        return sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(directory) if e.is_file())
+    fs, key = files.object_store(directory)
+    fs.invalidate_cache(key)  # gcsfs keeps listings: a data set prepared again since must be seen
+    return sorted((info["name"].rsplit("/", 1)[-1], int(info.get("size") or 0), str(info.get("updated") or ""))
+                  for info in fs.ls(key, detail=True) if info.get("type") == "file")
+
+
+def load(path: files.AnyPath | None, n: int, shape: Sequence[int]) -> tuple[np.ndarray, ...] | None:
     """(images [n, *shape], labels, index) from ``path`` (``path_for``'s), or None when it is no usable file."""
     try:
         if path is None or not path.is_file():
             return None
-        with np.load(path, allow_pickle=False) as saved:
+        with path.open("rb") as file, np.load(file, allow_pickle=False) as saved:
             arrays = tuple(saved[name] for name in _NAMES)
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
         return None  # unreadable or damaged: decoded again, and the file replaced if it can be
@@ -79,39 +88,40 @@ def load(path: Path | None, n: int, shape: Sequence[int]) -> tuple[np.ndarray, .
     return arrays
 
 
-def load_labels(path: Path | None) -> np.ndarray | None:
+def load_labels(path: files.AnyPath | None) -> np.ndarray | None:
     """The labels of a whole split saved by ``save_labels`` at ``path`` (None: none usable)."""
     try:
         if path is None or not path.is_file():
             return None
-        with np.load(path, allow_pickle=False) as saved:
+        with path.open("rb") as file, np.load(file, allow_pickle=False) as saved:
             labels = saved["labels"]
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
         return None
     return labels if labels.ndim == 1 and labels.dtype == np.int32 else None
 
 
-def save_labels(path: Path | None, labels: np.ndarray) -> None:
+def save_labels(path: files.AnyPath | None, labels: np.ndarray) -> None:
     """Keeps a split's labels (int32) at ``path``: counting a class-filtered split otherwise reads every
     record of it again in each process (about 3 s for Fashion-MNIST's training split here)."""
     _save(path, {"labels": labels})
 
 
-def save(path: Path | None, arrays: Sequence[np.ndarray]) -> None:
+def save(path: files.AnyPath | None, arrays: Sequence[np.ndarray]) -> None:
     """Keeps ``arrays`` (images, labels, index) at ``path`` (``path_for``'s) for the next process; nothing
     when it cannot (None, a read-only directory, or less free space than twice their size: checkpoints
     may share that disk)."""
     _save(path, dict(zip(_NAMES, arrays)))
 
 
-def _save(path: Path | None, arrays: dict[str, np.ndarray]) -> None:
+def _save(path: files.AnyPath | None, arrays: dict[str, np.ndarray]) -> None:
     if path is None:
         return
     try:
-        path.parent.mkdir(exist_ok=True)
-        _remove_stale_temporaries(path.parent)
-        if shutil.disk_usage(path.parent).free < 2 * sum(a.nbytes for a in arrays.values()):
-            return
+        if not files.is_url(path):  # a bucket has no temporaries left in it nor a free space to keep
+            path.parent.mkdir(exist_ok=True)
+            _remove_stale_temporaries(path.parent)
+            if shutil.disk_usage(path.parent).free < 2 * sum(a.nbytes for a in arrays.values()):
+                return
         files.write_atomic(path, lambda tmp: np.savez(tmp, **arrays))
     except OSError:
         pass  # the next process decodes the split itself
