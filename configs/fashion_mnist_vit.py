@@ -5,7 +5,7 @@
     python -m soupjax.finetune --config configs/fashion_mnist_vit.py:testing     # seconds, for tests
 
 Options (after ':', comma-separated):
-  testing      a tiny model and a handful of steps.
+  testing      a tiny model, a handful of steps, and the first 1,000 test images.
   sweep=K      fine-tune K ingredients with random hyperparameters (the paper's random search).
   stage=NAME   'all' (default: 10 classes), 'upstream' (classes 0-4, makes the shared init) or
                'downstream' (classes 5-9, fine-tuned from the upstream model; see experiments/).
@@ -144,6 +144,7 @@ def get_config(arg: str | None = None):
     if opts.get("testing"):
         c.model = {"name": "vit-testing", "patch_size": 4}
         c.data.heldout = 16
+        c.data.test_examples = 1000  # of 10,000: every soup a test cooks is scored on the test split
         c.data.shuffle_buffer = 256
         c.total_steps = 3
         c.lr_schedule, c.eval_every_steps = "cosine", 0

@@ -106,6 +106,19 @@ def test_train_fraction_keeps_the_first_training_examples_and_the_same_heldout(s
             check_config(config)
 
 
+def test_test_examples_keeps_the_first_of_the_test_split_and_its_shifts(small):
+    """``data.test_examples`` (the ``testing`` variants' smoke-test share): the first N test images, and
+    the shifts made of exactly those; another evaluation fingerprint; the held-out split untouched."""
+    from soupjax.config.base import eval_fingerprint
+    whole, before = hashes(data.eval_batches(small, "test", 1000)), eval_fingerprint(small)
+    noisy = hashes(data.eval_batches(small, "shift/gaussian_noise-2", 1000))
+    small.test_examples = 300
+    assert data.num_examples(small, "test") == 300
+    assert hashes(data.eval_batches(small, "test", 128)) == whole[:300]
+    assert hashes(data.eval_batches(small, "shift/gaussian_noise-2", 128)) == noisy[:300]  # keyed by index
+    assert data.num_examples(small, "heldout") == 59_900 and eval_fingerprint(small) != before
+
+
 def test_classes_filter_relabels(small):
     small.classes = [7, 2, 9]
     assert data.num_classes(small) == 3

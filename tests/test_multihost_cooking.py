@@ -65,6 +65,7 @@ def ingredients(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("multihost_cooking") / "ingredients"
     config = load_config("configs/fashion_mnist_vit.py:testing")
     config.model.num_layers = 1  # one block, as tests/test_multihost.py: every process compiles less
+    config.data.test_examples = 0  # the whole (mocked, 64-example) test split
     assert config.head_init == "default"  # the start is the base init itself
     base = shared_init.base_init(config)
     fingerprints = {"init_fingerprint": weights_fingerprint(base["params"]),

@@ -392,12 +392,17 @@ def test_new_fields_tolerate_gaps(new_results, tmp_path):
 # experiments/summarize.py
 
 
-def _summarize_module():
-    path = Path(__file__).resolve().parents[1] / "experiments" / "summarize.py"
-    spec = importlib.util.spec_from_file_location("summarize", path)
+def _experiment_module(name: str):
+    """``experiments/NAME.py`` (a script, not a package module) loaded as a module."""
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _summarize_module():
+    return _experiment_module("summarize")
 
 
 def test_summarize_covers_every_row_in_ranking_order(results, new_results):
@@ -462,20 +467,12 @@ def test_write_inspect(inspect, tmp_path):
 # experiments/regime_map.py
 
 
-def _regime_map_module():
-    path = Path(__file__).resolve().parents[1] / "experiments" / "regime_map.py"
-    spec = importlib.util.spec_from_file_location("regime_map", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_regime_map_reads_heldout_logits_only_and_measures_the_ensemble_gain(tmp_path):
     """Three ingredients, each right on a different 60% of 1,000 held-out images: the best alone scores
     0.6; the mean of their logits is right wherever two of three are (a majority), which is known here.
     The test split's logits are poisoned: reading them would show in the figures."""
     from soupjax.io import checkpoints
-    regime_map = _regime_map_module()
+    regime_map = _experiment_module("regime_map")
     rng = np.random.default_rng(0)
     n, classes = 1000, 4
     labels = rng.integers(0, classes, n).astype(np.int32)

@@ -77,6 +77,9 @@ def default_data_config() -> ml_collections.ConfigDict:
         # Of what is left for training, the fraction that training sees: its first examples in file order,
         # the same for every run (a small fine-tuning set); the held-out split is unchanged.
         train_fraction=1.0,
+        # Evaluate only the first N examples of the test split and of the shifts made from it; 0 = all.
+        # For smoke tests of tiny models (the `testing` variants), never for a result.
+        test_examples=0,
         classes=None,           # None, or original label ids to keep, relabelled 0..n-1 in this order
         image_size=32,
         channels=3,             # 3: grayscale tiled to RGB; 1: RGB converted to grayscale
@@ -199,7 +202,8 @@ MAY_DIFFER = ("data.data_dir", "sweep.count")
 # Data fields added after work was first stored, at their defaults: a stored config without one was made
 # with what the default does (soupjax.data reads a missing one as its default), so it is the same work.
 ADDED_AT_DEFAULT = {"data.resize_method": "bilinear", "data.eval_resize": "square", "data.randaugment_ops": 0,
-                    "data.randaugment_magnitude": 9, "data.train_fraction": 1.0}
+                    "data.randaugment_magnitude": 9, "data.train_fraction": 1.0,
+                    "data.test_examples": 0}
 
 
 def changed_fields(stored: Any, config: Any, *, ignore: tuple[str, ...] = ()) -> list[str]:
@@ -373,6 +377,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if fraction is not None and not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
         raise InputError(f"config.data.train_fraction={fraction!r} must be a fraction in (0, 1]: the share of the "
                          "training split (after the held-out tail) that training reads")
+    limit = value("data.test_examples")
+    if limit is not None and not (isinstance(limit, int) and limit >= 0):
+        raise InputError(f"config.data.test_examples={limit!r} must be a whole number >= 0 (0: the whole test split)")
     if heldout is not None and heldout >= 1 and not float(heldout).is_integer():
         raise InputError(f"config.data.heldout={heldout!r} must be a fraction in (0, 1) or a whole count of "
                          "training examples")

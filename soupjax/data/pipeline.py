@@ -161,6 +161,8 @@ def resolve(cfg, split: str) -> Source:
         return Source(builder, f"train[:{kept}]" if kept < total else "train", label_map)
     names = list(builder.info.splits.keys())
     test = "test" if "test" in names or not names else "validation"  # no split names known: 'test'
+    if cfg.get("test_examples", 0):  # a smoke test's share: the first N, before any class filter
+        test = f"{test}[:{int(cfg.test_examples)}]"
     if split == "test":
         return Source(builder, test, label_map)
     if (parsed := shifts.parse(split)) is not None:
