@@ -101,7 +101,7 @@ def test_train_step_and_resume_under_mock_data(name, tmp_path, monkeypatch):
     through cooking as experiments/*.sh run it (greedy; a ResNet also with recalibrated BatchNorm)."""
     config = load_config(name)
     config.total_steps = 4
-    config.checkpoint_every_steps = 1
+    config.checkpoint_every_steps = 2  # the run preempted after 2 steps resumes from step 2's checkpoint
     config.head_init = "default"  # the linear probe has its own test; keep this one about resuming
     with tfds.testing.mock_data(num_examples=64):
         straight = train.train_and_evaluate(config, tmp_path / "straight", tmp_path / "ingredients" / "straight")
