@@ -36,7 +36,8 @@ def test_clip_fine_tuned_from_its_zeroshot_head_and_cooked(tmp_path):
     cfg = config_base.load_config(f"{ROOT / 'configs' / 'imagenet_clip_vit_b32.py'}:testing,init={clip_file},"
                                   f"templates={templates},classnames={classnames}")
     with tfds.testing.mock_data(num_examples=64):
-        results = stages.run_sweep_study(cfg, tmp_path / "work", recipe="all", learned_epochs=1)
+        # Every recipe, each grid of two or three points (the quick study's): what is tested is the start.
+        results = stages.run_sweep_study(cfg, tmp_path / "work", recipe="all", learned_epochs=1, **stages.QUICK_GRIDS)
     ingredients = tmp_path / "work" / "ingredients"
     made = checkpoints.list_ingredients(ingredients)
     assert [p.name for p in made] == ["sweep0_000", "sweep0_001"]

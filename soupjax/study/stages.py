@@ -18,17 +18,20 @@ QUICK_GRIDS = {"task_arithmetic_scales": "0.5,1,2", "ties_densities": "0.2,1", "
                "dare_drop_rates": "0.5", "dare_scales": "1", "slerp_ts": "0,0.5,1", "wise_ft_alphas": "0,0.5,1"}
 
 def run_sweep_study(config, workdir: AnyPath, *, recipe: str = "all", recalibrate_bn: int = 0,
-                    learned_epochs: int = 5, overwrite: bool = False) -> dict:
+                    learned_epochs: int = 5, overwrite: bool = False, **cook_options) -> dict:
     """A reference-scale study: the config's sweep, then ``recipe`` (and, for BatchNorm models, the
-    same again with recalibrated statistics, so the two can be compared)."""
+    same again with recalibrated statistics, so the two can be compared); ``cook_options`` (the
+    methods' grids, as ``QUICK_GRIDS``) go to every cook."""
     from soupjax.training import planning, sweep
     ingredients_dir = workdir / "ingredients"
     plan = planning.plan_runs(sweep.ingredient_configs(config), ingredients_dir, workdir / "train", overwrite=overwrite)
     planning.run_plan(plan)
-    results = {"plain": cook_into(recipe, ingredients_dir, workdir / "soups", overwrite, learned_epochs=learned_epochs)}
+    results = {"plain": cook_into(recipe, ingredients_dir, workdir / "soups", overwrite, learned_epochs=learned_epochs,
+                                  **cook_options)}
     if recalibrate_bn:
         results["recalibrated"] = cook_into(recipe, ingredients_dir, workdir / "soups-recalibrated", overwrite,
-                                        recalibrate_bn=recalibrate_bn, learned_epochs=learned_epochs)
+                                            recalibrate_bn=recalibrate_bn, learned_epochs=learned_epochs,
+                                            **cook_options)
     return results
 
 
