@@ -137,9 +137,12 @@ def _heldout_count(cfg, total: int) -> int:
 
 
 def _cardinality(builder, split) -> int:
-    ds = builder.as_dataset(split=split, decoders=_skip_image(builder))
-    n = int(ds.cardinality())
-    return n if n >= 0 else int(ds.reduce(0, _graph(lambda c, _: c + 1)))
+    key = (str(builder.data_dir), builder.info.full_name, str(split))
+    if key not in _CARDINALITIES:
+        ds = builder.as_dataset(split=split, decoders=_skip_image(builder))
+        n = int(ds.cardinality())
+        _CARDINALITIES[key] = n if n >= 0 else int(ds.reduce(0, _graph(lambda c, _: c + 1)))
+    return _CARDINALITIES[key]
 
 
 def resolve(cfg, split: str) -> Source:
@@ -203,6 +206,7 @@ def _read(src: Source, split, first_index: int = 0) -> tf.data.Dataset:
 
 
 _LABELS: dict = {}
+_CARDINALITIES: dict = {}  # each count builds a TFDS dataset (~40 ms); a command asks for a few splits dozens of times
 
 
 def _count(src: Source, split) -> int:
@@ -233,6 +237,7 @@ def forget() -> None:
     set directory, builder and split: for data served under those names by something else (mocked)."""
     _LABELS.clear()
     _ARRAYS.clear()
+    _CARDINALITIES.clear()
 
 
 def _arrays(src: Source, split, shape, n: int, first_index: int = 0):
