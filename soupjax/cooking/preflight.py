@@ -158,9 +158,11 @@ def find(root: str | os.PathLike) -> list[Path]:
     else:
         entries = sorted(p for p in root.iterdir()
                          if p.is_dir() and not p.name.startswith(".") and not checkpoints.is_start(p))
-        candidates = [p for p in entries if files.is_committed(p)]
-        for path in entries:
-            if not files.is_committed(path):
+        candidates = []
+        for path in entries:  # one marker lookup each: on gs:// every one is a request
+            if files.is_committed(path):
+                candidates.append(path)
+            else:
                 # On gs://, no marker: a save still running or killed, or a local ingredient copied
                 # into the bucket without one (a local result is finished by its rename instead).
                 warnings.warn(f"{path}: no {files.MARKER} marker (a save still running or killed, or a copy "

@@ -8,8 +8,9 @@ again by every ingredient of a sweep started separately, every resumed run and e
 A file is named by what it holds (data set, split, class filter, first index, image shape), by this
 file's ``FORMAT`` and TFDS's version, and by the name, size and modification time of every file in the
 data set's directory: a data set prepared again is decoded again. Files are written under a temporary
-name and renamed (in a bucket, uploaded whole), so a reader never sees half of one; one that cannot be written (a read-only data
-directory, a nearly full disk) or read back (damaged) is skipped and the split decoded as before.
+name and renamed (in a bucket, uploaded whole), so a reader never sees half of one; one that cannot be
+written (a read-only data directory, a nearly full disk) or read back (damaged) is skipped and the split
+decoded as before.
 ``SOUPJAX_DECODED_CACHE=0`` turns it off.
 
 The labels of a whole split are kept the same way (``load_labels``): counting the examples of a
@@ -75,12 +76,8 @@ def _listing(directory: files.AnyPath) -> list[tuple[str, int, Any]]:
 
 def load(path: files.AnyPath | None, n: int, shape: Sequence[int]) -> tuple[np.ndarray, ...] | None:
     """(images [n, *shape], labels, index) from ``path`` (``path_for``'s), or None when it is no usable file."""
-    try:
-        if path is None or not path.is_file():
-            return None
-        with path.open("rb") as file, np.load(file, allow_pickle=False) as saved:
-            arrays = tuple(saved[name] for name in _NAMES)
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
+    arrays = _read(path, _NAMES)
+    if arrays is None:
         return None  # unreadable or damaged: decoded again, and the file replaced if it can be
     if (any(a.ndim < 1 or len(a) != n or a.dtype != d for a, d in zip(arrays, _DTYPES))
             or arrays[0].shape[1:] != tuple(shape)):
@@ -90,14 +87,20 @@ def load(path: files.AnyPath | None, n: int, shape: Sequence[int]) -> tuple[np.n
 
 def load_labels(path: files.AnyPath | None) -> np.ndarray | None:
     """The labels of a whole split saved by ``save_labels`` at ``path`` (None: none usable)."""
+    read = _read(path, ("labels",))
+    return read[0] if read is not None and read[0].ndim == 1 and read[0].dtype == np.int32 else None
+
+
+def _read(path: files.AnyPath | None, names: Sequence[str]) -> tuple[np.ndarray, ...] | None:
+    """The arrays ``names`` of the .npz at ``path`` (a local path or a bucket URL); None when there is
+    no such file or it cannot be read whole."""
     try:
         if path is None or not path.is_file():
             return None
         with path.open("rb") as file, np.load(file, allow_pickle=False) as saved:
-            labels = saved["labels"]
+            return tuple(saved[name] for name in names)
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
         return None
-    return labels if labels.ndim == 1 and labels.dtype == np.int32 else None
 
 
 def save_labels(path: files.AnyPath | None, labels: np.ndarray) -> None:
