@@ -126,3 +126,21 @@ def test_plateau_schedule_without_evaluations_is_refused(tmp_path):
     with tfds.testing.mock_data(num_examples=64):
         with pytest.raises(ValueError, match="eval_every_steps"):
             train.train(config, tmp_path / "run")
+
+
+def test_the_progress_line_counts_to_the_cap_until_the_rule_fires(tmp_path, monkeypatch):
+    """Until the rule fires, a plateau run's step count and ETA are its epoch cap, and its progress line
+    says so; from then on they are the run's length."""
+    seen = []
+
+    class Recording(train.Progress):
+        def __call__(self, n: int = 1, **extra) -> None:
+            super().__call__(n, **extra)
+            seen.append((self.done, self.total, self.total_is_cap, self.line()))
+
+    monkeypatch.setattr(train, "Progress", Recording)
+    with tfds.testing.mock_data(num_examples=64):
+        train.train(_plateau_config(), tmp_path / "run")
+    assert [s[:3] for s in seen[5:7]] == [(6, 40, True), (7, 10, False)]  # the rule fires at step 6
+    assert "6/40 steps (cap)" in seen[5][3] and "eta <=" in seen[5][3]
+    assert "(cap)" not in seen[6][3] and "eta <=" not in seen[6][3]

@@ -15,8 +15,12 @@ class Progress:
     it reads well in log files of preemptible jobs as well as in a terminal.
     """
 
-    def __init__(self, total: int, label: str, unit: str = "img", every: float = 10.0, stream=None):
+    def __init__(self, total: int, label: str, unit: str = "img", every: float = 10.0, stream=None,
+                 total_is_cap: bool = False):
         self.total, self.label, self.unit, self.every = total, label, unit, every
+        # A loop that may stop before ``total`` (a plateau run counts to its epoch cap until its rule
+        # fires): the line then says that its count and ETA are an upper bound, not a forecast.
+        self.total_is_cap = total_is_cap
         self.stream = stream or sys.stderr
         self.done = 0
         self.start = self.last = time.time()
@@ -34,6 +38,9 @@ class Progress:
         rate = self.done / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         fields = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
+        if self.total_is_cap:
+            return (f"[{self.label}] {self.done}/{self.total} {self.unit} (cap) {rate:.1f} {self.unit}/s "
+                    f"elapsed {_hms(elapsed)} eta <={_hms(eta)} (to the cap; may stop sooner) {fields}").rstrip()
         return (f"[{self.label}] {self.done}/{self.total} {self.unit} {rate:.1f} {self.unit}/s "
                 f"elapsed {_hms(elapsed)} eta {_hms(eta)} {fields}").rstrip()
 

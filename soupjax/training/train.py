@@ -222,7 +222,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     writer = MetricsWriter(workdir, start_step)
     curve = HeldoutCurve(config, model, mesh, writer, start_step) if config.eval_every_steps > 0 else None
     batches = data.train_batches(config.data, config.batch_size, seed=config.seed, start_step=start_step)
-    progress = Progress(steps, f"train {workdir.name}", unit="steps", every=10.0)
+    progress = Progress(steps, f"train {workdir.name}", unit="steps", every=10.0,
+                        total_is_cap=plateau.undecided)
     progress.done = start_step
     history: list[dict[str, float]] = []
     t0 = time.time()
@@ -259,7 +260,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                     ckpts.wait()
                     curve.evaluate(step + 1, state)
                     steps = plateau.update(step + 1, curve.points)
-                    progress.total = steps
+                    progress.total, progress.total_is_cap = steps, plateau.undecided
                 if writer.pending and ckpts.should_save(step + 1):
                     writer.flush()  # before the checkpoint: a committed step never lacks its records
                 ckpts.save(step + 1, state)
@@ -339,6 +340,11 @@ class _PlateauSchedule:
         self.rule = PlateauRule(float(config.plateau.min_delta), int(config.plateau.patience))
         self.cooldown = min(int(config.plateau.cooldown_steps), max_steps)
         self._set(None)
+
+    @property
+    def undecided(self) -> bool:
+        """True while the run's length is only its cap: a plateau run whose rule has not fired yet."""
+        return self.active and self.decay_start is None
 
     def _set(self, decay_start: int | None) -> int:
         self.decay_start = decay_start
