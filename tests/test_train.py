@@ -245,6 +245,10 @@ def test_finetune_cli_writes_ingredients_that_load_back(finetuned_workdir):
             assert len(labels) == count
             assert_metrics(meta["metrics"][split], logits, labels, (p.name, split))
         assert meta["config"]["learning_rate"] == meta["hparams"]["learning_rate"]
+        # The wall time is accounted for: setup, the training loop and the evaluation, in that order.
+        parts = [meta["setup_seconds"], meta["train_seconds"], meta["evaluate_seconds"]]
+        assert all(t > 0 for t in parts) and sum(parts) <= meta["wall_seconds"], (parts, meta["wall_seconds"])
+    assert "setup " in finetuned_workdir["stdout"] and "evaluation " in finetuned_workdir["stdout"]
     # A rerun of the same command skips the finished ingredients.
     again = subprocess.run(finetuned_workdir["cmd"], env=finetuned_workdir["env"], capture_output=True, text=True,
                            cwd=ROOT, timeout=600)

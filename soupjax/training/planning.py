@@ -214,7 +214,9 @@ def _train(run: PlannedRun, tag: str, start: float) -> dict[str, Any]:
                                         start_dir=run.start_dir)
     m = meta["metrics"]
     print(f"{tag}: held-out {m['heldout']['accuracy']:.4f}  test {m['test']['accuracy']:.4f}  "
-          f"({meta['train_seconds']:.0f}s, {meta['train_images_per_second']:.0f} img/s; "
+          f"({meta['train_seconds']:.0f}s, {meta['train_images_per_second']:.0f} img/s, setup "
+          f"{meta.get('setup_seconds', float('nan')):.0f}s, evaluation "
+          f"{meta.get('evaluate_seconds', float('nan')):.0f}s; "
           f"{time.time() - start:.0f}s elapsed) -> {run.target}", flush=True)
     return meta
 

@@ -163,6 +163,8 @@ class TrainResult:
     steps: int
     start_step: int
     seconds: float
+    # Before the first step: model, init and head (a linear probe, unless cached), start, data pipeline.
+    setup_seconds: float
     images_per_second: float  # steady state: from the end of the first step to the end (nan if < 2 steps)
     heldout_curve: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (step, accuracy)
     decay_start: int | None = None  # lr_schedule='plateau': where the cool-down began
@@ -179,6 +181,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     With ``start_dir``, the start (init and head init) is written there first, unless the start there
     already has its fingerprint (``shared_init.save_start``): cooking reads it instead of rebuilding it.
     """
+    setup_start = time.time()
     workdir = files.absolute(workdir)  # a gs:// URL stays one (an etils.epath.Path)
     if not files.is_url(workdir):  # an object store has no folders to make
         workdir.mkdir(parents=True, exist_ok=True)
@@ -227,6 +230,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     progress.done = start_step
     history: list[dict[str, float]] = []
     t0 = time.time()
+    setup_seconds = t0 - setup_start
     # Throughput is measured from the end of the first step on, so that compilation and the first
     # fill of the shuffle buffer do not count as training speed.
     steady_start, steady_step = None, start_step
@@ -292,6 +296,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
         variables["batch_stats"] = state["batch_stats"]
     return TrainResult(variables=jax.device_get(variables), model=model, init_fingerprint=fingerprint,
                        start_fingerprint=start_fingerprint, steps=steps, start_step=start_step, seconds=train_time,
+                       setup_seconds=setup_seconds,
                        images_per_second=history[-1].get("images_per_second", float("nan")) if history
                        else float("nan"),
                        heldout_curve=list(curve.points) if curve else [], decay_start=plateau.decay_start)
@@ -396,6 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     trained = train(config, workdir, start_dir)
     model, variables, mesh = trained.model, trained.variables, sharding.data_mesh()
 
+    evaluate_start = time.time()
     evaluator = evaluate.for_model(model, mesh)
     metrics, logits = {}, {}
     for split in ("heldout", "test"):
@@ -419,6 +425,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         "decay_start": trained.decay_start,
         "resumed_from_step": trained.start_step,
         "train_seconds": trained.seconds,
+        # Where the rest of the wall time went: the time between two ingredients of a sweep was unexplained.
+        "setup_seconds": trained.setup_seconds,
+        "evaluate_seconds": time.time() - evaluate_start,
         "wall_seconds": time.time() - wall_start,
         "train_images_per_second": trained.images_per_second,
         "devices": jax.device_count(),
