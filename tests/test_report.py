@@ -500,3 +500,52 @@ def test_regime_map_reads_heldout_logits_only_and_measures_the_ensemble_gain(tmp
     assert figures["gain"] == pytest.approx(want - 0.6)
     assert 0.005 < figures["gain_se"] < 0.05  # a difference of two accuracies on 1,000 paired examples
     assert figures["geometry"] is None and figures["minutes"]["ingredients_wall"] == pytest.approx(3.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# experiments/regime_figure.py
+
+
+def _soups_report(rows: list[tuple[str, str, float, float]]) -> str:
+    """A report.md "Soups" table with (recipe, kind, held-out %, test %) rows, other columns filled in."""
+    lines = ["# Model soup report", "", "## Soups", "",
+             "| recipe | kind | ingredients | held-out % | test % | Δ test vs best (p) |",
+             "|:---|:---|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {kind} | 8 | {heldout:.2f} | {test:.2f} | **+0.00 (p=1)** |" for name, kind, heldout, test in rows]
+    return "\n".join(lines + ["", "Δ: accuracy minus ...", ""])
+
+
+def test_regime_figure_takes_the_best_merge_on_heldout_and_finds_a_predictor(tmp_path):
+    """Six points where the uniform soup's test gain rises with the held-out ensemble gain: Spearman 1 over
+    6 points predicts (the rule's threshold); the best merge is the one best on held-out, not on test."""
+    figure = _experiment_module("regime_figure")
+    specs = []
+    for k in range(6):
+        gain = -0.5 + 0.2 * k   # held-out ensemble gain, points
+        report = tmp_path / f"r{k}.md"
+        report.write_text(_soups_report([
+            ("best_ingredient", "individual", 90.0, 90.0), ("ensemble", "ensemble", 90.0 + gain, 90.1),
+            ("uniform", "soup", 89.0, 90.0 + 2 * gain - 0.1), ("greedy", "soup", 90.0, 90.0),
+            ("learned_layer", "soup", 90.2, 90.0 - 0.1 * (k % 2)),
+            ("ties", "merge", 89.5, 95.0), ("slerp", "merge", 90.1, 90.3), ("dare", "merge", 90.1, 80.0)]))
+        specs.append(f"arm{k % 3}:{k}:{report}")
+    points = [figure.point(spec) for spec in specs]
+    assert {p["best_merge"] for p in points} == {"slerp"}, "highest held-out, the first of a tie, never test"
+    assert points[0]["heldout_ensemble_gain"] == pytest.approx(-0.5)
+    assert points[0]["test_gain"]["best_merge"] == pytest.approx(0.3)
+    assert points[0]["angle_mean"] is None, "a report alone has no geometry"
+    corr = {(c["predictor"], c["soup"]): c for c in figure.correlations(points)}
+    uniform = corr[("heldout_ensemble_gain", "uniform")]
+    assert uniform["points"] == 6 and uniform["spearman"] == pytest.approx(1.0) and uniform["predicts"]
+    assert uniform["slope"] == pytest.approx(2.0) and uniform["intercept"] == pytest.approx(-0.1)
+    assert not corr[("heldout_ensemble_gain", "greedy")]["predicts"], "a constant gain has no correlation"
+    assert not corr[("heldout_ensemble_gain", "learned_layer")]["predicts"]
+    assert corr[("angle_mean", "uniform")]["points"] == 0
+    assert not figure.correlations(points[:5])[0]["predicts"], "5 points are too few for the rule"
+    out = tmp_path / "fig" / "regime"
+    import sys
+    from unittest import mock
+    with mock.patch.object(sys, "argv", ["regime_figure.py", *specs, "--out", str(out)]):
+        figure.main()
+    assert "| arm0 | 0 | -0.50 |" in out.with_suffix(".md").read_text()
+    _assert_png(out.with_suffix(".png"))
