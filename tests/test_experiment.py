@@ -158,6 +158,11 @@ def test_regimes_are_config_options_of_the_study(tmp_path):
         arm_up, arm_down = configs(regime)
         assert differences(up, arm_up) == [], regime  # the upstream model is today's
         assert {d.split(":", 1)[0] for d in differences(down, arm_down)} == want, regime
+    # The stronger upstream model: its own rule, and ingredients fine-tuned from it as today's are.
+    arm_up, arm_down = configs("strong_upstream")
+    assert {d.split(":", 1)[0] for d in differences(up, arm_up)} == {"plateau.patience", "plateau.min_delta"}
+    assert (arm_up.plateau.patience, arm_up.plateau.min_delta) == (4, 0.001)
+    assert differences(down, arm_down) == []
     assert configs("narrow_lr")[1].sweep.space.learning_rate == ["log_uniform", 1e-4, 3e-4]
     assert configs("small_data")[1].data.train_fraction == 0.1
     for bad, message in (("regime=larger", "regime must be one of"), ("regime=today+narrow_lr", "regime must be"),
