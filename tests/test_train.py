@@ -206,6 +206,33 @@ print(json.dumps({"devices": jax.device_count(), "losses": losses}))
 """
 
 
+def test_the_training_pipeline_is_released_without_waiting_for_it(tmp_path, monkeypatch):
+    """Deleting a long-lived tf.data iterator can block for up to a minute (its autotuning thread): the
+    trainer leaves that to a daemon thread. Here the pipeline's release takes 2 s; training returns first."""
+    import threading
+    import time
+    real = data.train_batches
+    released, on_threads = [], []
+
+    def slow_to_release(*args, **kwargs):
+        try:
+            yield from real(*args, **kwargs)
+        finally:
+            time.sleep(2.0)
+            released.append(time.time())
+            on_threads.append(threading.current_thread().name)
+
+    monkeypatch.setattr(data, "train_batches", slow_to_release)
+    with tfds.testing.mock_data(num_examples=64):
+        train.train(load_config("fashion_mnist_vit", "testing"), tmp_path / "run")
+    returned = time.time()
+    deadline = returned + 30
+    while not released and time.time() < deadline:
+        time.sleep(0.05)
+    assert released and released[0] > returned, "the caller waited for the pipeline's release"
+    assert on_threads == ["release the training pipeline"]
+
+
 @pytest.mark.slow
 def test_four_devices_give_the_same_losses_as_one():
     # One process with 4 host devices trains on a mesh of its first device, then on the mesh of all four

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -291,6 +292,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
             raise preemption.stop(stopped, f"at step {step} of {steps} of {workdir.name} (its checkpoint is saved "
                                            f"in {ckpts.directory})")
 
+    release_in_background(batches)
     variables = {"params": state["params"]}
     if "batch_stats" in state:
         variables["batch_stats"] = state["batch_stats"]
@@ -300,6 +302,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                        images_per_second=history[-1].get("images_per_second", float("nan")) if history
                        else float("nan"),
                        heldout_curve=list(curve.points) if curve else [], decay_start=plateau.decay_start)
+
+
+def release_in_background(iterator) -> None:
+    """Closes a finished training pipeline on a daemon thread rather than on the caller's.
+
+    Deleting a long-lived tf.data iterator waits for its autotuning thread (``Model::OptimizeLoop``),
+    which sleeps up to a minute between optimisations and is not woken by the deletion: 0 to 66 s,
+    at random, between two ingredients of a sweep (docs/benchmarks.md). Nothing waits for that here:
+    the thread holds the last reference, and a process that ends first loses nothing."""
+    close = getattr(iterator, "close", None)  # a generator; a plain iterator has nothing to release
+    if close is not None:
+        threading.Thread(target=close, daemon=True, name="release the training pipeline").start()
 
 
 class HeldoutCurve:
