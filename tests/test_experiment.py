@@ -170,3 +170,33 @@ def test_regimes_are_config_options_of_the_study(tmp_path):
         with pytest.raises(InputError, match=message):
             stages.study_configs(str(ROOT / f"configs/fashion_mnist_vit.py:{bad}"), tmp_path, quick=False, seed=0,
                                  count=8)
+
+
+def test_the_regime_map_script_runs_every_arm_with_options_the_study_accepts(tmp_path):
+    """experiments/regime_map.sh with a ``python`` that records its arguments: every arm's study is started
+    (seed 0, and small_data's seeds 1 and 2), each with a --config the study accepts, held-out phase first."""
+    from soupjax.study import stages
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> "{log}"\n')
+    fake.chmod(0o755)
+    out = subprocess.run(["bash", str(ROOT / "experiments" / "regime_map.sh"), str(tmp_path / "runs")],
+                         capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHON=str(fake)), timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    calls = log.read_text().splitlines()
+    studies = [c.split() for c in calls if c.startswith("-m soupjax.experiment")]
+    started = set()
+    for argv in studies:
+        flags = dict(a.split("=", 1) if "=" in a else (a, "") for a in argv[2:] if a.startswith("--"))
+        spec = argv[argv.index("--config") + 1]
+        workdir, seed = argv[argv.index("--workdir") + 1], int(argv[argv.index("--seed") + 1])
+        stages.study_configs(str(ROOT / spec), tmp_path / "w", quick=False, seed=seed, count=8)  # accepted
+        started.add((spec.split("regime=")[1], seed, "--ingredients_only" in flags))
+        assert workdir.endswith("map-" + spec.split("regime=")[1])
+    arms = {"today", "small_data", "narrow_lr", "strong_upstream"}
+    assert {(arm, 0, True) for arm in arms} | {(arm, 0, False) for arm in arms} <= started
+    assert {("small_data", s, phase) for s in (1, 2) for phase in (True, False)} <= started
+    first_cook = calls.index(next(c for c in calls if c.startswith("-m soupjax.experiment") and "--ingredients_only" not in c))
+    assert all("--ingredients_only" not in c for c in calls[first_cook:] if "map-today" in c or "map-narrow_lr" in c)
+    assert sum("regime_figure.py" in c for c in calls) == 1 and "regime_figure.py" in calls[-1]
+    assert (tmp_path / "runs" / "map-strong_upstream" / "upstream" / "ingredient").is_symlink()
