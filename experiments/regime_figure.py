@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import stats as scipy_stats
 
 SOUPS = ("uniform", "greedy", "learned_layer", "best_merge")
 PREDICTORS = ("heldout_ensemble_gain", "angle_mean", "barrier")
@@ -37,7 +37,7 @@ def soup_rows(report_md: Path) -> dict[str, dict[str, Any]]:
         start = lines.index("## Soups")
     except ValueError:
         raise SystemExit(f"regime_figure: {report_md} has no '## Soups' table") from None
-    table = [l for l in _first_table(lines[start + 1:])]
+    table = _first_table(lines[start + 1:])
     header = [c.strip() for c in table[0].strip("|").split("|")]
     rows: dict[str, dict[str, Any]] = {}
     for line in table[2:]:
@@ -96,15 +96,6 @@ def point(spec: str) -> dict[str, Any]:
     return out
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x))
-    for value in np.unique(x):  # ties share their mean rank
-        ranks[x == value] = ranks[x == value].mean()
-    return ranks
-
-
 def correlations(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Spearman and Pearson correlation of each predictor with each soup's test gain, over the points
     that have both."""
@@ -116,8 +107,8 @@ def correlations(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
             n = len(pairs)
             x, y = (np.asarray(v, float) for v in zip(*pairs)) if pairs else (np.zeros(0), np.zeros(0))
             defined = n >= 3 and x.std() > 0 and y.std() > 0
-            pearson = float(np.corrcoef(x, y)[0, 1]) if defined else None
-            spearman = float(np.corrcoef(_ranks(x), _ranks(y))[0, 1]) if defined else None
+            pearson = float(scipy_stats.pearsonr(x, y).statistic) if defined else None
+            spearman = float(scipy_stats.spearmanr(x, y).statistic) if defined else None  # ties: mean ranks
             slope, intercept = (np.polyfit(x, y, 1).tolist() if defined else (None, None))
             out.append({"predictor": predictor, "soup": soup, "points": n, "spearman": spearman,
                         "pearson": pearson, "slope": slope, "intercept": intercept,
@@ -149,19 +140,19 @@ def markdown(points: list[dict[str, Any]], corr: list[dict[str, Any]]) -> str:
 
 def draw(points: list[dict[str, Any]], path: Path) -> None:
     """Held-out ensemble gain (x) against each soup's test gain (y), one panel per soup."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from matplotlib import colormaps
+
     from soupjax.report.figures import figure, save_png
 
     fig = figure(4.0 * len(SOUPS), 3.8)
     arms = sorted({p["arm"] for p in points})
-    from matplotlib import colormaps
     colors = dict(zip(arms, colormaps["tab10"].colors))
+    lo = min(p["heldout_ensemble_gain"] for p in points)
+    hi = max(p["heldout_ensemble_gain"] for p in points)
     for k, soup in enumerate(SOUPS):
         ax = fig.add_subplot(1, len(SOUPS), k + 1)
         ax.axhline(0, color="grey", lw=0.8)
         ax.axvline(0, color="grey", lw=0.8)
-        lo = min(p["heldout_ensemble_gain"] for p in points)
-        hi = max(p["heldout_ensemble_gain"] for p in points)
         ax.plot([lo, hi], [lo, hi], ls=":", color="grey", lw=0.8, label="y = x")
         for arm in arms:
             mine = [p for p in points if p["arm"] == arm and p["test_gain"][soup] is not None]

@@ -38,11 +38,9 @@ class Progress:
         rate = self.done / elapsed
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         fields = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
-        if self.total_is_cap:
-            return (f"[{self.label}] {self.done}/{self.total} {self.unit} (cap) {rate:.1f} {self.unit}/s "
-                    f"elapsed {_hms(elapsed)} eta <={_hms(eta)} (to the cap; may stop sooner) {fields}").rstrip()
-        return (f"[{self.label}] {self.done}/{self.total} {self.unit} {rate:.1f} {self.unit}/s "
-                f"elapsed {_hms(elapsed)} eta {_hms(eta)} {fields}").rstrip()
+        cap, bound, caveat = (" (cap)", "<=", " (to the cap; may stop sooner)") if self.total_is_cap else ("", "", "")
+        return (f"[{self.label}] {self.done}/{self.total} {self.unit}{cap} {rate:.1f} {self.unit}/s "
+                f"elapsed {_hms(elapsed)} eta {bound}{_hms(eta)}{caveat} {fields}").rstrip()
 
 
 def _hms(seconds: float) -> str:
