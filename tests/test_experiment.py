@@ -1,4 +1,5 @@
-"""The main job (the quick study, end to end on the real data) and the reference scripts as their users start them."""
+"""The main job (what a finished study leaves, checked on tests/test_killed_runs.py's uninterrupted study on
+the real data; README's ``--quick`` sizes) and the reference scripts as their users start them."""
 from __future__ import annotations
 
 import json
@@ -15,32 +16,31 @@ from soupjax.io import checkpoints
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-@pytest.mark.runs_first
-def test_quick_study_runs_end_to_end(tmp_path, fashion_mnist_data_dir):
-    # README's --quick study as it is (model, data, regime, every recipe) but with 2 of its 6 ingredients:
-    # the test suite has 10 minutes on 2 cores, and 2 ingredients already give every recipe a choice (greedy
-    # and pruned keep or drop the second, the ensembles and merges weigh two).
-    out = subprocess.run([sys.executable, "-m", "soupjax.experiment", "--quick", "--ingredients=2",
-                          f"--workdir={tmp_path}", f"--data_dir={fashion_mnist_data_dir}"],
-                         capture_output=True, text=True, cwd=ROOT,
-                         timeout=900, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    assert out.returncode == 0, out.stderr[-3000:]
+def check_finished_study(workdir: Path, stdout: str, *, ingredients: int, test_examples: int) -> None:
+    """What a finished ``python -m soupjax.experiment`` leaves, whatever its size: the table with paired
+    significance, the upstream and the ingredients fine-tuned from it on the other classes, every run's
+    length set by the plateau rule (or its cap) on its held-out curve, the report and the learning curves.
+
+    Run on the whole study (tiny model, real Fashion-MNIST, ``--quick`` and its 2-3 point grids) that
+    tests/test_killed_runs.py runs uninterrupted as the reference of its killed one: one study process
+    for both tests, in a suite that has 10 minutes on 2 cores. README's ``--quick`` sizes are checked
+    by ``test_the_quick_studys_own_sizes_build`` below."""
     for name in ("best_ingredient", "uniform", "greedy", "pruned", "learned_global", "learned_layer", "ensemble"):
-        assert f"| {name} |" in out.stdout
-    assert "p=" in out.stdout, "the table reports paired significance"
-    upstream = checkpoints.load_meta(tmp_path / "upstream" / "ingredient")
-    ingredients = checkpoints.list_ingredients(tmp_path / "ingredients-seed0")
-    assert len(ingredients) == 2
-    metas = [checkpoints.load_meta(p) for p in ingredients]
-    assert {m["init_from"] for m in metas} == {str(tmp_path / "upstream" / "ingredient")}
+        assert f"| {name} |" in stdout
+    assert "p=" in stdout, "the table reports paired significance"
+    upstream = checkpoints.load_meta(workdir / "upstream" / "ingredient")
+    found = checkpoints.list_ingredients(workdir / "ingredients-seed0")
+    assert len(found) == ingredients
+    metas = [checkpoints.load_meta(p) for p in found]
+    assert {m["init_from"] for m in metas} == {str(workdir / "upstream" / "ingredient")}
     assert len({m["init_fingerprint"] for m in metas}) == 1
     assert upstream["config"]["data"]["classes"] == [0, 1, 2, 3, 4]
     assert metas[0]["config"]["data"]["classes"] == [5, 6, 7, 8, 9]
-    assert all(m["metrics"]["test"]["num_examples"] == 5000 for m in metas), "the test split has 5,000 images"
+    # The test images of classes 5-9: 5,000 in the whole test split.
+    assert all(m["metrics"]["test"]["num_examples"] == test_examples for m in metas), test_examples
     # The ingredients learned the new task (chance is 20%).
     assert np.mean([m["metrics"]["test"]["accuracy"] for m in metas]) > 0.4
-    report = (tmp_path / "soups-seed0" / "report.md").read_text()
+    report = (workdir / "soups-seed0" / "report.md").read_text()
     assert "McNemar" in report
     # The regime: every run evaluates its held-out curve, and the plateau rule (or the cap) set its length.
     for meta in [upstream] + metas:
@@ -51,9 +51,27 @@ def test_quick_study_runs_end_to_end(tmp_path, fashion_mnist_data_dir):
         if meta["decay_start"] is not None:
             # The rule fired: the run ended one cool-down after it.
             assert meta["steps"] == meta["decay_start"] + meta["config"]["plateau"]["cooldown_steps"]
-    assert (tmp_path / "learning-curves-seed0.png").stat().st_size > 0
-    assert "levelled off" in (tmp_path / "learning-curves-seed0.md").read_text()
-    # That a rerun resumes (nothing trained or cooked again) is tests/test_killed_runs.py's study test.
+    assert (workdir / "learning-curves-seed0.png").stat().st_size > 0
+    assert "levelled off" in (workdir / "learning-curves-seed0.md").read_text()
+
+
+def test_the_quick_studys_own_sizes_build(tmp_path):
+    """``python -m soupjax.experiment --quick`` with README's sizes: both stages' configs pass the study's
+    checks, and each stage's model (its width, depth and patch size on 28x28 images) runs a forward pass
+    to one logit per class of its stage. (The whole pipeline at a tiny size: check_finished_study.)"""
+    import jax
+    import jax.numpy as jnp
+    from soupjax.models import build_model_from_run_config
+    from soupjax.study import stages
+    upstream, downstream = stages.study_configs(str(ROOT / "configs" / "fashion_mnist_vit.py"), tmp_path,
+                                                quick=True, seed=0, count=6)
+    assert downstream.sweep.count == 6 and list(downstream.data.shifts) == ["shift/gaussian_noise-2"]
+    for config, classes in ((upstream, 5), (downstream, 5)):
+        assert config.lr_schedule == "plateau" and config.model.name == "vit" and config.model.num_layers == 2
+        model = build_model_from_run_config(config)
+        images = jnp.zeros((2, 28, 28, 1), jnp.float32)
+        variables = model.init(jax.random.PRNGKey(0), images, train=False)
+        assert model.apply(variables, images, train=False).shape == (2, classes)
 
 
 # Each reference config through training, resuming and the study's cooking stage under mock data:

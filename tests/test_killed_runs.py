@@ -28,6 +28,7 @@ from soupjax.io import checkpoints
 from soupjax.training import train
 from test_determinism import assert_bit_identical, report_numbers
 from conftest import cook_all_command
+from test_experiment import check_finished_study
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 600
@@ -376,7 +377,9 @@ def test_study_killed_in_each_stage_resumes_to_the_same_report(tmp_path, fashion
     assert "sweep0_001: finished earlier, skipped" in out and "uniform: cooked earlier, reused" in out
     for name in ("upstream/ingredient", "ingredients-seed0/sweep0_001"):
         assert checkpoints.load_meta(work / name)["resumed_from_step"] > 0, name
-    reference.finish()
+    # The uninterrupted study is also the suite's end-to-end run of the main job at a tiny size.
+    # Its test split is the first 1,000 test images (data.test_examples), 492 of them of classes 5-9.
+    check_finished_study(tmp_path / "reference", reference.finish(), ingredients=2, test_examples=492)
 
     assert report_numbers(work / "soups-seed0" / "report.json") == \
         report_numbers(tmp_path / "reference" / "soups-seed0" / "report.json")

@@ -46,6 +46,18 @@ def test_mcnemar_matches_hand_computation():
     assert result.as_dict()["p"] == result.p
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 12, 13, 40, 401, 5000])
+def test_binomial_p_is_scipys(n):
+    """The exact sum soupjax computes instead of importing scipy.stats: scipy's two-sided binomial test,
+    over every count for small n and across the range (tails far below 1e-300 included) for large n."""
+    ks = range(n + 1) if n <= 40 else sorted({0, 1, n // 3, n // 2 - 1, n // 2, n // 2 + 1, n - 2, n})
+    for k in ks:
+        want = scipy_stats.binomtest(k, n, 0.5).pvalue
+        assert stats.binomial_two_sided_p(k, n) == pytest.approx(min(want, 1.0), rel=1e-9, abs=1e-300), (k, n)
+    with pytest.raises(ValueError, match="k=3, n=2"):
+        stats.binomial_two_sided_p(3, 2)
+
+
 def test_mcnemar_identical_and_bool_inputs():
     a = np.array([True, False, True, True])
     result = stats.mcnemar(a, a.copy())

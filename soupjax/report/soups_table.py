@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from soupjax.report import fields
+from soupjax.report import fields, stats
 from soupjax.report.formatting import (MISSING, SIGNIFICANCE, delta, duration, integer, mebibytes, num,
                                        options, pct, table)
 
@@ -42,7 +42,6 @@ def legend(results: Mapping[str, Any]) -> str:
     ref = fields.reference(results)
     acc = fields.test_accuracy(ref) if ref else None
     if n and n > 0 and acc is not None:
-        from soupjax.report import stats  # here: it imports scipy, which nothing else in the report needs
         se = 100.0 * stats.accuracy_standard_error(acc, int(n))
         text += (
             f" Noise level: a test accuracy of {100 * acc:.2f}% on n = {int(n):,} examples has a "
