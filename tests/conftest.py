@@ -16,21 +16,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow without its eager Keras import, as the command lines start it (soupjax.cli.startup): in the
 # test processes and in the scripts they start that are not soupjax's command lines.
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-# XLA as the tests want it, in every test process and in the processes the tests start (they inherit
-# the variable; in-process and subprocess results are compared bit for bit, so all must compile alike).
-# Production runs keep XLA's defaults.
-# - One thread: the suite runs 2 xdist workers and their subprocesses on 2 cores, where each process's
-#   own pool of compute threads only oversubscribes the cores (its idle threads spin). Measured on
-#   tests/test_plateau.py and a train test on the loaded 2-core machine: 12% less CPU time.
-# - No LLVM backend optimisation: the tests' models are tiny, so compiling costs far more than running
-#   what was compiled. On tests/test_killed_runs.py, test_train.py, test_base_init.py, test_soup.py and
-#   test_gcs.py (-n 2, this 2-core VM): 616 -> 546 CPU-s, 329 -> 310 s. (While the suite also ran the
-#   real --quick study, a compute-bound run, it was slower overall: 640 s against about 600.) The
-#   programs are the same; their float rounding may differ from the default build's in the last bits.
-_TEST_XLA_FLAGS = ("--xla_cpu_multi_thread_eigen=false", "--xla_backend_optimization_level=0")
-for _flag in _TEST_XLA_FLAGS:
-    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
+# XLA on one thread in every test process and in the processes the tests start: the suite runs 2 xdist
+# workers and their subprocesses on 2 cores, where each process's own pool of compute threads only
+# oversubscribes the cores (its idle threads spin). Measured on tests/test_plateau.py and a train test on
+# the loaded 2-core machine: 12% less CPU time. Production runs keep XLA's defaults.
+_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false"
+if "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_ONE_THREAD}".strip()
 
 import pytest  # noqa: E402
 
