@@ -13,13 +13,13 @@ MIB = 2**20
 
 
 def _spike(mib: int) -> None:
-    """``mib`` MiB made resident and freed at once: a peak far shorter than the sampler's 5 ms."""
+    """``mib`` MiB made resident and freed again: a peak that is gone before the block ends."""
     block = np.ones(mib * MIB // 8)
     del block
 
 
 @pytest.mark.skipif(not memory.reset_high_water(), reason="the kernel's peak cannot be reset here")
-def test_the_kernel_peak_catches_a_short_spike_and_starts_at_the_block():
+def test_the_kernel_peak_sees_a_freed_spike_and_starts_at_the_block():
     _spike(400)  # an earlier, larger peak of this process: not the block's
     with memory.PeakMemory() as peak:
         _spike(150)

@@ -94,8 +94,9 @@ def binomial_two_sided_p(k: int, n: int) -> float:
     least as far from n/2 as ``k``, i.e. ``min(1, 2 * P(X <= min(k, n - k)))`` for X ~ Binomial(n, 1/2).
 
     The same value as ``scipy.stats.binomtest(k, n, 0.5).pvalue`` (tests/test_report.py checks it), in
-    exact integer arithmetic rounded once. Written here because importing ``scipy.stats`` took 0.8 of the
-    CPU-seconds every cooking command spent starting, for this one sum.
+    exact integer arithmetic rounded once. Written here because importing ``scipy.stats`` added about 0.5
+    CPU-seconds to every cooking command's start-up (on top of TensorFlow, which imports part of scipy
+    itself), for this one sum.
     """
     if not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
