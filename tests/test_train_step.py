@@ -69,3 +69,20 @@ def test_one_compiled_step_serves_every_ingredient_of_a_sweep():
         step = make_train_step(model, tx, mesh)
         texts.append(step.lower(state, batch, jax.random.PRNGKey(0), hparams).as_text())
     assert texts[0] == texts[1]
+
+
+def test_runs_of_one_structure_step_and_evaluate_with_the_same_jitted_functions():
+    """A sweep's runs in one process, and a run's held-out curve and final evaluation, share the jitted
+    step and the evaluator (nothing traced twice); another optimizer structure or model gets its own."""
+    from soupjax.evaluation import evaluate
+    model, mesh = models.get_model("vit-testing", 5, patch_size=4), sharding.data_mesh()
+    first, _ = make_optimizer(_config(), 80)
+    other_draw, _ = make_optimizer(_config(learning_rate=3e-5, weight_decay=1e-2, warmup_steps=20), 160)
+    clipped, _ = make_optimizer(_config(grad_clip_norm=0.5), 80)
+    assert other_draw is first and clipped is not first
+    assert make_train_step(model, first, mesh) is make_train_step(model, other_draw, mesh)
+    assert make_train_step(model, clipped, mesh) is not make_train_step(model, first, mesh)
+    assert make_train_step(models.get_model("vit-testing", 3, patch_size=4), first, mesh) is not \
+        make_train_step(model, first, mesh)
+    assert evaluate.for_model(model, mesh) is evaluate.for_model(models.get_model("vit-testing", 5, patch_size=4))
+    assert evaluate.for_model(models.get_model("vit-testing", 3, patch_size=4)) is not evaluate.for_model(model)

@@ -9,6 +9,7 @@ evaluations without ever holding two models at once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
@@ -30,8 +31,17 @@ def apply_for_eval(model: Any) -> ApplyFn:
 
 def for_model(model: Any, mesh: Mesh | None = None) -> "Evaluator":
     """The evaluator of a soupjax model (``model.apply`` with ``train=False``), data-parallel over ``mesh``
-    (default: every device, ``sharding.data_mesh()``). Its ``apply_fn`` is that function."""
-    return Evaluator(apply_for_eval(model), mesh or sharding.data_mesh())
+    (default: every device, ``sharding.data_mesh()``). Its ``apply_fn`` is that function.
+
+    One per (model, mesh) in a process: a training run asks twice (its held-out curve, its final
+    evaluation), a sweep once per ingredient, and a new evaluator would trace and lower its step again
+    before finding the compiled program (an evaluator holds no state between calls)."""
+    return _evaluator_of(model, mesh or sharding.data_mesh())
+
+
+@functools.lru_cache(maxsize=8)
+def _evaluator_of(model: Any, mesh: Mesh) -> "Evaluator":
+    return Evaluator(apply_for_eval(model), mesh)
 
 
 @dataclasses.dataclass

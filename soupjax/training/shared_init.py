@@ -9,6 +9,7 @@ Ingredient directories written before it have the start rebuilt from an ingredie
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,7 @@ def base_init(config: ml_collections.ConfigDict, model: nn.Module | None = None)
     """
     model = model or build_model_from_run_config(config, resolve_activation(config))
     rng = jax.random.PRNGKey(config.init_seed)
-    variables = jax.jit(lambda r: model.init(r, jnp.zeros(input_shape(config), jnp.float32), train=False))(rng)
-    variables = jax.device_get(dict(variables))
+    variables = jax.device_get(dict(_jitted_init(model, input_shape(config))(rng)))
     path = config.init_from.path
     if not path:
         return variables
@@ -73,6 +73,14 @@ def base_init(config: ml_collections.ConfigDict, model: nn.Module | None = None)
     if problems:
         raise PretrainedMismatchError(str(path), problems)
     return merged
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(model: nn.Module, shape: tuple[int, ...]):
+    """``model.init`` on zeros of ``shape``, jitted once per (model, shape) in a process: a sweep, a
+    resumed run and the start beside the ingredients each ask for the same init, and a new jitted
+    function would trace and lower it again before finding the compiled program."""
+    return jax.jit(lambda rng: model.init(rng, jnp.zeros(shape, jnp.float32), train=False))
 
 
 def with_head_init(config: ml_collections.ConfigDict, variables: Variables,

@@ -5,6 +5,7 @@ machine with JAX alone, e.g. an accelerator host without TensorFlow (experiments
 """
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Mapping
 
 import jax
@@ -30,6 +31,23 @@ def make_optimizer(config: "ml_collections.ConfigDict", steps: int
     optimizer kind, momentum and clipping norm.
     """
     kind, momentum, clip = check_choice("optimizer", config.optimizer), config.momentum or None, float(config.grad_clip_norm)
+    tx = _transformation(kind, momentum, clip)
+    schedule = check_choice("lr_schedule", getattr(config, "lr_schedule", "cosine"))
+    warmup = min(int(config.warmup_steps), max(steps - 1, 0))
+    hparams = {"learning_rate": config.learning_rate, "warmup_steps": warmup, "total_steps": steps,
+               "weight_decay": config.weight_decay, "label_smoothing": getattr(config, "label_smoothing", 0.0),
+               "cosine": 1.0 if schedule == "cosine" else 0.0,
+               # 'plateau': constant until the trainer sees the held-out accuracy level off and sets
+               # decay_start (data, so the compiled step does not change), then linear to 0.
+               "decay_start": float(steps), "decay_steps": 1.0}
+    return tx, {k: np.float32(v) for k, v in hparams.items()}
+
+
+
+@functools.lru_cache(maxsize=8)
+def _transformation(kind: str, momentum: float | None, clip: float) -> optax.GradientTransformation:
+    """The optimizer's structure, one object per structure in a process: the step built on it is then
+    the same jitted function for every run that shares it (``make_train_step``)."""
     # Biases and normalisation scales are not decayed (the usual practice for ViT and ResNet).
     decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
 
@@ -42,17 +60,7 @@ def make_optimizer(config: "ml_collections.ConfigDict", steps: int
             parts.append(optax.adamw(learning_rate, weight_decay=weight_decay, mask=decay_mask))
         return optax.chain(*parts)
 
-    tx = optax.inject_hyperparams(chain)(learning_rate=0.0, weight_decay=0.0)
-    schedule = check_choice("lr_schedule", getattr(config, "lr_schedule", "cosine"))
-    warmup = min(int(config.warmup_steps), max(steps - 1, 0))
-    hparams = {"learning_rate": config.learning_rate, "warmup_steps": warmup, "total_steps": steps,
-               "weight_decay": config.weight_decay, "label_smoothing": getattr(config, "label_smoothing", 0.0),
-               "cosine": 1.0 if schedule == "cosine" else 0.0,
-               # 'plateau': constant until the trainer sees the held-out accuracy level off and sets
-               # decay_start (data, so the compiled step does not change), then linear to 0.
-               "decay_start": float(steps), "decay_steps": 1.0}
-    return tx, {k: np.float32(v) for k, v in hparams.items()}
-
+    return optax.inject_hyperparams(chain)(learning_rate=0.0, weight_decay=0.0)
 
 
 def learning_rate_at(step: jax.Array, hparams: Mapping[str, jax.Array]) -> jax.Array:
@@ -74,9 +82,13 @@ def _smooth(targets: jax.Array, label_smoothing: jax.Array) -> jax.Array:
     return targets * (1.0 - label_smoothing) + label_smoothing / num_classes
 
 
+@functools.lru_cache(maxsize=8)
 def make_train_step(model, tx: optax.GradientTransformation, mesh):
     """The jitted ``step(state, batch, rng, hparams)``: replicated state in and out (donated), batch
-    split over ``data``; ``hparams`` as returned by ``make_optimizer``."""
+    split over ``data``; ``hparams`` as returned by ``make_optimizer``.
+
+    One per (model, optimizer structure, mesh) in a process: the runs of a sweep, and a run resumed in
+    the same process, step with the same jitted function instead of tracing and lowering it again."""
 
     def step_fn(state: dict, batch: Mapping[str, jax.Array], rng: jax.Array, hparams: Mapping[str, jax.Array]):
         has_bn = "batch_stats" in state
