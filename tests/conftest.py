@@ -67,9 +67,11 @@ _install_mock_data()
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """The tests marked ``runs_first`` first, the rest in their usual order. xdist hands tests out in
-    this order as workers become free: a two-minute study collected late would otherwise run alone at
-    the end while the other worker idles."""
+    """The tests marked ``runs_first`` first, the rest in their usual order. xdist's worksteal
+    (pyproject.toml) gives each worker a contiguous part of this order and lets a worker that runs out
+    take the end of the other's queue: the long tests start at once, and the short ones at the end fill
+    the gaps (a two-minute study collected late would otherwise run alone at the end while the other
+    worker idles)."""
     items.sort(key=lambda item: item.get_closest_marker("runs_first") is None)  # stable
 
 
