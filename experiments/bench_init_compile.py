@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # name -> (config, model override)
 MODELS = {
     "resnet-testing (28 px)": ("configs/fashion_mnist_vit.py:testing", "resnet-testing"),
-    "resnet50d (CIFAR, 32 px)": ("configs/cifar10_resnet50d.py", None),
+    "resnet50d (CIFAR-10 at 224 px)": ("configs/cifar10_resnet50d.py", None),
     "resnet50 (ImageNet, 224 px)": ("configs/imagenet_vit_b32.py", "resnet50"),
 }
 
