@@ -56,7 +56,10 @@ def while_they_run(procs: list[subprocess.Popen], work: Callable[[], T], timeout
 def _start(process_id: int, port: int, out: Path) -> subprocess.Popen:
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id))
-    env.pop("XLA_FLAGS", None)  # one CPU device per process, whatever the caller forced
+    # One CPU device per process, whatever the caller forced; the other flags as this process has them
+    # (tests/conftest.py's: one compute thread, XLA's level 1).
+    env["XLA_FLAGS"] = " ".join(flag for flag in os.environ.get("XLA_FLAGS", "").split()
+                                if not flag.startswith("--xla_force_host_platform_device_count"))
     return subprocess.Popen([sys.executable, str(WORKER), str(out)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
