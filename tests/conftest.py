@@ -48,18 +48,21 @@ def _mock_data_for_soupjax(real_mock_data):
     """``tfds.testing.mock_data`` as soupjax's tests use it: the pipeline forgets what it remembered of
     the data sets (named by directory and split, which the mocked examples share with other mocks and
     with the real data) on the way in and out, and a mocked builder counts as prepared for the checks
-    made before training (``data.check_available``). Injected here: the pipeline has no mock branches."""
+    made before training (``data.check_available``), and nothing is read straight from the files TFDS
+    lists (``data.records``: they may be the real data set's). Injected here: the pipeline has no mock
+    branches."""
     import contextlib
     from unittest import mock
 
     @contextlib.contextmanager
     def mock_data(*args, **kwargs):
         import tensorflow_datasets as tfds
-        from soupjax.data import pipeline
+        from soupjax.data import pipeline, records
         pipeline.forget()
         try:
             with real_mock_data(*args, **kwargs), \
-                    mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", lambda self: True):
+                    mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", lambda self: True), \
+                    mock.patch.object(records, "file_of", lambda builder, split: None):
                 yield
         finally:
             pipeline.forget()

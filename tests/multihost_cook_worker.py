@@ -22,13 +22,14 @@ MOCK_EXAMPLES = 64
 @contextlib.contextmanager
 def sliced_mock_data(num_examples: int = MOCK_EXAMPLES) -> Iterator[None]:
     """``tfds.testing.mock_data(num_examples)`` whose split strings select slices of the examples, with
-    the mocked builders counted as prepared and soupjax's remembered arrays forgotten on entry and exit."""
+    the mocked builders counted as prepared, nothing read straight from the files TFDS lists (as
+    tests/conftest.py's mock_data) and soupjax's remembered arrays forgotten on entry and exit."""
     from unittest import mock
 
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core import splits as splits_lib
 
-    from soupjax.data import pipeline
+    from soupjax.data import pipeline, records
 
     class Split:  # what TFDS reads of a split's info to resolve a slice of it
         shard_lengths = [num_examples]
@@ -43,7 +44,8 @@ def sliced_mock_data(num_examples: int = MOCK_EXAMPLES) -> Iterator[None]:
             return Split
 
     with tfds.testing.mock_data(num_examples=num_examples), \
-            mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", lambda self: True):
+            mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", lambda self: True), \
+            mock.patch.object(records, "file_of", lambda builder, split: None):
         served = tfds.core.DatasetBuilder.as_dataset  # the mock's, which ignores the slice
 
         def as_dataset(self, split=None, **kwargs):

@@ -37,6 +37,7 @@ from soupjax.data import fashion_mnist_local
 from soupjax.data import natural_shifts
 from soupjax.data import preprocessing as pp
 from soupjax.data import randaugment
+from soupjax.data import records
 from soupjax.data import shifts
 
 try:  # TF must leave the accelerators to JAX (a no-op for tensorflow-cpu).
@@ -219,11 +220,7 @@ def _count(src: Source, split) -> int:
         kept = decoded_cache.path_for(src.builder.data_dir, key[1:], prefix=decoded_cache.LABELS_PREFIX)
         labels = decoded_cache.load_labels(kept)
         if labels is None:
-            ds = src.builder.as_dataset(split=split, decoders=_skip_image(src.builder),
-                                        read_config=tfds.ReadConfig(try_autocache=False))
-            label_key = src.keys[1]
-            ds = ds.map(_graph(lambda ex: tf.cast(ex[label_key], tf.int32))).batch(8192)
-            labels = np.concatenate(list(ds.as_numpy_iterator()) or [np.zeros([0], np.int32)])
+            labels = records.labels(src.builder, split, src.keys)
             decoded_cache.save_labels(kept, labels)
         _LABELS[key] = labels
     return int((src.label_map[labels] >= 0).sum())
@@ -273,7 +270,9 @@ def _decode(src: Source, split, shape, n: int, first_index: int):
                            fn_output_signature=tf.TensorSpec([None, None, shape[-1]], tf.uint8))
         return tf.ensure_shape(images, [None, *shape]), labels, index
 
-    ds = _read(src, split, first_index).batch(1024).map(_graph(decode), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = records.batches(src.builder, split, src.keys, first_index, src.label_map)  # None: read through TFDS
+    ds = (ds if ds is not None else _read(src, split, first_index).batch(1024)).map(
+        _graph(decode), num_parallel_calls=tf.data.AUTOTUNE)
     parts = list(ds.with_options(_options()).as_numpy_iterator())
     empty = (np.zeros((0, *shape), np.uint8), np.zeros((0,), np.int32), np.zeros((0,), np.int64))
     arrays = tuple(np.concatenate([p[k] for p in parts]) if parts else empty[k] for k in range(3))
