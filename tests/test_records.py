@@ -56,6 +56,17 @@ def test_the_same_records_in_the_same_order_as_tfds(builder, split, first_index,
         assert (i, label) == (j, want_label) and image == want_image, (split, i, j)
 
 
+def test_a_batch_the_class_filter_empties_is_not_yielded(builder):
+    first = {label for _, _, label in tfds_records(builder, "train[:20]")}
+    absent = min(set(range(10)) - first)
+    label_map = np.full([10], -1, np.int32)
+    label_map[absent] = 0
+    assert list(records.batches(builder, "train[:20]", KEYS, 0, label_map).as_numpy_iterator()) == []
+    label_map[sorted(first)[0]] = 1  # one class that is there: one batch, of its records only
+    (batch,) = records.batches(builder, "train[:20]", KEYS, 0, label_map).as_numpy_iterator()
+    assert len(batch[0]) > 0 and set(batch[2].tolist()) == {1}
+
+
 def test_labels_of_a_slice_and_of_a_whole_split(builder):
     for split in ("train[59000:]", "test"):
         want = np.array([label for _, _, label in tfds_records(builder, split)], np.int32)

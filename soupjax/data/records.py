@@ -76,7 +76,10 @@ def batches(builder, split, keys: tuple[str, str], first_index: int = 0,
         keep = label >= 0
         return tf.boolean_mask(index, keep), tf.boolean_mask(image, keep), tf.boolean_mask(label, keep)
 
-    return _serialized(instruction).enumerate().map(_graph(parse), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = _serialized(instruction).enumerate().map(_graph(parse), num_parallel_calls=tf.data.AUTOTUNE)
+    # A batch the label filter emptied is dropped: TFDS's reader, batched after filtering, yields none
+    # (and decoding an empty batch of unknown image shape fails).
+    return ds if table is None else ds.filter(_graph(lambda index, image, label: tf.size(index) > 0))
 
 
 def labels(builder, split, keys: tuple[str, str]) -> np.ndarray:
