@@ -21,15 +21,15 @@ MOCK_EXAMPLES = 64
 
 @contextlib.contextmanager
 def sliced_mock_data(num_examples: int = MOCK_EXAMPLES) -> Iterator[None]:
-    """``tfds.testing.mock_data(num_examples)`` whose split strings select slices of the examples, with
-    the mocked builders counted as prepared, nothing read straight from the files TFDS lists (as
-    tests/conftest.py's mock_data) and soupjax's remembered arrays forgotten on entry and exit."""
+    """tests/conftest.py's ``tfds.testing.mock_data(num_examples)`` (the mocked builders counted as
+    prepared, nothing read straight from the files TFDS lists, soupjax's remembered arrays forgotten on
+    entry and exit) whose split strings select slices of the examples."""
     from unittest import mock
 
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core import splits as splits_lib
 
-    from soupjax.data import pipeline, records
+    import conftest  # noqa: F401  (installs soupjax's mock_data here too, when run as a script)
 
     class Split:  # what TFDS reads of a split's info to resolve a slice of it
         shard_lengths = [num_examples]
@@ -43,9 +43,7 @@ def sliced_mock_data(num_examples: int = MOCK_EXAMPLES) -> Iterator[None]:
         def __getitem__(self, name) -> type:
             return Split
 
-    with tfds.testing.mock_data(num_examples=num_examples), \
-            mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", lambda self: True), \
-            mock.patch.object(records, "file_of", lambda builder, split: None):
+    with tfds.testing.mock_data(num_examples=num_examples):
         served = tfds.core.DatasetBuilder.as_dataset  # the mock's, which ignores the slice
 
         def as_dataset(self, split=None, **kwargs):
@@ -55,11 +53,7 @@ def sliced_mock_data(num_examples: int = MOCK_EXAMPLES) -> Iterator[None]:
             return served(self, split=part.splitname, **kwargs).skip(start).take(stop - start)
 
         with mock.patch.object(tfds.core.DatasetBuilder, "as_dataset", as_dataset):
-            pipeline.forget()
-            try:
-                yield
-            finally:
-                pipeline.forget()
+            yield
 
 
 def main(flags: list[str]) -> None:
