@@ -43,7 +43,6 @@ def make_optimizer(config: "ml_collections.ConfigDict", steps: int
     return tx, {k: np.float32(v) for k, v in hparams.items()}
 
 
-
 @functools.lru_cache(maxsize=8)
 def _transformation(kind: str, momentum: float | None, clip: float) -> optax.GradientTransformation:
     """The optimizer's structure, one object per structure in a process: the step built on it is then
